@@ -1,0 +1,257 @@
+"""The typed configuration tree.
+
+Every parameter of the original release's ``utils/config.py`` ``Config`` lives here under one of five
+sections, with the original default. Names are the original attribute names in lower case
+(``KP_extent`` -> ``model.kp_extent``); augmentation keys drop their ``augment_`` prefix.
+
+    config = Config.from_yaml("training/configs/modelnet40.yaml", overrides=["train.learning_rate=0.01"])
+    config.save_yaml(run_dir / "config.yaml")
+
+Unknown keys and wrong types raise ``ConfigError`` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has the wrong type or an invalid value."""
+
+
+@dataclass
+class DatasetConfig:
+    """What to read and how the input is cut (original 'Input parameters')."""
+
+    name: str = ""  # dataset class name, e.g. ModelNet40, S3DIS, EmbeddedShapes
+    path: str = ""  # root directory in the dataset's original on-disk layout
+    num_classes: Union[int, List[int]] = 0  # set from the dataset when 0; a list (parts per object) for multi_segmentation
+    in_points_dim: int = 3
+    in_features_dim: int = 1
+    in_radius: float = 1.0  # input sphere radius for scene datasets (metres)
+    input_threads: int = 8
+    validation_size: int = 100  # validation batches per epoch (scenes)
+    split: str = ""  # dataset-specific split selector (e.g. ShapeNetPart category, S3DIS test area)
+    extra: Dict[str, Any] = field(default_factory=dict)  # dataset-specific options
+
+
+@dataclass
+class ModelConfig:
+    """Network and KPConv parameters (original 'Model' and 'KPConv' parameters)."""
+
+    network_model: str = ""  # classification | segmentation | multi_segmentation
+    architecture: List[str] = field(default_factory=list)
+    first_features_dim: int = 64
+    use_batch_norm: bool = True
+    batch_norm_momentum: float = 0.99
+    segmentation_ratio: float = 1.0
+    first_subsampling_dl: float = 0.02
+    first_kernel_radius: float = 0.1  # deprecated in the original, kept for parameters.txt round trips
+    num_kernel_points: int = 15
+    density_parameter: float = 3.0
+    kp_extent: float = 1.0
+    kp_influence: str = "gaussian"  # constant | linear | gaussian
+    convolution_mode: str = "closest"  # closest | sum  (the layers call it `aggregation`)
+    fixed_kernel_points: str = "center"  # center | verticals | none
+    trainable_positions: bool = False  # deprecated in the original
+    modulated: bool = False
+    dropout: float = 0.5  # drop rate of the KP-CNN head (original feeds keep_prob 0.5)
+    kernel_seed: Optional[int] = None  # seeds the per-layer kernel rotations (None: random, as the original)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(1 for b in self.architecture if "pool" in b or "strided" in b) + 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, losses, schedule and bookkeeping (original 'Training parameters')."""
+
+    learning_rate: float = 1e-4
+    momentum: float = 0.9
+    lr_decays: Dict[int, float] = field(default_factory=lambda: {200: 0.2, 300: 0.2})
+    grad_clip_norm: float = 100.0  # per-variable clipping by norm; <= 0 disables
+    weights_decay: float = 1e-3
+    gaussian_decay: float = 1e-3
+    batch_averaged_loss: bool = False
+    points_loss: str = ""  # deprecated in the original
+    points_decay: float = 1e-2
+    offsets_loss: str = "permissive"  # permissive | fitting
+    offsets_decay: float = 1e-2
+    batch_num: int = 10
+    max_epoch: int = 1000
+    epoch_steps: Optional[int] = 1000  # None: one pass over the training split
+    snapshot_gap: int = 50
+    saving: bool = True
+    saving_path: Optional[str] = None
+    semantics: str = "paper"  # original | paper (see README: offset-gradient handling and optimizer form)
+    seed: int = 0
+    votes: int = 100  # test-time augmented passes for objects
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation (original ``augment_*`` parameters)."""
+
+    scale_anisotropic: bool = True
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    symmetries: List[bool] = field(default_factory=lambda: [False, False, False])
+    rotation: str = "vertical"  # vertical | all | none
+    noise: float = 0.005
+    occlusion: str = "planar"  # unused by the original pipelines; kept for parameters.txt
+    occlusion_ratio: float = 0.2
+    occlusion_num: int = 1
+    color: float = 0.7  # probability of keeping the colours
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], overrides: Optional[List[str]] = None) -> "Config":
+        config = _build(cls, data or {}, "")
+        for item in overrides or []:
+            config.set(item)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path], overrides: Optional[List[str]] = None) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        return cls.from_dict(data, overrides)
+
+    def save_yaml(self, path: Union[str, Path]) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False, default_flow_style=None)
+
+    def set(self, assignment: str) -> None:
+        """Applies one ``section.key=value`` override; the value is parsed as YAML."""
+        if "=" not in assignment:
+            raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+        dotted, text = assignment.split("=", 1)
+        dotted = dotted.strip()
+        parts = dotted.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override key {dotted!r} must be section.key")
+        section_name, key = parts
+        section = getattr(self, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ConfigError(f"unknown config section {section_name!r} in override {dotted!r}")
+        hints = typing.get_type_hints(type(section))
+        if key not in hints:
+            raise ConfigError(f"unknown config key {dotted!r}")
+        setattr(section, key, _coerce(hints[key], yaml.safe_load(text), dotted))
+
+    def validate(self) -> None:
+        m, t, a = self.model, self.train, self.augment
+        _choice("model.kp_influence", m.kp_influence, ("constant", "linear", "gaussian"))
+        _choice("model.convolution_mode", m.convolution_mode, ("closest", "sum"))
+        _choice("model.fixed_kernel_points", m.fixed_kernel_points, ("center", "verticals", "none"))
+        _choice("train.semantics", t.semantics, ("original", "paper"))
+        _choice("train.offsets_loss", t.offsets_loss, ("permissive", "fitting"))
+        _choice("augment.rotation", a.rotation, ("vertical", "all", "none"))
+        for key, value in (("model.first_subsampling_dl", m.first_subsampling_dl),
+                           ("model.kp_extent", m.kp_extent),
+                           ("model.density_parameter", m.density_parameter),
+                           ("train.learning_rate", t.learning_rate)):
+            if not value > 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        if m.num_kernel_points < 1:
+            raise ConfigError(f"model.num_kernel_points must be >= 1, got {m.num_kernel_points}")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if len(a.symmetries) != 3:
+            raise ConfigError(f"augment.symmetries must have 3 entries, got {a.symmetries}")
+        if a.scale_min > a.scale_max:
+            raise ConfigError("augment.scale_min must be <= augment.scale_max")
+
+
+def _choice(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _build(cls, data: Dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError("unknown config key(s): " + ", ".join(prefix + k for k in unknown))
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(hint, value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    """Checks ``value`` against the annotation ``hint``; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        if args and args[1] is Any:
+            return dict(value)
+        return {_coerce(args[0], k, f"{key} key"): _coerce(args[1], v, f"{key}[{k}]")
+                for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be a boolean, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)  # dict keys of lr_decays may come as strings
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")
