@@ -1,0 +1,128 @@
+"""The KPConv Keras layer (rigid and deformable)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from kpconv_tf import ops
+from kpconv_tf.initializers import OriginalTruncatedNormal
+from kpconv_tf.kernel_points import FIXED_MODES, load_kernels
+
+
+@keras.saving.register_keras_serializable(package="kpconv_tf")
+class KPConv(keras.layers.Layer):
+    """Kernel point convolution.
+
+    Called as ``layer(query_points, support_points, neighbors, features)`` with float32
+    ``[Nq, 3]``, ``[Ns, 3]``, int32 ``[Nq, H]`` (shadow index Ns) and float32 ``[Ns, Din]``; returns
+    float32 ``[Nq, filters]``. ``return_deformed=True`` (deformable only) also returns the deformed
+    kernel points ``[Nq, K, 3]`` (for the offset losses and visualisation).
+
+    Args:
+      filters: Dout.
+      kernel_size: number of kernel points K.
+      extent: influence distance sigma of the kernel points (points' units); the kernel points lie
+        at a mean radius of 1.5 * extent, as in the original.
+      radius: the neighbourhood radius the neighbours were searched with (informational; the
+        original derives extent = KP_extent * radius / density_parameter).
+      influence: 'constant' | 'linear' | 'gaussian'. aggregation: 'sum' | 'closest'.
+      fixed: kernel disposition constraint, 'center' | 'verticals' | 'none'.
+      deformable: learn per-query offsets with an inner rigid KPConv (own zero-initialised
+        ``offset_conv_weights`` [K, Din, 3K] and ``offset_conv_bias``, no batch norm); offsets are
+        in units of ``extent``.
+      modulated: deformable only; K extra offset channels give 2 * sigmoid modulations.
+      kernel_seed: seeds the kernel rotation/jitter (None: random, as the original).
+
+    Variables carry the original's names: ``weights`` [K, Din, Dout], non-trainable
+    ``kernel_points`` [K, 3] (saved with the weights, never regenerated on load).
+    """
+
+    def __init__(self, filters, kernel_size=15, extent=1.0, radius=None, influence="linear",
+                 aggregation="sum", fixed="center", deformable=False, modulated=False,
+                 kernel_seed=None, kernel_initializer=None, **kwargs):
+        super().__init__(**kwargs)
+        if int(filters) < 1:
+            raise ValueError(f"filters must be >= 1, got {filters}")
+        if int(kernel_size) < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+        if not float(extent) > 0:
+            raise ValueError(f"extent must be > 0, got {extent}")
+        if influence not in ops.INFLUENCES:
+            raise ValueError(f"influence must be one of {ops.INFLUENCES}, got {influence!r}")
+        if aggregation not in ops.AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {ops.AGGREGATIONS}, got {aggregation!r}")
+        if fixed not in FIXED_MODES:
+            raise ValueError(f"fixed must be one of {FIXED_MODES}, got {fixed!r}")
+        if modulated and not deformable:
+            raise ValueError("modulated=True needs deformable=True")
+        self.filters = int(filters)
+        self.kernel_size = int(kernel_size)
+        self.extent = float(extent)
+        self.radius = None if radius is None else float(radius)
+        self.influence = influence
+        self.aggregation = aggregation
+        self.fixed = fixed
+        self.deformable = bool(deformable)
+        self.modulated = bool(modulated)
+        self.kernel_seed = kernel_seed
+        self.kernel_initializer = keras.initializers.get(kernel_initializer or OriginalTruncatedNormal())
+
+    def build(self, query_points_shape, support_points_shape, neighbors_shape, features_shape):
+        d_in = features_shape[-1]
+        if d_in is None:
+            raise ValueError("KPConv needs a static feature dimension (features.shape[-1])")
+        k = self.kernel_size
+        initial_points = load_kernels(1.5 * self.extent, k, self.fixed, seed=self.kernel_seed)
+        self.kernel_points = self.add_weight(
+            name="kernel_points", shape=(k, 3), trainable=False,
+            initializer=keras.initializers.Constant(initial_points))
+        self.kernel = self.add_weight(name="weights", shape=(k, d_in, self.filters),
+                                      initializer=self.kernel_initializer)
+        if self.deformable:
+            offset_dim = (4 if self.modulated else 3) * k
+            self.offset_conv_weights = self.add_weight(
+                name="offset_conv_weights", shape=(k, d_in, offset_dim), initializer="zeros")
+            self.offset_conv_bias = self.add_weight(
+                name="offset_conv_bias", shape=(offset_dim,), initializer="zeros")
+
+    @property
+    def offset_variables(self):
+        """The offset convolution's variables (their gradients are scaled in training)."""
+        return [self.offset_conv_weights, self.offset_conv_bias] if self.deformable else []
+
+    def offsets(self, query_points, support_points, neighbors, features):
+        """Raw offset-conv output [Nq, 3K or 4K], offsets [Nq, K, 3] (x extent), modulations or None."""
+        raw = ops.kpconv(query_points, support_points, neighbors, features, self.kernel_points,
+                         self.offset_conv_weights, self.extent, self.influence,
+                         self.aggregation) + self.offset_conv_bias
+        k = self.kernel_size
+        offsets = tf.reshape(raw[:, :3 * k], [-1, k, 3]) * self.extent
+        modulations = 2.0 * tf.sigmoid(raw[:, 3 * k:]) if self.modulated else None
+        return raw, offsets, modulations
+
+    def call(self, query_points, support_points, neighbors, features, return_deformed=False):
+        if not self.deformable:
+            if return_deformed:
+                raise ValueError("return_deformed=True needs a deformable KPConv")
+            return ops.kpconv(query_points, support_points, neighbors, features, self.kernel_points,
+                              self.kernel, self.extent, self.influence, self.aggregation)
+        _, offsets, modulations = self.offsets(query_points, support_points, neighbors, features)
+        out = ops.kpconv_deformable(query_points, support_points, neighbors, features,
+                                    self.kernel_points, offsets, self.kernel, self.extent,
+                                    self.influence, self.aggregation, modulations)
+        if return_deformed:
+            return out, self.kernel_points[None] + offsets
+        return out
+
+    def compute_output_shape(self, query_points_shape, *args, **kwargs):
+        return (query_points_shape[0], self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, kernel_size=self.kernel_size, extent=self.extent,
+                      radius=self.radius, influence=self.influence, aggregation=self.aggregation,
+                      fixed=self.fixed, deformable=self.deformable, modulated=self.modulated,
+                      kernel_seed=self.kernel_seed,
+                      kernel_initializer=keras.initializers.serialize(self.kernel_initializer))
+        return config

@@ -1,0 +1,156 @@
+"""Functional kernel point convolutions (rigid and deformable), standard TF ops only.
+
+Both functions reproduce the original release's numerics, shadow conventions included:
+
+* ``neighbors`` rows index the supports; the shadow index is ``Ns`` (number of supports). Shadow
+  neighbours carry zero features, so they never contribute, and sit far away: at 1e6 in the rigid
+  form and at 1000 in the deformable form (the offset losses see that 1000).
+* Influence of kernel point k on a centred neighbour y, with d = |y - k|: ``constant`` is 1 for every
+  neighbour in the rigid form and ``d < extent`` in the deformable form; ``linear`` is
+  max(0, 1 - d / extent); ``gaussian`` is exp(-d^2 / (2 sigma^2 + 1e-9)) with sigma = 0.3 extent.
+* ``closest`` keeps, per neighbour, only the nearest kernel point (first index on ties).
+* Deformable: a neighbour is used only if it lies within ``extent`` (strict) of at least one deformed
+  kernel point. The original compacts the neighbour list and redirects the others to the shadow
+  index; zeroing their features is the same sum, needs no data-dependent shape (XLA-friendly), and is
+  what we do. ``in_range_compaction`` gives the original's compacted indices for inspection.
+
+The [N, H, K, 3] difference tensor that the original tiles is never built: squared distances come
+from |y|^2 - 2 y.k + |k|^2 on query-centred coordinates, which keeps memory at [N, H, K].
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+INFLUENCES = ("constant", "linear", "gaussian")
+AGGREGATIONS = ("sum", "closest")
+
+_RIGID_SHADOW = 1e6
+_DEFORM_SHADOW = 1000.0
+
+
+def _check_modes(influence: str, aggregation: str) -> None:
+    if influence not in INFLUENCES:
+        raise ValueError(f"influence must be one of {INFLUENCES}, got {influence!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def centred_neighbors(query_points, support_points, neighbors, shadow_value):
+    """Neighbour coordinates relative to their query: float32 [Nq, H, 3].
+
+    Shadow indices (== Ns) read a point at ``shadow_value`` on every axis.
+    """
+    shadow = tf.fill([1, 3], tf.cast(shadow_value, support_points.dtype))
+    padded = tf.concat([support_points, shadow], axis=0)
+    return tf.gather(padded, neighbors) - query_points[:, None, :]
+
+
+def squared_distances(centred, kernel_points):
+    """Squared distances between neighbours and kernel points without an [.., K, 3] tensor.
+
+    ``centred`` [Nq, H, 3]; ``kernel_points`` [K, 3] (shared) or [Nq, K, 3] (per query).
+    Returns [Nq, H, K], clamped at 0 against round-off.
+    """
+    y2 = tf.reduce_sum(tf.square(centred), axis=-1, keepdims=True)  # [Nq, H, 1]
+    if kernel_points.shape.rank == 2:
+        cross = tf.einsum("nhc,kc->nhk", centred, kernel_points)
+        k2 = tf.reduce_sum(tf.square(kernel_points), axis=-1)[None, None, :]
+    else:
+        cross = tf.einsum("nhc,nkc->nhk", centred, kernel_points)
+        k2 = tf.reduce_sum(tf.square(kernel_points), axis=-1)[:, None, :]
+    return tf.maximum(y2 - 2.0 * cross + k2, 0.0)
+
+
+def _safe_sqrt(d2):
+    # sqrt has an infinite slope at 0; a neighbour exactly on a kernel point would give NaN gradients.
+    return tf.sqrt(tf.maximum(d2, 1e-30))
+
+
+def influence_weights(d2, extent, influence, aggregation, deformable=False):
+    """Kernel point influences [Nq, H, K] from squared distances [Nq, H, K]."""
+    extent = tf.cast(extent, d2.dtype)
+    if influence == "constant":
+        if deformable:
+            weights = tf.cast(d2 < tf.square(extent), d2.dtype)
+        else:
+            weights = tf.ones_like(d2)
+    elif influence == "linear":
+        weights = tf.maximum(1.0 - _safe_sqrt(d2) / extent, 0.0)
+    else:
+        sigma = 0.3 * extent
+        weights = tf.exp(-d2 / (2.0 * tf.square(sigma) + 1e-9))
+    if aggregation == "closest":
+        nearest = tf.argmin(d2, axis=-1, output_type=tf.int32)
+        weights = weights * tf.one_hot(nearest, tf.shape(d2)[-1], dtype=d2.dtype)
+    return weights
+
+
+def _aggregate(weights, neighbor_features, kernel_weights, modulations=None):
+    """sum_k (sum_h w[n,h,k] f[n,h,:]) @ W_k -> [Nq, Dout]."""
+    per_kernel = tf.einsum("nhk,nhd->nkd", weights, neighbor_features)  # [Nq, K, Din]
+    if modulations is not None:
+        per_kernel = per_kernel * modulations[:, :, None]
+    k = tf.shape(kernel_weights)[0]
+    d_in = tf.shape(kernel_weights)[1]
+    flat = tf.reshape(per_kernel, [-1, k * d_in])
+    return tf.matmul(flat, tf.reshape(kernel_weights, [k * d_in, -1]))
+
+
+def _gather_features(features, neighbors):
+    padded = tf.concat([features, tf.zeros_like(features[:1])], axis=0)
+    return tf.gather(padded, neighbors)
+
+
+def kpconv(query_points, support_points, neighbors, features, kernel_points, weights, extent,
+           influence="linear", aggregation="sum"):
+    """Rigid KPConv.
+
+    Args:
+      query_points: float32 [Nq, 3]. support_points: float32 [Ns, 3].
+      neighbors: int32 [Nq, H], indices into the supports, shadow index Ns.
+      features: float32 [Ns, Din]. kernel_points: float32 [K, 3] (already scaled, ~1.5 * extent).
+      weights: float32 [K, Din, Dout]. extent: influence distance (points' units).
+    Returns:
+      float32 [Nq, Dout].
+    """
+    _check_modes(influence, aggregation)
+    centred = centred_neighbors(query_points, support_points, neighbors, _RIGID_SHADOW)
+    d2 = squared_distances(centred, kernel_points)
+    w = influence_weights(d2, extent, influence, aggregation)
+    return _aggregate(w, _gather_features(features, neighbors), weights)
+
+
+def kpconv_deformable(query_points, support_points, neighbors, features, kernel_points, offsets,
+                      weights, extent, influence="linear", aggregation="sum", modulations=None):
+    """Deformable KPConv with given offsets.
+
+    Args:
+      offsets: float32 [Nq, K, 3] in the points' units (already multiplied by extent).
+      modulations: float32 [Nq, K] or None.
+      Other arguments as in ``kpconv``.
+    Returns:
+      float32 [Nq, Dout].
+    """
+    _check_modes(influence, aggregation)
+    centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
+    deformed = kernel_points[None] + offsets
+    d2 = squared_distances(centred, deformed)
+    in_range = tf.reduce_any(d2 < tf.square(tf.cast(extent, d2.dtype)), axis=-1)  # [Nq, H]
+    w = influence_weights(d2, extent, influence, aggregation, deformable=True)
+    w = w * tf.cast(in_range, w.dtype)[:, :, None]
+    return _aggregate(w, _gather_features(features, neighbors), weights, modulations)
+
+
+def in_range_compaction(query_points, support_points, neighbors, deformed_kernel_points, extent):
+    """The original deformable op's neighbour re-selection, for inspection and tests.
+
+    Returns (new_max_neighb scalar int32, column indices [Nq, new_max] into ``neighbors``, in-range
+    columns first in their original order, then the others, as the original's stable top_k).
+    """
+    centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
+    d2 = squared_distances(centred, deformed_kernel_points)
+    in_range = tf.cast(tf.reduce_any(d2 < tf.square(tf.cast(extent, d2.dtype)), axis=-1), tf.int32)
+    new_max = tf.reduce_max(tf.reduce_sum(in_range, axis=1))
+    _, columns = tf.math.top_k(in_range, k=new_max)
+    return new_max, columns
