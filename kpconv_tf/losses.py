@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from kpconv_tf.ops import _DEFORM_SHADOW, centred_neighbors, squared_distances
+from kpconv_tf.ops import _DEFORM_SHADOW, _as_tensors, centred_neighbors, squared_distances
 
 
 def offset_fitting_loss(deformed_kernel_points, query_points, support_points, neighbors, normalizer):
@@ -25,6 +25,9 @@ def offset_fitting_loss(deformed_kernel_points, query_points, support_points, ne
     op's shadow position), as the original does. Shapes: deformed [Nq, K, 3], queries [Nq, 3],
     supports [Ns, 3], neighbors int32 [Nq, H]. Returns a scalar.
     """
+    deformed_kernel_points, query_points, support_points = _as_tensors(
+        deformed_kernel_points, query_points, support_points)
+    neighbors = tf.convert_to_tensor(neighbors, tf.int32)
     centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
     d2 = squared_distances(centred, deformed_kernel_points)  # [Nq, H, K]
     return tf.reduce_mean(tf.reduce_min(d2, axis=1)) / (normalizer ** 2)
@@ -35,7 +38,7 @@ def offset_repulsive_loss(deformed_kernel_points, normalizer, threshold=1.5):
 
     For each k the other points are constants (stop_gradient), as in the original KP-FCNN.
     """
-    p = deformed_kernel_points / normalizer  # [Nq, K, 3]
+    p = tf.convert_to_tensor(deformed_kernel_points) / normalizer  # [Nq, K, 3]
     others = tf.stop_gradient(p)
     diff = others[:, None, :, :] - p[:, :, None, :]  # [Nq, K(this), K(other), 3]
     dist = tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(diff), axis=-1), 1e-30))
@@ -47,7 +50,7 @@ def offset_repulsive_loss(deformed_kernel_points, normalizer, threshold=1.5):
 
 def offset_permissive_loss(deformed_kernel_points, conv_radius):
     """mean over queries and kernel points of max(0, |k'| / conv_radius - 1)."""
-    norms = tf.norm(deformed_kernel_points / conv_radius, axis=-1)
+    norms = tf.norm(tf.convert_to_tensor(deformed_kernel_points) / conv_radius, axis=-1)
     return tf.reduce_mean(tf.maximum(0.0, norms - 1.0))
 
 

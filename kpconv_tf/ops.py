@@ -97,6 +97,14 @@ def _aggregate(weights, neighbor_features, kernel_weights, modulations=None):
     return tf.matmul(flat, tf.reshape(kernel_weights, [k * d_in, -1]))
 
 
+def _as_tensors(features, *others):
+    """Converts inputs to tensors of the features' float dtype (float32 unless float64 given)."""
+    features = tf.convert_to_tensor(features)
+    if not features.dtype.is_floating:
+        features = tf.cast(features, tf.float32)
+    return [features] + [tf.cast(tf.convert_to_tensor(x), features.dtype) for x in others]
+
+
 def _gather_features(features, neighbors):
     padded = tf.concat([features, tf.zeros_like(features[:1])], axis=0)
     return tf.gather(padded, neighbors)
@@ -115,6 +123,9 @@ def kpconv(query_points, support_points, neighbors, features, kernel_points, wei
       float32 [Nq, Dout].
     """
     _check_modes(influence, aggregation)
+    features, query_points, support_points, kernel_points, weights = _as_tensors(
+        features, query_points, support_points, kernel_points, weights)
+    neighbors = tf.convert_to_tensor(neighbors, tf.int32)
     centred = centred_neighbors(query_points, support_points, neighbors, _RIGID_SHADOW)
     d2 = squared_distances(centred, kernel_points)
     w = influence_weights(d2, extent, influence, aggregation)
@@ -133,6 +144,11 @@ def kpconv_deformable(query_points, support_points, neighbors, features, kernel_
       float32 [Nq, Dout].
     """
     _check_modes(influence, aggregation)
+    features, query_points, support_points, kernel_points, offsets, weights = _as_tensors(
+        features, query_points, support_points, kernel_points, offsets, weights)
+    if modulations is not None:
+        modulations = tf.cast(modulations, features.dtype)
+    neighbors = tf.convert_to_tensor(neighbors, tf.int32)
     centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
     deformed = kernel_points[None] + offsets
     d2 = squared_distances(centred, deformed)
@@ -148,6 +164,9 @@ def in_range_compaction(query_points, support_points, neighbors, deformed_kernel
     Returns (new_max_neighb scalar int32, column indices [Nq, new_max] into ``neighbors``, in-range
     columns first in their original order, then the others, as the original's stable top_k).
     """
+    deformed_kernel_points, query_points, support_points = _as_tensors(
+        deformed_kernel_points, query_points, support_points)
+    neighbors = tf.convert_to_tensor(neighbors, tf.int32)
     centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
     d2 = squared_distances(centred, deformed_kernel_points)
     in_range = tf.cast(tf.reduce_any(d2 < tf.square(tf.cast(extent, d2.dtype)), axis=-1), tf.int32)

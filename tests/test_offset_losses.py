@@ -1,0 +1,84 @@
+"""Offset regularisation terms against the original's values and a float64 reference."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kpconv_tf import losses
+from test_kpconv_layers import _deformable_layer_from_fixture
+from test_kpconv_ops import FIXTURES, rel_err
+
+DEFORM = sorted(glob.glob(os.path.join(FIXTURES, "kpconv_deform_*.npz")))
+
+
+def _loss(d, network, layer, rows=None):
+    q, n = d["query_points"], d["neighbors"]
+    if rows is not None:
+        q, n = q[rows], n[rows]
+    _, deformed = layer(q, d["support_points"], n, d["features"], return_deformed=True)
+    term = losses.deformable_layer_offsets_loss(
+        "fitting", network, deformed, q, d["support_points"], n, layer=int(d["layer"]),
+        first_subsampling_dl=float(d["first_subsampling_dl"]),
+        density_parameter=float(d["density_parameter"]), kp_extent=float(d["config_KP_extent"]))
+    return float(d["offsets_decay"]) * term
+
+
+@pytest.mark.parametrize("path", DEFORM, ids=os.path.basename)
+def test_losses_and_gradients_match_original(path):
+    d = np.load(path)
+    layer = _deformable_layer_from_fixture(d)
+    nonempty = d["nonempty_query_mask"].astype(bool)
+    for network in ("kpcnn", "kpfcnn"):
+        assert rel_err(_loss(d, network, layer), d[f"loss_{network}_offsets"]) < 1e-5
+        with tf.GradientTape() as tape:
+            value = _loss(d, network, layer, nonempty)
+        assert rel_err(value, d[f"nonempty_loss_{network}_offsets"]) < 1e-5
+        grad = tape.gradient(value, layer.offset_conv_weights)
+        assert rel_err(grad, d[f"nonempty_grad_{network}_offsets_loss_offset_weights"]) < 1e-5
+    # The KP-FCNN total is fitting + repulsive.
+    for key in ("fitting", "repulsive"):
+        assert f"nonempty_loss_kpfcnn_{key}" in d
+    total = d["nonempty_loss_kpfcnn_fitting"] + d["nonempty_loss_kpfcnn_repulsive"]
+    assert rel_err(total, d["nonempty_loss_kpfcnn_offsets"]) < 1e-5
+
+
+def test_repulsive_and_fitting_against_float64():
+    rng = np.random.default_rng(0)
+    deformed = rng.normal(size=(7, 5, 3)) * 0.4
+    q = rng.normal(size=(7, 3)) * 0.1
+    s = rng.normal(size=(12, 3)) * 0.5
+    n = np.concatenate([rng.integers(0, 12, (7, 4)), np.full((7, 2), 12)], axis=1).astype(np.int32)
+    norm = 0.3
+    p = deformed / norm
+    dist = np.linalg.norm(p[:, :, None] - p[:, None], axis=-1)
+    rep = np.maximum(0, 1.5 - dist) ** 2
+    rep[:, np.arange(5), np.arange(5)] = 0
+    expected_rep = np.sum(np.mean(np.sum(rep, axis=2), axis=0))
+    assert float(losses.offset_repulsive_loss(deformed, norm)) == pytest.approx(expected_rep, rel=1e-9)
+    pad = np.concatenate([s, np.full((1, 3), 1000.0)])
+    y = pad[n] - q[:, None]
+    d2 = np.sum((y[:, :, None] - deformed[:, None]) ** 2, -1)
+    expected_fit = np.mean(d2.min(axis=1)) / norm ** 2
+    assert float(losses.offset_fitting_loss(deformed, q, s, n, norm)) == pytest.approx(expected_fit, rel=1e-9)
+    radius = 0.5
+    expected_perm = np.mean(np.maximum(0, np.linalg.norm(deformed / radius, axis=-1) - 1))
+    assert float(losses.offset_permissive_loss(deformed, radius)) == pytest.approx(expected_perm, rel=1e-9)
+
+
+def test_repulsive_gradient_treats_other_points_as_constants():
+    deformed = tf.Variable([[[0.0, 0.0, 0.0], [0.1, 0.0, 0.0]]], dtype=tf.float64)
+    with tf.GradientTape() as tape:
+        value = losses.offset_repulsive_loss(deformed, 1.0)
+    g = tape.gradient(value, deformed).numpy()
+    # Only the term of each point itself is differentiated: d/dp0 (1.5 - |p0 - p1|)^2 with p1 fixed
+    # = -2 * 1.4 * (p0 - p1) / 0.1 = (2.8, 0, 0), so descent pushes the points apart (not 5.6).
+    np.testing.assert_allclose(g[0, 0], [2.8, 0, 0], rtol=1e-9)
+    np.testing.assert_allclose(g[0, 1], [-2.8, 0, 0], rtol=1e-9)
+
+
+def test_bad_kind():
+    with pytest.raises(ValueError, match="kind"):
+        losses.deformable_layer_offsets_loss("elastic", "kpcnn", None, None, None, None, 0, 1, 1, 1)
