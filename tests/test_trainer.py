@@ -1,0 +1,154 @@
+"""Optimizer semantics of training/trainer.py against float32 / float64 numpy emulations.
+
+The emulated original: tf.clip_by_norm(t, c) = (t * c) / max(|t|, c); ApplyMomentum:
+accum = accum * m + g; var -= lr * accum. README section 10.4 gives the offset-update table.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training.trainer import OFFSET_GRADIENT_SCALE, OriginalMomentum, is_offset_variable, update_entries
+
+LR = np.float32(1e-3)
+MOMENTUM = np.float32(0.98)
+
+
+def _np_clip(t, c=100.0):
+    t = np.asarray(t, np.float32)
+    norm = np.sqrt(np.sum(t.astype(np.float64) ** 2))
+    return ((t * np.float32(c)) / np.float32(max(norm, c))).astype(np.float32)
+
+
+def _np_momentum(var, accum, grad, lr=LR, m=MOMENTUM):
+    accum = (accum * m + grad).astype(np.float32)
+    var = (var - lr * accum).astype(np.float32)
+    return var, accum
+
+
+def _vars(shapes_and_names, rng):
+    return [tf.Variable(rng.normal(size=s).astype(np.float32), name=n) for s, n in shapes_and_names]
+
+
+def _grad_with_norm(rng, shape, norm):
+    g = rng.normal(size=shape)
+    return (g * norm / np.linalg.norm(g)).astype(np.float32)
+
+
+def _step(variables, grads, semantics, clip=100.0, optimizer=None):
+    optimizer = optimizer or OriginalMomentum(variables, LR, MOMENTUM)
+    entries = update_entries([tf.constant(g) for g in grads], variables, semantics, clip)
+    optimizer.apply(entries, variables)
+    return optimizer, entries
+
+
+def test_offset_detection_and_entry_order():
+    rng = np.random.default_rng(0)
+    variables = _vars([((15, 4, 8), "conv2/weights"), ((15, 4, 45), "conv2/offset_conv_weights"),
+                       ((45,), "conv2/offset_conv_bias"), ((8,), "batch_normalization/gamma")], rng)
+    assert [is_offset_variable(v) for v in variables] == [False, True, True, False]
+    grads = [tf.constant(_grad_with_norm(rng, v.shape, 5.0)) for v in variables]
+    original = update_entries(grads, variables, "original", 100.0)
+    assert [i for i, _ in original] == [0, 1, 1, 2, 2, 3]
+    # weights: g then 0.1 g; biases: 0.1 g then g (the majority order of the original runs)
+    np.testing.assert_allclose(original[1][1], grads[1], rtol=1e-6)
+    np.testing.assert_allclose(original[2][1], 0.1 * grads[1].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(original[3][1], 0.1 * grads[2].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(original[4][1], grads[2], rtol=1e-6)
+    paper = update_entries(grads, variables, "paper", 100.0)
+    assert [i for i, _ in paper] == [0, 1, 2, 3]
+    for (i, update), g in zip(paper, grads):
+        expected = g.numpy() * (OFFSET_GRADIENT_SCALE if i in (1, 2) else 1.0)
+        np.testing.assert_allclose(update, expected, rtol=1e-6)
+    # no clipping: the original applies the raw gradients once
+    assert [i for i, _ in update_entries(grads, variables, "original", 0.0)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="semantics"):
+        update_entries(grads, variables, "keras", 100.0)
+    with pytest.raises(ValueError, match="length"):
+        update_entries(grads[:2], variables, "paper", 100.0)
+
+
+def test_paper_scale_is_one_tenth():
+    rng = np.random.default_rng(1)
+    variables = [tf.Variable(np.zeros(s, np.float32), name=n)
+                 for s, n in [((15, 4, 45), "offset_conv_weights"), ((45,), "offset_conv_bias")]]
+    initial = [v.numpy() for v in variables]
+    grads = [_grad_with_norm(rng, v.shape, 7.0) for v in variables]  # unclipped
+    optimizer, _ = _step(variables, grads, "paper")
+    assert OFFSET_GRADIENT_SCALE == 0.1
+    for v, v0, g, slot in zip(variables, initial, grads, optimizer.slots):
+        np.testing.assert_allclose(slot.numpy(), 0.1 * g, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose((v.numpy() - v0) / (-LR * g), 0.1, rtol=1e-5)
+
+
+def test_clip_and_momentum_match_float32_emulation():
+    rng = np.random.default_rng(2)
+    shapes = [((15, 8, 16), "layer_0/conv/weights"), ((16,), "bn/beta"), ((15, 8, 45), "offset_conv_weights"),
+              ((45,), "offset_conv_bias")]
+    variables = _vars(shapes, rng)
+    state = [v.numpy() for v in variables]
+    accums = [np.zeros(v.shape, np.float32) for v in variables]
+    optimizer = OriginalMomentum(variables, LR, MOMENTUM)
+    for step, norms in enumerate([(50.0, 300.0, 514.95, 24.24), (2000.0, 3.0, 80.0, 1500.0),
+                                  (10.0, 10.0, 191.54, 10.6)]):
+        grads = [_grad_with_norm(rng, v.shape, n) for v, n in zip(variables, norms)]
+        if step == 2:
+            optimizer.learning_rate.assign(0.05)  # TF1 momentum: the new lr scales the whole slot
+        lr = np.float32(0.05) if step == 2 else LR
+        _step(variables, grads, "original", optimizer=optimizer)
+        for i, g in enumerate(grads):
+            name = shapes[i][1]
+            if "offset_conv" not in name:
+                parts = [g]
+            elif name.endswith("bias"):
+                parts = [np.float32(0.1) * g, g]
+            else:
+                parts = [g, np.float32(0.1) * g]
+            for part in parts:
+                state[i], accums[i] = _np_momentum(state[i], accums[i], _np_clip(part), lr=lr)
+        for v, s, slot, a in zip(variables, state, optimizer.slots, accums):
+            np.testing.assert_allclose(slot.numpy(), a, rtol=0, atol=1e-6 * np.abs(a).max())
+            np.testing.assert_allclose(v.numpy(), s, rtol=0, atol=1e-6 * np.abs(s).max())
+    assert int(optimizer.iterations.numpy()) == 3
+
+
+@pytest.mark.parametrize("name,norm,expected_slot,expected_dv", [
+    # README 10.4, step 0 (zero slots and zero offset weights): slot/g and -dv/(lr g)
+    ("layer_3/resnetb_deformable_0/conv2/offset_conv_weights", 514.95, 0.29031, 0.48450),
+    ("layer_3/resnetb_deformable_0/conv2/offset_conv_bias", 24.24, 1.09800, 1.19800),
+    ("layer_3/resnetb_deformable_strided_1/conv2/offset_conv_weights", 191.54, 0.61164, 1.13373),
+    ("layer_4/resnetb_deformable_0/conv2/offset_conv_weights", 187.65, 0.62226, 1.15517),
+    ("layer_4/resnetb_deformable_0/conv2/offset_conv_bias", 10.6, 1.09800, 1.19800),
+])
+def test_offset_double_update_table(name, norm, expected_slot, expected_dv):
+    rng = np.random.default_rng(3)
+    shape = (45,) if name.endswith("bias") else (15, 64, 45)
+    variable = tf.Variable(np.zeros(shape, np.float32), name=name)
+    grad = _grad_with_norm(rng, shape, norm)
+    optimizer, _ = _step([variable], [grad], "original")
+    big = np.abs(grad) > 1e-3 * np.abs(grad).max()
+    slot_ratio = optimizer.slots[0].numpy()[big] / grad[big]
+    dv_ratio = -variable.numpy()[big] / (LR * grad[big])
+    np.testing.assert_allclose(slot_ratio, expected_slot, atol=6e-5)
+    np.testing.assert_allclose(dv_ratio, expected_dv, atol=6e-5)
+
+
+def test_slots_and_learning_rate_checkpoint_round_trip(tmp_path):
+    rng = np.random.default_rng(4)
+    variables = _vars([((3, 4), "a/weights"), ((4,), "a/offset_conv_bias")], rng)
+    grads = [_grad_with_norm(rng, v.shape, 200.0) for v in variables]
+    optimizer, _ = _step(variables, grads, "original")
+    optimizer.learning_rate.assign(0.02)
+    path = tf.train.Checkpoint(optimizer=optimizer).write(str(tmp_path / "ckpt"))
+    fresh = OriginalMomentum(variables, 1.0, 0.5)
+    tf.train.Checkpoint(optimizer=fresh).read(path).assert_consumed()
+    for a, b in zip(optimizer.slots, fresh.slots):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert fresh.learning_rate.numpy() == np.float32(0.02)
+    assert int(fresh.iterations.numpy()) == 1
+    fresh.reset()
+    assert all(not np.any(s.numpy()) for s in fresh.slots)
+    with pytest.raises(ValueError, match="momentum"):
+        OriginalMomentum(variables, 0.1, 1.5)
+    with pytest.raises(ValueError, match="learning_rate"):
+        OriginalMomentum(variables, 0.0, 0.9)
