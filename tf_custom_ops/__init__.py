@@ -1,0 +1,135 @@
+"""Compiled CPU ops for KPConv input pyramids: radius neighbours and grid subsampling.
+
+Importing this package compiles the ops on first use (see ``tf_custom_ops.build``) and loads them.
+Points are float32 ``[N, 3]`` (float64 input is converted to float32); a batch is a stack of
+clouds described by int32 per-cloud lengths ``[B]``. The ops are not differentiable and run
+eagerly, inside ``tf.function`` and inside ``tf.data`` maps.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import tensorflow as tf
+
+from tf_custom_ops.build import BuildError, build
+
+__all__ = ["batch_neighbors", "batch_grid_subsampling", "neighbors", "grid_subsampling", "BuildError"]
+
+_ops = tf.load_op_library(str(build()))
+tf.no_gradient("KpconvBatchNeighbors")
+tf.no_gradient("KpconvBatchGridSubsampling")
+
+
+def _points(value, name):
+    t = tf.convert_to_tensor(value)
+    if t.dtype == tf.float64 or t.dtype == tf.float16:
+        t = tf.cast(t, tf.float32)
+    if t.dtype != tf.float32:
+        raise TypeError(f"{name} must be float32 (or float64, converted), got {t.dtype.name}")
+    if t.shape.rank is not None and (t.shape.rank != 2 or t.shape[-1] not in (None, 3)):
+        raise ValueError(f"{name} must have shape [N, 3], got {t.shape}")
+    return t
+
+
+def _lengths(value, name):
+    t = tf.convert_to_tensor(value)
+    if not t.dtype.is_integer:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype.name}")
+    if t.shape.rank is not None and t.shape.rank != 1:
+        raise ValueError(f"{name} must be a vector [B], got shape {t.shape}")
+    return tf.cast(t, tf.int32)
+
+
+def _positive_scalar(value, name):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not (value > 0 and value < float("inf")):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    t = tf.convert_to_tensor(value, dtype_hint=tf.float32)
+    if t.shape.rank not in (None, 0):
+        raise ValueError(f"{name} must be a scalar, got shape {t.shape}")
+    return tf.cast(t, tf.float32)
+
+
+def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors=0):
+    """Radius neighbours of stacked clouds.
+
+    Args:
+      queries: float32 [Nq, 3]. supports: float32 [Ns, 3].
+      q_lengths, s_lengths: int32 [B], points per cloud (same number of clouds); a query only sees
+        the supports of its own cloud.
+      radius: float > 0; a support is a neighbour when its distance is <= radius.
+      max_neighbors: int >= 0; when > 0, rows keep only the nearest ``max_neighbors``.
+    Returns:
+      int32 [Nq, H]: per row the stacked support indices sorted by increasing distance (ties by
+      index), padded with the shadow index Ns. H is the largest neighbourhood (or max_neighbors).
+    """
+    if isinstance(max_neighbors, numbers.Integral) and max_neighbors < 0:
+        raise ValueError(f"max_neighbors must be >= 0, got {max_neighbors}")
+    return _ops.kpconv_batch_neighbors(
+        _points(queries, "queries"), _points(supports, "supports"), _lengths(q_lengths, "q_lengths"),
+        _lengths(s_lengths, "s_lengths"), _positive_scalar(radius, "radius"),
+        tf.cast(max_neighbors, tf.int32))
+
+
+def batch_grid_subsampling(points, lengths, sample_dl, features=None, labels=None):
+    """Barycentric grid subsampling of stacked clouds.
+
+    Per cloud, one point per non-empty cell of a grid of size ``sample_dl`` anchored at
+    floor(min_corner / sample_dl) * sample_dl: the barycentre of the cell's points. Output points
+    of a cloud come in ascending cell order (deterministic).
+
+    Args:
+      points: float32 [N, 3]. lengths: int32 [B]. sample_dl: float > 0.
+      features: optional float32 [N, D], averaged per cell.
+      labels: optional int32 [N], majority vote per cell (ties go to the smaller label).
+    Returns:
+      (sub_points float32 [M, 3], sub_lengths int32 [B]) followed by sub_features [M, D] and/or
+      sub_labels [M] when given.
+    """
+    points = _points(points, "points")
+    has_features = features is not None
+    has_labels = labels is not None
+    if has_features:
+        f = tf.convert_to_tensor(features)
+        if not f.dtype.is_floating:
+            raise TypeError(f"features must be floating point, got {f.dtype.name}")
+        if f.shape.rank is not None and f.shape.rank != 2:
+            raise ValueError(f"features must have shape [N, D], got {f.shape}")
+        f = tf.cast(f, tf.float32)
+    else:
+        f = tf.zeros([tf.shape(points)[0], 0], tf.float32)
+    if has_labels:
+        lab = tf.convert_to_tensor(labels)
+        if not lab.dtype.is_integer:
+            raise TypeError(f"labels must be an integer tensor, got {lab.dtype.name}")
+        if lab.shape.rank is not None and lab.shape.rank != 1:
+            raise ValueError(f"labels must have shape [N], got {lab.shape}")
+        lab = tf.cast(lab, tf.int32)
+    else:
+        lab = tf.zeros([0], tf.int32)
+    sub_points, sub_lengths, sub_features, sub_labels = _ops.kpconv_batch_grid_subsampling(
+        points, _lengths(lengths, "lengths"), _positive_scalar(sample_dl, "sample_dl"), f, lab)
+    out = [sub_points, sub_lengths]
+    if has_features:
+        out.append(sub_features)
+    if has_labels:
+        # With zero points the op cannot tell "no labels" from "empty labels": shape them [M].
+        out.append(tf.reshape(sub_labels, [tf.shape(sub_points)[0]]))
+    return tuple(out)
+
+
+def neighbors(queries, supports, radius, max_neighbors=0):
+    """Single-cloud ``batch_neighbors``: int32 [Nq, H], shadow index = number of supports."""
+    queries = _points(queries, "queries")
+    supports = _points(supports, "supports")
+    return batch_neighbors(queries, supports, tf.shape(queries)[:1], tf.shape(supports)[:1], radius,
+                           max_neighbors)
+
+
+def grid_subsampling(points, sample_dl, features=None, labels=None):
+    """Single-cloud ``batch_grid_subsampling``: sub_points [, sub_features] [, sub_labels]."""
+    points = _points(points, "points")
+    out = batch_grid_subsampling(points, tf.shape(points)[:1], sample_dl, features, labels)
+    rest = out[2:]
+    return out[0] if not rest else (out[0],) + tuple(rest)
