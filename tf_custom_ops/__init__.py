@@ -12,11 +12,11 @@ import numbers
 
 import tensorflow as tf
 
-from tf_custom_ops.build import BuildError, build
+from tf_custom_ops.build import BuildError, build as _build_library
 
 __all__ = ["batch_neighbors", "batch_grid_subsampling", "neighbors", "grid_subsampling", "BuildError"]
 
-_ops = tf.load_op_library(str(build()))
+_ops = tf.load_op_library(str(_build_library()))
 tf.no_gradient("KpconvBatchNeighbors")
 tf.no_gradient("KpconvBatchGridSubsampling")
 

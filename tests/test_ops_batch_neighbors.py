@@ -1,0 +1,158 @@
+"""KpconvBatchNeighbors against an independent float64 brute force."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_custom_ops as ops
+
+
+def brute_force(queries, supports, q_lengths, s_lengths, radius, max_neighbors=0):
+    q = queries.astype(np.float64)
+    s = supports.astype(np.float64)
+    qs = np.concatenate([[0], np.cumsum(q_lengths)])
+    ss = np.concatenate([[0], np.cumsum(s_lengths)])
+    rows = []
+    for b in range(len(q_lengths)):
+        sup = s[ss[b]:ss[b + 1]]
+        for i in range(qs[b], qs[b + 1]):
+            d2 = np.sum((sup - q[i]) ** 2, axis=1)
+            idx = np.nonzero(d2 <= float(np.float32(radius)) ** 2)[0]
+            idx = idx[np.lexsort((idx, d2[idx]))] + ss[b]
+            rows.append(idx[:max_neighbors] if max_neighbors else idx)
+    width = max([len(r) for r in rows], default=0)
+    out = np.full((len(rows), width), len(s), np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def random_batch(rng, sizes, scale=1.0, duplicates=False):
+    clouds = [rng.random((n, 3)) * scale for n in sizes]
+    if duplicates:
+        clouds = [np.concatenate([c, c[: len(c) // 3]]) if len(c) else c for c in clouds]
+    lengths = np.array([len(c) for c in clouds], np.int32)
+    points = np.concatenate(clouds + [np.zeros((0, 3))]).astype(np.float32)
+    return points, lengths
+
+
+class BatchNeighborsTest(tf.test.TestCase):
+
+    def test_random_batches_match_brute_force(self):
+        rng = np.random.default_rng(0)
+        for seed in range(12):
+            num = rng.integers(1, 6)
+            sizes = rng.choice([0, 1, 2, 17, 150, 400], size=num)
+            points, lengths = random_batch(rng, sizes, duplicates=seed % 3 == 0)
+            qpoints, qlengths = random_batch(rng, rng.choice([0, 1, 5, 90], size=num))
+            for radius in (1e-4, 0.05, 0.2, 3.0):
+                for max_n in (0, 4):
+                    got = ops.batch_neighbors(qpoints, points, qlengths, lengths, radius, max_n)
+                    want = brute_force(qpoints, points, qlengths, lengths, radius, max_n)
+                    self.assertAllEqual(got, want)
+
+    def test_points_exactly_at_the_radius_are_included(self):
+        supports = np.array([[0, 0, 0], [0.5, 0, 0], [0, -0.5, 0], [0.5, 0.5, 0]], np.float32)
+        got = ops.neighbors(np.zeros((1, 3), np.float32), supports, 0.5).numpy()
+        self.assertAllEqual(got, [[0, 1, 2]])
+
+    def test_ties_sorted_by_index_and_shadow_is_support_count(self):
+        supports = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [5, 5, 5]], np.float32)
+        got = ops.neighbors(np.zeros((2, 3), np.float32), supports, 1.0).numpy()
+        self.assertAllEqual(got, [[0, 1, 2], [0, 1, 2]])
+        got = ops.neighbors(np.full((1, 3), 9, np.float32), supports, 1.0).numpy()
+        self.assertEqual(got.shape, (1, 0))
+
+    def test_queries_only_see_their_cloud(self):
+        cloud = np.random.default_rng(1).random((50, 3)).astype(np.float32)
+        points = np.concatenate([cloud, cloud])
+        lengths = np.array([50, 50], np.int32)
+        got = ops.batch_neighbors(points, points, lengths, lengths, 10.0).numpy()
+        self.assertTrue(np.all(got[:50] < 50))
+        self.assertTrue(np.all((got[50:] >= 50) & (got[50:] < 100)))
+        self.assertAllEqual(got[50:] - 50, got[:50])
+
+    def test_matches_ckdtree_on_a_large_cloud(self):
+        from scipy.spatial import cKDTree
+        rng = np.random.default_rng(2)
+        points = rng.random((20000, 3)).astype(np.float32)
+        got = ops.neighbors(points, points, 0.03).numpy()
+        tree = cKDTree(points.astype(np.float64))
+        expected = tree.query_ball_point(points.astype(np.float64), 0.03)
+        counts = (got < len(points)).sum(axis=1)
+        self.assertAllEqual(counts, [len(e) for e in expected])
+        for i in rng.integers(0, len(points), 200):
+            self.assertAllEqual(np.sort(got[i, :counts[i]]), np.sort(expected[i]))
+
+    def test_empty_inputs(self):
+        empty = np.zeros((0, 3), np.float32)
+        self.assertEqual(ops.batch_neighbors(empty, empty, [0], [0], 1.0).shape, (0, 0))
+        got = ops.batch_neighbors(np.zeros((2, 3), np.float32), empty, [2], [0], 1.0)
+        self.assertEqual(got.shape, (2, 0))
+
+    def test_tf_function_and_dataset(self):
+        rng = np.random.default_rng(3)
+        points, lengths = random_batch(rng, [30, 40])
+        fn = tf.function(ops.batch_neighbors)
+        want = brute_force(points, points, lengths, lengths, 0.3)
+        self.assertAllEqual(fn(points, points, lengths, lengths, 0.3), want)
+        ds = tf.data.Dataset.from_tensors((points, lengths)).repeat(4).map(
+            lambda p, l: ops.batch_neighbors(p, p, l, l, 0.3), num_parallel_calls=2)
+        for got in ds:
+            self.assertAllEqual(got, want)
+        spec = tf.TensorSpec([None, 3], tf.float32)
+        concrete = tf.function(lambda q: ops.batch_neighbors(q, q, tf.shape(q)[:1], tf.shape(q)[:1], 0.1)
+                               ).get_concrete_function(spec)
+        self.assertEqual(concrete.output_shapes.as_list(), [None, None])
+
+    def test_float64_converted_and_gradient_not_defined(self):
+        pts = np.random.default_rng(4).random((10, 3))
+        self.assertAllEqual(ops.neighbors(pts, pts, 0.5), ops.neighbors(pts.astype(np.float32), pts, 0.5))
+        x = tf.constant(pts, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(ops.neighbors(x, x, 0.5), tf.float32)
+        self.assertIsNone(tape.gradient(y, x))
+
+
+BAD_INPUTS = [
+    (dict(queries=np.zeros((3, 2), np.float32)), ValueError, "queries"),
+    (dict(supports=np.zeros((3,), np.float32)), ValueError, "supports"),
+    (dict(queries=np.zeros((3, 3), np.int32)), TypeError, "queries"),
+    (dict(q_lengths=np.array([4], np.int32)), tf.errors.InvalidArgumentError, "q_lengths"),
+    (dict(s_lengths=np.array([-1, 4], np.int32)), tf.errors.InvalidArgumentError, "s_lengths"),
+    (dict(s_lengths=np.array([1, 1, 1], np.int32)), tf.errors.InvalidArgumentError, "clouds"),
+    (dict(radius=0.0), ValueError, "radius"),
+    (dict(radius=float("nan")), ValueError, "radius"),
+    (dict(radius=float("inf")), ValueError, "radius"),
+    (dict(max_neighbors=-1), ValueError, "max_neighbors"),
+    (dict(supports=np.array([[0, 0, np.nan], [0, 0, 0], [1, 1, 1]], np.float32)),
+     tf.errors.InvalidArgumentError, "supports"),
+    (dict(queries=np.array([[0, 0, np.inf], [0, 0, 0], [1, 1, 1]], np.float32)),
+     tf.errors.InvalidArgumentError, "queries"),
+]
+
+
+@pytest.mark.parametrize("change,error,name", BAD_INPUTS)
+@pytest.mark.parametrize("graph", [False, True])
+def test_bad_input_names_the_argument(change, error, name, graph):
+    args = dict(queries=np.zeros((3, 3), np.float32), supports=np.zeros((3, 3), np.float32),
+                q_lengths=np.array([3], np.int32), s_lengths=np.array([3], np.int32), radius=1.0,
+                max_neighbors=0)
+    args.update(change)
+    if graph:
+        if error is not tf.errors.InvalidArgumentError:
+            pytest.skip("static argument checks run before tracing")
+        fn = tf.function(lambda q, s, ql, sl, r: ops.batch_neighbors(q, s, ql, sl, r))
+        with pytest.raises(error, match=name):
+            fn(args["queries"], args["supports"], args["q_lengths"], args["s_lengths"],
+               tf.constant(args["radius"]))
+        return
+    with pytest.raises(error, match=name):
+        ops.batch_neighbors(**args)
+
+
+def test_bad_radius_tensor_in_graph():
+    fn = tf.function(lambda r: ops.neighbors(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), r))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="radius"):
+        fn(tf.constant(-1.0))
