@@ -4,11 +4,14 @@ The emulated original: tf.clip_by_norm(t, c) = (t * c) / max(|t|, c); ApplyMomen
 accum = accum * m + g; var -= lr * accum. README section 10.4 gives the offset-update table.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.trainer import OFFSET_GRADIENT_SCALE, OriginalMomentum, is_offset_variable, update_entries
+from kpconv_tf.config import Config
+from training.trainer import (OFFSET_GRADIENT_SCALE, OriginalMomentum, TrainingModel, is_offset_variable,
+                              make_train_step, update_entries)
 
 LR = np.float32(1e-3)
 MOMENTUM = np.float32(0.98)
@@ -152,3 +155,106 @@ def test_slots_and_learning_rate_checkpoint_round_trip(tmp_path):
         OriginalMomentum(variables, 0.1, 1.5)
     with pytest.raises(ValueError, match="learning_rate"):
         OriginalMomentum(variables, 0.0, 0.9)
+
+
+class ToyNetwork(keras.Model):
+    """Smallest network with the trainer's protocol: BN, 'weights' and offset_conv variables."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+        self.bn = keras.layers.BatchNormalization(momentum=0.98, epsilon=1e-6)
+
+    def build(self, input_shape):
+        init = keras.initializers.RandomNormal(seed=self.seed)
+        self.w = self.add_weight(name="weights", shape=(3, 4), initializer=init)
+        self.ow = self.add_weight(name="offset_conv_weights", shape=(3, 4), initializer=init)
+        self.ob = self.add_weight(name="offset_conv_bias", shape=(4,), initializer="zeros")
+
+    def call(self, inputs, training=False, dropout_uniform=None):
+        logits = self.bn(inputs["features"] @ (self.w + self.ow) + self.ob, training=training)
+        if dropout_uniform is not None:
+            logits = tf.where(dropout_uniform[:, :4] >= 0.5, logits / 0.5, 0.0)
+        return logits
+
+    def output_loss(self, labels, logits, inputs):
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+    def offsets_loss(self):
+        return 0.1 * tf.reduce_sum(self.ow ** 2)
+
+
+def _toy_data():
+    rng = np.random.default_rng(5)
+    x = (3.0 * rng.normal(size=(48, 3))).astype(np.float32)
+    y = rng.integers(0, 4, 48).astype(np.int32)
+    return x, y
+
+
+def _toy_config(semantics):
+    config = Config()
+    config.train.semantics = semantics
+    config.train.learning_rate = 0.2
+    config.train.momentum = 0.98
+    config.train.grad_clip_norm = 0.5  # small enough that clipping is active
+    return config
+
+
+def test_fit_runs_the_same_step_as_make_train_step():
+    x, y = _toy_data()
+    batches = [({"features": x[i:i + 16]}, y[i:i + 16]) for i in range(0, 48, 16)]
+    nets = []
+    for _ in range(2):
+        net = ToyNetwork(seed=7)
+        net({"features": x[:2]})
+        nets.append(net)
+    step = make_train_step(nets[0], _toy_config("original"))
+    manual = [step(b[0], b[1]) for b in batches]
+    wrapper = TrainingModel(nets[1], _toy_config("original"))
+    wrapper.compile()
+    dataset = tf.data.Dataset.from_tensor_slices(({"features": x}, y)).batch(16)
+    history = wrapper.fit(dataset, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(nets[0].variables, nets[1].variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+    for a, b in zip(step.optimizer.slots, wrapper.momentum_optimizer.slots):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+    mean_loss = np.mean([float(r["total_loss"]) for r in manual])
+    np.testing.assert_allclose(history.history["loss"][0], mean_loss, rtol=1e-6)
+    assert int(wrapper.momentum_optimizer.iterations.numpy()) == 3
+    # the total is offsets + l2 + output, l2 over 'weights' variables (offset_conv_weights included)
+    first = manual[0]
+    expected_l2 = 1e-3 * 0.5 * sum(np.sum(v.numpy() ** 2) for v in _initial_weights(x))
+    np.testing.assert_allclose(first["regularization_loss"], expected_l2, rtol=1e-5)
+    np.testing.assert_allclose(first["total_loss"], first["offsets_loss"] + first["regularization_loss"]
+                               + first["output_loss"], rtol=1e-6)
+    # evaluation: inference-mode losses, no update
+    before = [v.numpy() for v in nets[1].variables]
+    logs = wrapper.evaluate(dataset, verbose=0, return_dict=True)
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, nets[1].variables))
+    logits = nets[1]({"features": x}, training=False).numpy()
+    np.testing.assert_allclose(logs["accuracy"], np.mean(logits.argmax(-1) == y), atol=1e-6)
+
+
+def _initial_weights(x):
+    net = ToyNetwork(seed=7)
+    net({"features": x[:2]})
+    return [net.w, net.ow]
+
+
+def test_learning_rate_variable_and_dropout_replay():
+    x, y = _toy_data()
+    net = ToyNetwork(seed=7)
+    net({"features": x[:2]})
+    step = make_train_step(net, _toy_config("paper"))
+    uniform = np.random.default_rng(6).uniform(size=(16, 1024)).astype(np.float32)
+    step.learning_rate.assign(0.0)  # a zero learning rate leaves the weights unchanged
+    before = [v.numpy() for v in net.trainable_variables]
+    result = step({"features": x[:16]}, y[:16], dropout_uniform=uniform)
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, net.trainable_variables))
+    assert float(result["learning_rate"]) == 0.0
+    kept = uniform[:, :4] >= 0.5
+    assert np.all((result["logits"].numpy() == 0) | kept)
+    with pytest.raises(ValueError, match="semantics"):
+        make_train_step(net, _toy_config("keras"))
+    with pytest.raises(ValueError, match="network"):
+        make_train_step(ToyNetwork(seed=1), _toy_config("paper"))

@@ -18,6 +18,7 @@ training mode) from the batch statistics, hence before any weight update, as in 
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -120,3 +121,172 @@ class OriginalMomentum(tf.Module):
         """Sets every slot to zero (the state of a fresh original trainer)."""
         for slot in self.slots:
             slot.assign(tf.zeros_like(slot))
+
+
+def l2_regularization(variables, weights_decay):
+    """``weights_decay * sum(l2_loss(v))`` over the variables whose name contains ``weights``.
+
+    This is the original's L2 term (``tf.nn.l2_loss = sum(x**2) / 2``); it includes the
+    offset-convolution weights and the softmax weights, never biases or batch-norm variables.
+    """
+    terms = [tf.nn.l2_loss(v) for v in variables if "weights" in _variable_path(v).split("/")[-1]]
+    if not terms:
+        return tf.constant(0.0, tf.float32)
+    return tf.constant(weights_decay, tf.float32) * tf.add_n(terms)
+
+
+def _input_spec(value):
+    """Batch-size-free TensorSpec: the leading (and neighbour-width) dims vary between batches."""
+    value = tf.convert_to_tensor(value)
+    if value.dtype.is_floating and value.shape.rank == 2:
+        shape = [None, value.shape[1]]  # point / feature widths are static, as the layers need
+    else:
+        shape = [None] * value.shape.rank
+    return tf.TensorSpec(shape, value.dtype)
+
+
+class TrainStep:
+    """One training step of ``network`` under ``config`` (see ``make_train_step``).
+
+    Attributes:
+        network: the Keras network (KPCNN / KPFCNN).
+        variables: ``network.trainable_variables`` in creation order.
+        optimizer: ``OriginalMomentum`` (learning-rate variable, slots, iteration counter).
+    """
+
+    def __init__(self, network, config, optimizer=None):
+        semantics = config.train.semantics
+        if semantics not in SEMANTICS:
+            raise ValueError(f"config.train.semantics must be one of {SEMANTICS}, got {semantics!r}")
+        if not network.built:
+            raise ValueError("network: build it first (call it once on a batch in inference mode)")
+        self.network = network
+        self.config = config
+        self.semantics = semantics
+        self.variables = list(network.trainable_variables)
+        self.optimizer = optimizer or OriginalMomentum(
+            self.variables, config.train.learning_rate, config.train.momentum)
+        self._compiled = {}
+
+    @property
+    def learning_rate(self):
+        return self.optimizer.learning_rate
+
+    def losses(self, inputs, labels, logits):
+        """Loss terms of one forward pass, ``total_loss`` in the original's float32 grouping."""
+        train = self.config.train
+        output_loss = self.network.output_loss(labels, logits, inputs)
+        regularization_loss = l2_regularization(self.network.variables, train.weights_decay)
+        offsets_loss = self.network.offsets_loss()
+        gaussian_loss = tf.constant(0.0, tf.float32)  # the original has no 'kernel_extents' variables
+        total_loss = ((offsets_loss + gaussian_loss) + regularization_loss) + output_loss
+        return {"output_loss": output_loss, "regularization_loss": regularization_loss,
+                "offsets_loss": offsets_loss, "gaussian_loss": gaussian_loss, "total_loss": total_loss}
+
+    def forward(self, inputs, training, dropout_uniform=None):
+        if dropout_uniform is None:
+            return self.network(inputs, training=training)
+        return self.network(inputs, training=training, dropout_uniform=dropout_uniform)
+
+    def run(self, inputs, labels, dropout_uniform=None):
+        """The step as plain TF code (trace it, or call it eagerly); returns the result dict."""
+        with tf.GradientTape() as tape:
+            logits = self.forward(inputs, True, dropout_uniform)
+            result = self.losses(inputs, labels, logits)
+        gradients = tape.gradient(result["total_loss"], self.variables)
+        entries = update_entries(gradients, self.variables, self.semantics, self.config.train.grad_clip_norm)
+        result["learning_rate"] = self.optimizer.learning_rate.read_value()
+        self.optimizer.apply(entries, self.variables)
+        result["accuracy"] = accuracy(labels, logits)
+        result["grad_norms"] = tf.stack([tf.norm(g) if g is not None else tf.constant(0.0)
+                                         for g in gradients])
+        result["logits"] = logits
+        return result
+
+    def __call__(self, inputs, labels, dropout_uniform=None):
+        """Runs one step (compiled once per input structure); returns a dict of tensors."""
+        key = (tuple(sorted(inputs)), dropout_uniform is None)
+        if key not in self._compiled:
+            specs = ({k: _input_spec(v) for k, v in inputs.items()}, _input_spec(labels))
+            if dropout_uniform is None:
+                self._compiled[key] = tf.function(lambda x, y: self.run(x, y), input_signature=specs)
+            else:
+                specs += (tf.TensorSpec([None, None], tf.float32),)
+                self._compiled[key] = tf.function(self.run, input_signature=specs)
+        args = (inputs, labels) if dropout_uniform is None else (inputs, labels, dropout_uniform)
+        return self._compiled[key](*args)
+
+
+def accuracy(labels, logits):
+    """Fraction of labels equal to ``argmax(logits)`` (float32)."""
+    predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.reduce_mean(tf.cast(tf.equal(predictions, tf.cast(labels, tf.int32)), tf.float32))
+
+
+def make_train_step(network, config, optimizer=None):
+    """Returns ``step(inputs, labels, dropout_uniform=None) -> dict`` for one training step.
+
+    The dict holds ``output_loss``, ``regularization_loss``, ``offsets_loss``, ``gaussian_loss``,
+    ``total_loss``, ``accuracy`` (of this step's forward pass, before the update), ``learning_rate``,
+    ``grad_norms`` [V] (raw gradient norms per trainable variable) and ``logits``.
+    ``dropout_uniform`` [B, 1024] float32 replaces the head's random dropout draw (replay).
+    ``step.optimizer`` holds the learning-rate variable and the momentum slots.
+    """
+    return TrainStep(network, config, optimizer)
+
+
+class TrainingModel(keras.Model):
+    """Wraps a network so that ``fit`` / ``evaluate`` run ``TrainStep`` and the original losses.
+
+    ``fit`` data: ``(inputs, labels)`` tuples (extra tuple elements are ignored). ``train_step``
+    runs ``TrainStep.run`` (weights updated by ``OriginalMomentum``, not by a Keras optimizer);
+    ``test_step`` computes the same losses in inference mode and the accuracy. Logged metrics are
+    epoch means: ``loss`` (total), ``output_loss``, ``regularization_loss``, ``offsets_loss``,
+    ``accuracy``, plus ``learning_rate`` (last value). Compile with ``compile()`` (no arguments).
+    ``training_model.learning_rate`` is the variable callbacks decay; ``tf.train.Checkpoint(
+    model=training_model)`` saves the network, the slots, the learning rate and the iteration count.
+    """
+
+    def __init__(self, network, config, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.config = config
+        self.step = make_train_step(network, config)
+        self.momentum_optimizer = self.step.optimizer
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in
+                          ("loss", "output_loss", "regularization_loss", "offsets_loss", "accuracy")}
+
+    @property
+    def learning_rate(self):
+        return self.step.optimizer.learning_rate
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    def compile(self, **kwargs):
+        kwargs.setdefault("optimizer", None)
+        kwargs.setdefault("jit_compile", False)  # the custom ops and raw momentum ops have no XLA kernels
+        super().compile(**kwargs)
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def _log(self, result):
+        self._trackers["loss"].update_state(result["total_loss"])
+        for name in ("output_loss", "regularization_loss", "offsets_loss", "accuracy"):
+            self._trackers[name].update_state(result[name])
+        logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+        logs["learning_rate"] = self.learning_rate.read_value()
+        return logs
+
+    def train_step(self, data):
+        inputs, labels = data[0], data[1]
+        return self._log(self.step.run(inputs, labels))
+
+    def test_step(self, data):
+        inputs, labels = data[0], data[1]
+        logits = self.network(inputs, training=False)
+        result = self.step.losses(inputs, labels, logits)
+        result["accuracy"] = accuracy(labels, logits)
+        return self._log(result)
