@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import tf_custom_ops.build as ops_build
+import tf_custom_ops._build as ops_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import numbers
 
 import tensorflow as tf
 
-from tf_custom_ops.build import BuildError, build as _build_library
+from tf_custom_ops._build import BuildError, build as _build_library
 
 __all__ = ["batch_neighbors", "batch_grid_subsampling", "neighbors", "grid_subsampling", "BuildError"]
 

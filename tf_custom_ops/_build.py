@@ -4,7 +4,7 @@ The library lands in ``$KPCONV_TF_CACHE/ops/<tf version>-<source hash>/kpconv_op
 cache ``~/.cache/kpconv_tf``). Concurrent builders serialise on a file lock and the library
 appears by atomic rename, so several processes may import the ops at once.
 
-    python -m tf_custom_ops.build [--quiet]     # build now and print where
+    python -m tf_custom_ops.build [--quiet]     # build now and print where (see build.py)
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def build(force: bool = False, verbose: bool = False) -> Path:
     return target
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> int:  # the CLI of ``python -m tf_custom_ops.build``
     parser = argparse.ArgumentParser(description="Compile the kpconv-tf custom ops.")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")
@@ -91,7 +91,3 @@ def main(argv=None) -> int:
     if not args.quiet:
         print(f"kpconv-tf ops: {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

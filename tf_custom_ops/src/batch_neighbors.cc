@@ -53,6 +53,11 @@ REGISTER_OP("KpconvBatchNeighbors")
     })
     .Doc("Radius neighbours per cloud of stacked clouds; rows sorted by distance, padded with Ns.");
 
+// Cells are radius / kCellsPerRadius wide. Half-radius cells scan less empty volume (15.6 r^3
+// instead of 27 r^3) but measured 2.5x slower on W1 layer 0 (170 ms vs 67 ms, 2 cores): the grid
+// then outgrows the dense cell table and every lookup becomes a binary search.
+constexpr double kCellsPerRadius = 1.0;
+
 // Supports of one cloud sorted by cell, with the occupied cells' keys and their start offsets.
 struct CellIndex {
   Grid grid;
@@ -63,6 +68,7 @@ struct CellIndex {
   std::vector<int64_t> starts;      // run start of each occupied cell in `order` (+ end)
   std::vector<int64_t> dense;       // dense key -> occupied cell slot (or -1), when affordable
   bool use_dense = false;
+  int64_t reach = 1;                // cells to scan on each side of the query's cell
 
   // Range [begin, end) in `order` of the cells with keys in [lo_key, hi_key] (same j, k).
   inline void Range(int64_t lo_key, int64_t hi_key, int64_t* begin, int64_t* end) const {
@@ -89,9 +95,11 @@ struct CellIndex {
   }
 };
 
-void BuildIndex(const float* pts, int64_t first, int64_t n, const Grid& grid, CellIndex* index) {
+void BuildIndex(const float* pts, int64_t first, int64_t n, const Grid& grid, int64_t reach,
+                CellIndex* index) {
   index->grid = grid;
   index->first = first;
+  index->reach = reach;
   std::vector<std::pair<int64_t, int32_t>> keyed(n);
   for (int64_t i = 0; i < n; ++i) keyed[i] = {grid.KeyOf(pts + 3 * (first + i)), static_cast<int32_t>(i)};
   std::sort(keyed.begin(), keyed.end());
@@ -110,7 +118,7 @@ void BuildIndex(const float* pts, int64_t first, int64_t n, const Grid& grid, Ce
   }
   index->starts.push_back(n);
   const int64_t total_cells = grid.dims[0] * grid.dims[1] * grid.dims[2];
-  index->use_dense = total_cells <= 8 * n + 4096;
+  index->use_dense = total_cells <= 64 * n + 65536;
   if (index->use_dense) {
     index->dense.assign(total_cells, -1);
     for (size_t c = 0; c < index->keys.size(); ++c) index->dense[index->keys[c]] = c;
@@ -155,7 +163,7 @@ class BatchNeighborsOp : public OpKernel {
     for (int64_t b = 0; b < num_clouds; ++b) {
       // The grid covers the supports; cells are one radius wide, or wider when needed to keep
       // per-axis counts representable (then more candidates are scanned, results are unchanged).
-      double cell = radius;
+      double cell = radius / kCellsPerRadius;
       while (true) {
         Grid g;
         double lo[3], hi[3];
@@ -185,6 +193,7 @@ class BatchNeighborsOp : public OpKernel {
                          [&](int64_t begin, int64_t end) {
                            for (int64_t b = begin; b < end; ++b)
                              BuildIndex(s, s_starts[b], s_starts[b + 1] - s_starts[b], grids[b],
+                                        static_cast<int64_t>(std::ceil(radius / grids[b].cell - 1e-9)),
                                         &index[b]);
                          });
 
@@ -208,9 +217,10 @@ class BatchNeighborsOp : public OpKernel {
             const double px = p[0], py = p[1], pz = p[2];
             const Grid& g = idx.grid;
             const int64_t ci = g.Coord(px, 0), cj = g.Coord(py, 1), ck = g.Coord(pz, 2);
-            const int64_t i0 = std::max<int64_t>(ci - 1, 0), i1 = std::min(ci + 1, g.dims[0] - 1);
-            for (int64_t k = std::max<int64_t>(ck - 1, 0); k <= std::min(ck + 1, g.dims[2] - 1); ++k) {
-              for (int64_t j = std::max<int64_t>(cj - 1, 0); j <= std::min(cj + 1, g.dims[1] - 1); ++j) {
+            const int64_t reach = idx.reach;
+            const int64_t i0 = std::max<int64_t>(ci - reach, 0), i1 = std::min(ci + reach, g.dims[0] - 1);
+            for (int64_t k = std::max<int64_t>(ck - reach, 0); k <= std::min(ck + reach, g.dims[2] - 1); ++k) {
+              for (int64_t j = std::max<int64_t>(cj - reach, 0); j <= std::min(cj + reach, g.dims[1] - 1); ++j) {
                 int64_t begin, end;
                 idx.Range(g.Key(i0, j, k), g.Key(i1, j, k), &begin, &end);
                 for (int64_t t = begin; t < end; ++t) {
