@@ -4,6 +4,8 @@ The emulated original: tf.clip_by_norm(t, c) = (t * c) / max(|t|, c); ApplyMomen
 accum = accum * m + g; var -= lr * accum. README section 10.4 gives the offset-update table.
 """
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -258,3 +260,23 @@ def test_learning_rate_variable_and_dropout_replay():
         make_train_step(net, _toy_config("keras"))
     with pytest.raises(ValueError, match="network"):
         make_train_step(ToyNetwork(seed=1), _toy_config("paper"))
+
+
+def test_update_entries_have_the_original_structure():
+    """The 116 entries of the original KP-CNN (README 10.3 step 4): per variable, the same scales."""
+    log = np.load(Path(__file__).parent / "fixtures/original_tf/train_public/kpcnn/lr_0.001/log.npz")
+    names = [str(n) for n in log["trainable_variable_names"]]
+    variables = [tf.Variable(np.zeros(2, np.float32), name=n) for n in names]
+    grads = [tf.constant([3.0, 4.0]) for _ in names]  # norm 5: never clipped
+    entries = update_entries(grads, variables, "original", float(log["grad_clip_norm"]))
+    assert len(entries) == len(log["update_entry_variable"]) == 116
+    ours, ref = {}, {}
+    for index, update in entries:
+        ours.setdefault(names[index], []).append(round(float(update[0]) / 3.0, 6))
+    for name, scale in zip(log["update_entry_variable"], log["update_entry_scale"]):
+        ref.setdefault(str(name), []).append(round(float(scale), 6))
+    assert {k: sorted(v) for k, v in ours.items()} == {k: sorted(v) for k, v in ref.items()}
+    # application order: weights g then 0.1 g, biases 0.1 g then g (README 10.4 majority pattern)
+    order = {str(n): int(o) for n, o in zip(log["offset_variable_names"], log["offset_update_order"][0])}
+    for name, o in order.items():
+        assert ours[name] == ([1.0, 0.1] if o == 1 else [0.1, 1.0]), name
