@@ -1,0 +1,283 @@
+"""Network blocks, one Keras layer per original block name (supplementary Figure 8).
+
+``make_block(name, layer_index, radius, fdim, model_config)`` returns the block; it is called as
+``block(features, inputs, training=...)`` with ``inputs`` the stacked-batch dict of
+ARCHITECTURE.md. ``radius`` is the original's block radius ``first_subsampling_dl *
+density_parameter * 2**layer``; every KPConv gets ``extent = kp_extent * radius /
+density_parameter`` and kernel points at 1.5 x extent, rigid or deformable alike. ``fdim`` is the
+layer's feature dimension D of Figure 8 (bottleneck blocks output 2 D).
+
+Each block lists its variables under their original names (``original_variables``), relative to
+its scope ``layer_{l}/{name}_{i}``, which is how checkpoints of the original release are mapped.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import keras
+import tensorflow as tf
+
+from kpconv_tf.config import ModelConfig
+from kpconv_tf.initializers import OriginalTruncatedNormal
+from kpconv_tf.layers import KPConv
+
+
+def leaky_relu(x):
+    return tf.nn.leaky_relu(x, alpha=0.2)
+
+
+@keras.saving.register_keras_serializable(package="kpconv_tf")
+class UnaryConv(keras.layers.Layer):
+    """Pointwise linear map (1x1 convolution) without bias: [N, Din] -> [N, filters]."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+
+    def build(self, features_shape):
+        self.kernel = self.add_weight(name="weights", shape=(features_shape[-1], self.filters),
+                                      initializer=OriginalTruncatedNormal())
+
+    def call(self, features):
+        return tf.matmul(features, self.kernel)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="kpconv_tf")
+class BiasOffset(keras.layers.Layer):
+    """The original's replacement for batch norm when ``use_batch_norm`` is off: x + offset."""
+
+    def build(self, features_shape):
+        self.offset = self.add_weight(name="offset", shape=(features_shape[-1],), initializer="zeros")
+
+    def call(self, features, training=None):
+        return features + self.offset
+
+
+def normalization(model: ModelConfig, name):
+    if model.use_batch_norm:
+        return keras.layers.BatchNormalization(momentum=model.batch_norm_momentum, epsilon=1e-6, name=name)
+    return BiasOffset(name=name)
+
+
+def _norm_variables(norm, prefix):
+    if isinstance(norm, BiasOffset):
+        return {prefix + "offset": norm.offset}
+    return {prefix + "batch_normalization/gamma": norm.gamma, prefix + "batch_normalization/beta": norm.beta,
+            prefix + "batch_normalization/moving_mean": norm.moving_mean,
+            prefix + "batch_normalization/moving_variance": norm.moving_variance}
+
+
+def _conv_variables(conv, prefix):
+    out = {prefix + "weights": conv.kernel}
+    if isinstance(conv, KPConv):
+        out[prefix + "kernel_points"] = conv.kernel_points
+        if conv.deformable:
+            out[prefix + "offset_conv_weights"] = conv.offset_conv_weights
+            out[prefix + "offset_conv_bias"] = conv.offset_conv_bias
+    return out
+
+
+def max_pool(features, pools):
+    """Max over pooling neighbours; the shadow row is the per-channel minimum (as the original)."""
+    padded = tf.concat([features, tf.reduce_min(features, axis=0, keepdims=True)], axis=0)
+    return tf.reduce_max(tf.gather(padded, pools), axis=1)
+
+
+def closest_pool(features, upsamples):
+    """Features of each row's first neighbour; a shadow gives a zero row."""
+    padded = tf.concat([features, tf.zeros_like(features[:1])], axis=0)
+    return tf.gather(padded, upsamples[:, 0])
+
+
+class Block(keras.layers.Layer):
+    """Common attributes: ``layer_index``, ``radius``, ``fdim``, the model config and the KPConv
+    geometry; subclasses define ``call(features, inputs, training)``."""
+
+    def __init__(self, layer_index, radius, fdim, model_config, **kwargs):
+        super().__init__(**kwargs)
+        self.layer_index = int(layer_index)
+        self.radius = float(radius)
+        self.fdim = int(fdim)
+        self.model_config = model_config
+        self.extent = model_config.kp_extent * self.radius / model_config.density_parameter
+        self.deformed = []  # (deformed kernel points, queries, supports, neighbors) of the last call
+
+    def kpconv(self, filters, deformable=False, name="conv"):
+        m = self.model_config
+        seed = None if m.kernel_seed is None else m.kernel_seed * 1000 + zlib.crc32((self.name + name).encode()) % 1000
+        return KPConv(filters, m.num_kernel_points, extent=self.extent, radius=self.radius,
+                      influence=m.kp_influence, aggregation=m.convolution_mode, fixed=m.fixed_kernel_points,
+                      deformable=deformable, modulated=m.modulated and deformable, kernel_seed=seed,
+                      name=name)
+
+    def run_kpconv(self, conv, features, inputs, strided=False, upsample=False):
+        l = self.layer_index
+        if strided:
+            query, support, neighbors = inputs[f"points_{l + 1}"], inputs[f"points_{l}"], inputs[f"pools_{l}"]
+        elif upsample:
+            query, support, neighbors = (inputs[f"points_{l - 1}"], inputs[f"points_{l}"],
+                                         inputs[f"upsamples_{l - 1}"])
+        else:
+            query = support = inputs[f"points_{l}"]
+            neighbors = inputs[f"neighbors_{l}"]
+        if conv.deformable:
+            out, deformed = conv(query, support, neighbors, features, return_deformed=True)
+            self.deformed.append((deformed, query, support, neighbors))
+            return out
+        return conv(query, support, neighbors, features)
+
+    def original_variables(self):
+        return {}
+
+
+class UnaryBlock(Block):
+    """'unary': matmul -> BN -> leaky ReLU (fdim outputs)."""
+
+    def build(self, features_shape, *args, **kwargs):
+        self.conv = UnaryConv(self.fdim, name="conv")
+        self.norm = normalization(self.model_config, "norm")
+
+    def call(self, features, inputs, training=False):
+        return leaky_relu(self.norm(self.conv(features), training=training))
+
+    def original_variables(self):
+        return {**_conv_variables(self.conv, ""), **_norm_variables(self.norm, "")}
+
+
+class SimpleBlock(Block):
+    """'simple' / 'simple_strided' / 'simple_upsample': KPConv -> BN -> leaky ReLU (fdim outputs)."""
+
+    def __init__(self, *args, strided=False, upsample=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strided, self.upsample = strided, upsample
+
+    def build(self, features_shape, *args, **kwargs):
+        self.conv = self.kpconv(self.fdim)
+        self.norm = normalization(self.model_config, "norm")
+
+    def call(self, features, inputs, training=False):
+        self.deformed = []
+        x = self.run_kpconv(self.conv, features, inputs, self.strided, self.upsample)
+        return leaky_relu(self.norm(x, training=training))
+
+    def original_variables(self):
+        return {**_conv_variables(self.conv, ""), **_norm_variables(self.norm, "")}
+
+
+class ResnetBottleneckBlock(Block):
+    """'resnetb' family (Figure 8): unary D/2 -> KPConv D/2 -> unary 2D, plus shortcut.
+
+    ``light``: conv1 maps to D without activation (identity when the width already is D) and the
+    KPConv keeps D. Strided: the KPConv goes from points_l to points_{l+1} and the shortcut is a
+    max-pool over pools_l. Upsample: KPConv from points_l to points_{l-1}, nearest shortcut.
+    """
+
+    def __init__(self, *args, strided=False, deformable=False, light=False, upsample=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strided, self.deformable, self.light, self.upsample = strided, deformable, light, upsample
+
+    def build(self, features_shape, *args, **kwargs):
+        d_in = features_shape[-1]
+        mid = self.fdim if self.light else self.fdim // 2
+        self.conv1 = None if (self.light and d_in == mid) else UnaryConv(mid, name="conv1")
+        self.norm1 = None if self.conv1 is None else normalization(self.model_config, "norm1")
+        self.conv2 = self.kpconv(mid, self.deformable, name="conv2")
+        self.norm2 = normalization(self.model_config, "norm2")
+        self.conv3 = UnaryConv(2 * self.fdim, name="conv3")
+        self.norm3 = normalization(self.model_config, "norm3")
+        self.shortcut = None
+        if d_in != 2 * self.fdim:
+            self.shortcut = UnaryConv(2 * self.fdim, name="shortcut")
+            self.shortcut_norm = normalization(self.model_config, "shortcut_norm")
+
+    def call(self, features, inputs, training=False):
+        self.deformed = []
+        x = features
+        if self.conv1 is not None:
+            x = self.norm1(self.conv1(x), training=training)
+            if not self.light:
+                x = leaky_relu(x)
+        x = self.run_kpconv(self.conv2, x, inputs, self.strided, self.upsample)
+        x = leaky_relu(self.norm2(x, training=training))
+        x = self.norm3(self.conv3(x), training=training)
+        shortcut = features
+        if self.strided:
+            shortcut = max_pool(features, inputs[f"pools_{self.layer_index}"])
+        elif self.upsample:
+            shortcut = closest_pool(features, inputs[f"upsamples_{self.layer_index - 1}"])
+        if self.shortcut is not None:
+            shortcut = self.shortcut_norm(self.shortcut(shortcut), training=training)
+        return leaky_relu(x + shortcut)
+
+    def original_variables(self):
+        out = {}
+        if self.conv1 is not None:
+            out.update(_conv_variables(self.conv1, "conv1/"))
+            out.update(_norm_variables(self.norm1, "conv1/"))
+        out.update(_conv_variables(self.conv2, "conv2/"))
+        out.update(_norm_variables(self.norm2, "conv2/"))
+        out.update(_conv_variables(self.conv3, "conv3/"))
+        out.update(_norm_variables(self.norm3, "conv3/"))
+        if self.shortcut is not None:
+            out.update(_conv_variables(self.shortcut, "shortcut/"))
+            out.update(_norm_variables(self.shortcut_norm, "shortcut/"))
+        return out
+
+
+class MaxPoolBlock(Block):
+    """'max_pool' / 'max_pool_wide': max over pools_l (features of points_{l+1})."""
+
+    def call(self, features, inputs, training=False):
+        return max_pool(features, inputs[f"pools_{self.layer_index}"])
+
+
+class GlobalAverageBlock(Block):
+    """'global_average': per-cloud mean of the last layer's features -> [B, D]."""
+
+    def call(self, features, inputs, training=False):
+        lengths = inputs[f"lengths_{self.layer_index}"]
+        segments = tf.repeat(tf.range(tf.shape(lengths)[0]), lengths)
+        sums = tf.math.unsorted_segment_sum(features, segments, tf.shape(lengths)[0])
+        return sums / tf.cast(tf.maximum(lengths, 1), features.dtype)[:, None]
+
+
+class NearestUpsampleBlock(Block):
+    """'nearest_upsample': features of points_l copied to points_{l-1} by nearest neighbour."""
+
+    def call(self, features, inputs, training=False):
+        return closest_pool(features, inputs[f"upsamples_{self.layer_index - 1}"])
+
+
+_BLOCKS = {
+    "unary": (UnaryBlock, {}),
+    "simple": (SimpleBlock, {}),
+    "simple_strided": (SimpleBlock, {"strided": True}),
+    "simple_upsample": (SimpleBlock, {"upsample": True}),
+    "resnetb": (ResnetBottleneckBlock, {}),
+    "resnetb_light": (ResnetBottleneckBlock, {"light": True}),
+    "resnetb_strided": (ResnetBottleneckBlock, {"strided": True}),
+    "resnetb_light_strided": (ResnetBottleneckBlock, {"strided": True, "light": True}),
+    "resnetb_deformable": (ResnetBottleneckBlock, {"deformable": True}),
+    "resnetb_deformable_strided": (ResnetBottleneckBlock, {"deformable": True, "strided": True}),
+    "resnetb_upsample": (ResnetBottleneckBlock, {"upsample": True}),
+    "max_pool": (MaxPoolBlock, {}),
+    "max_pool_wide": (MaxPoolBlock, {}),
+    "global_average": (GlobalAverageBlock, {}),
+    "nearest_upsample": (NearestUpsampleBlock, {}),
+}
+NOT_YET_SUPPORTED = ("resnet", "vgg", "inception_deformable", "inception_deformable_strided")
+
+
+def make_block(name, layer_index, radius, fdim, model_config, block_index=0):
+    """The block called ``name`` in an architecture list, at layer ``layer_index``."""
+    if name not in _BLOCKS:
+        if name in NOT_YET_SUPPORTED:
+            raise ValueError(f"block {name!r} of the original release is not supported yet")
+        raise ValueError(f"unknown block name {name!r} in the architecture")
+    cls, options = _BLOCKS[name]
+    return cls(layer_index, radius, fdim, model_config, name=f"layer_{layer_index}_{name}_{block_index}",
+               **options)

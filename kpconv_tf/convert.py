@@ -1,0 +1,202 @@
+"""From the original release to ours: parameters.txt, checkpoints and flat input lists.
+
+* ``config_from_original(source)``: our ``Config`` from an original ``parameters.txt`` (path to the
+  file or to its directory) or from a dict of the original ``Config`` attribute names.
+* ``original_variable_map(model)``: {original variable name: our variable}.
+* ``load_original_checkpoint(prefix, config)``: a built model carrying every original variable
+  (kernel points included: they are read, never regenerated).
+* ``inputs_from_original(flat_inputs, config)``: our input dict from the original's flat list.
+
+Only KP-CNN (``network_model = classification``) networks are covered so far.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Union
+
+import numpy as np
+import tensorflow as tf
+
+from kpconv_tf.config import Config
+
+_SECTIONS = {
+    "dataset": {"dataset": "name", "num_classes": "num_classes", "in_points_dim": "in_points_dim",
+                "in_features_dim": "in_features_dim", "in_radius": "in_radius",
+                "input_threads": "input_threads", "validation_size": "validation_size"},
+    "model": {"network_model": "network_model", "architecture": "architecture",
+              "first_features_dim": "first_features_dim", "use_batch_norm": "use_batch_norm",
+              "batch_norm_momentum": "batch_norm_momentum", "segmentation_ratio": "segmentation_ratio",
+              "first_subsampling_dl": "first_subsampling_dl", "first_kernel_radius": "first_kernel_radius",
+              "num_kernel_points": "num_kernel_points", "density_parameter": "density_parameter",
+              "fixed_kernel_points": "fixed_kernel_points", "KP_extent": "kp_extent",
+              "KP_influence": "kp_influence", "convolution_mode": "convolution_mode",
+              "trainable_positions": "trainable_positions", "modulated": "modulated"},
+    "train": {"learning_rate": "learning_rate", "momentum": "momentum", "lr_decays": "lr_decays",
+              "grad_clip_norm": "grad_clip_norm", "weights_decay": "weights_decay",
+              "gaussian_decay": "gaussian_decay", "batch_averaged_loss": "batch_averaged_loss",
+              "offsets_loss": "offsets_loss", "offsets_decay": "offsets_decay", "batch_num": "batch_num",
+              "max_epoch": "max_epoch", "epoch_steps": "epoch_steps", "snapshot_gap": "snapshot_gap"},
+    "augment": {f"augment_{k}": k for k in ("scale_anisotropic", "scale_min", "scale_max", "symmetries",
+                                            "rotation", "noise", "occlusion", "occlusion_ratio",
+                                            "occlusion_num", "color")},
+}
+_IGNORED = {"num_layers", "saving", "saving_path", "GPU_ID"}
+
+
+def _parse_value(key, words):
+    if key == "lr_decay_epochs":
+        return {int(w.split(":")[0]): float(w.split(":")[1]) for w in words}
+    if key == "architecture":
+        return list(words)
+    if key == "augment_symmetries":
+        return [bool(int(w)) for w in words]
+    if key == "num_classes" and len(words) > 1:
+        return [int(w) for w in words]
+    text = words[0]
+    if text == "None":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_parameters(path: Union[str, Path]) -> Dict[str, object]:
+    """The original attribute values stored in a ``parameters.txt`` (file or its directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "parameters.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"original parameters file not found: {path}")
+    values = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        words = line.split()
+        if len(words) < 3 or words[0].startswith("#"):
+            continue
+        if words[1] != "=":
+            raise ValueError(f"{path}:{number}: expected 'name = value', got {line!r}")
+        key = "lr_decays" if words[0] == "lr_decay_epochs" else words[0]
+        values[key] = _parse_value(words[0], words[2:])
+    return values
+
+
+def config_from_original(source) -> Config:
+    """Our config from an original parameters.txt (path) or a dict of original attribute names."""
+    values = dict(source) if isinstance(source, dict) else read_parameters(source)
+    data = {section: {} for section in _SECTIONS}
+    for key, value in values.items():
+        for section, names in _SECTIONS.items():
+            if key in names:
+                data[section][names[key]] = value
+                break
+        else:
+            if key not in _IGNORED:
+                raise ValueError(f"unknown original parameter {key!r}")
+    model = data["model"]
+    for flag in ("use_batch_norm", "trainable_positions", "modulated"):
+        if flag in model:
+            model[flag] = bool(model[flag])
+    for flag in ("batch_averaged_loss",):
+        if flag in data["train"]:
+            data["train"][flag] = bool(data["train"][flag])
+    if "scale_anisotropic" in data["augment"]:
+        data["augment"]["scale_anisotropic"] = bool(data["augment"]["scale_anisotropic"])
+    for section, key in (("model", "first_features_dim"), ("model", "num_kernel_points")):
+        if key in data[section]:
+            data[section][key] = int(data[section][key])
+    for section, names in _SECTIONS.items():
+        for key in names.values():
+            value = data[section].get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and key not in (
+                    "num_classes", "in_points_dim", "in_features_dim", "input_threads", "validation_size",
+                    "first_features_dim", "num_kernel_points", "batch_num", "max_epoch", "epoch_steps",
+                    "snapshot_gap", "occlusion_num"):
+                data[section][key] = float(value)
+    data["train"]["semantics"] = "original"
+    return Config.from_dict(data)
+
+
+def build_model(config: Config):
+    from kpconv_tf.models import KPCNN, dummy_inputs
+
+    if config.model.network_model not in ("classification", ""):
+        raise ValueError(f"network_model {config.model.network_model!r} is not supported yet "
+                         "(only classification / KP-CNN)")
+    model = KPCNN(config)
+    model(dummy_inputs(config), training=False)
+    return model
+
+
+def original_variable_map(model) -> Dict[str, tf.Variable]:
+    """{original variable name: our variable} of a built model."""
+    return model.original_variables()
+
+
+def load_original_checkpoint(checkpoint_prefix: Union[str, Path], config: Config):
+    """A model built for ``config`` with every variable read from an original TF1 checkpoint.
+
+    Raises ValueError listing the variables that are missing on either side or mis-shaped.
+    """
+    prefix = str(checkpoint_prefix)
+    if os.path.isdir(prefix):
+        prefix = tf.train.latest_checkpoint(prefix) or os.path.join(prefix, "model.ckpt")
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    model = build_model(config)
+    mapping = original_variable_map(model)
+    stored = {name for name in shapes if name.startswith("KernelPointNetwork/")}
+    missing = sorted(set(mapping) - stored)
+    unused = sorted(stored - set(mapping))
+    misshaped = sorted(f"{name}: checkpoint {shapes[name]} vs model {list(var.shape)}"
+                       for name, var in mapping.items()
+                       if name in stored and list(shapes[name]) != list(var.shape))
+    if missing or unused or misshaped:
+        raise ValueError("checkpoint does not match the configured model:\n"
+                         + "".join(f"  missing in checkpoint: {n}\n" for n in missing)
+                         + "".join(f"  not used by the model: {n}\n" for n in unused)
+                         + "".join(f"  shape mismatch: {n}\n" for n in misshaped))
+    for name, variable in mapping.items():
+        variable.assign(reader.get_tensor(name))
+    return model
+
+
+def _lengths_from_batches(batches, num_points):
+    return np.sum(np.asarray(batches) < num_points, axis=1).astype(np.int32)
+
+
+def inputs_from_original(flat_inputs, config: Config) -> Dict[str, tf.Tensor]:
+    """Our input dict from the original's flat list (classification order: points, neighbors and
+    pools per layer, features, batch_weights, in_batches, out_batches, labels, ...).
+
+    Per-layer lengths are recovered from ``in_batches`` and the first pooling neighbour of every
+    point of the next layer (that neighbour lies in the same cloud).
+    """
+    num_layers = config.model.num_layers
+    flat = [np.asarray(x) for x in flat_inputs]
+    if len(flat) < 3 * num_layers + 4:
+        raise ValueError(f"flat_inputs has {len(flat)} entries; a {num_layers}-layer classification "
+                         f"batch has at least {3 * num_layers + 4}")
+    points = flat[:num_layers]
+    neighbors = flat[num_layers:2 * num_layers]
+    pools = flat[2 * num_layers:3 * num_layers]
+    features, _, in_batches = flat[3 * num_layers:3 * num_layers + 3]
+    lengths = [_lengths_from_batches(in_batches, len(points[0]))]
+    for l in range(num_layers - 1):
+        owner = np.repeat(np.arange(len(lengths[l])), lengths[l])
+        first = pools[l][:, 0]
+        if np.any(first >= len(points[l])):
+            raise ValueError(f"pools_{l} has a row without neighbours: cannot recover its cloud")
+        lengths.append(np.bincount(owner[first], minlength=len(lengths[l])).astype(np.int32))
+    inputs = {"features": tf.constant(features, tf.float32),
+              "batch_index": tf.constant(np.repeat(np.arange(len(lengths[0])), lengths[0]), tf.int32)}
+    for l in range(num_layers):
+        inputs[f"points_{l}"] = tf.constant(points[l], tf.float32)
+        inputs[f"neighbors_{l}"] = tf.constant(neighbors[l], tf.int32)
+        inputs[f"lengths_{l}"] = tf.constant(lengths[l], tf.int32)
+        if l < num_layers - 1:
+            inputs[f"pools_{l}"] = tf.constant(pools[l], tf.int32)
+    return inputs

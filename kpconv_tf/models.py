@@ -1,0 +1,141 @@
+"""KP-CNN, the classification network (paper section 3.4, supplementary Figure 9).
+
+``KPCNN(config)`` consumes one stacked-batch input dict (ARCHITECTURE.md) and returns logits
+``[B, num_classes]``. The encoder follows ``config.model.architecture`` block by block exactly as the
+original assembles it (radius and feature dimension double after every strided / pooling block),
+then fc 1024 -> BN -> leaky ReLU -> dropout -> linear classifier with bias.
+
+Training protocol used by ``training.trainer``: ``model(inputs, training, dropout_uniform=None)``,
+``model.output_loss(labels, logits, inputs)`` and ``model.offsets_loss()`` (the offset
+regularisation of the last forward pass, already multiplied by ``offsets_decay``).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from kpconv_tf.architecture import is_pooling_block
+from kpconv_tf.blocks import UnaryConv, leaky_relu, make_block, normalization
+from kpconv_tf.config import Config
+from kpconv_tf.losses import deformable_layer_offsets_loss
+
+
+def build_encoder(config: Config):
+    """Blocks of the encoder with their original scope names ``layer_{l}/{name}_{i}``."""
+    m = config.model
+    radius = m.first_subsampling_dl * m.density_parameter
+    fdim = m.first_features_dim
+    layer = block_in_layer = 0
+    blocks = []
+    for name in m.architecture:
+        if "upsample" in name:
+            break
+        block = make_block(name, layer, radius, fdim, m, block_in_layer)
+        blocks.append((f"layer_{layer}/{name}_{block_in_layer}", block))
+        block_in_layer += 1
+        if is_pooling_block(name):
+            layer += 1
+            radius *= 2
+            fdim *= 2
+            block_in_layer = 0
+    return blocks
+
+
+class KPCNN(keras.Model):
+    """KP-CNN classifier. Call with the input dict; returns float32 logits [B, num_classes]."""
+
+    def __init__(self, config: Config, **kwargs):
+        super().__init__(**kwargs)
+        if not config.model.architecture or "global_average" not in config.model.architecture:
+            raise ValueError("config.model.architecture must end its encoder with 'global_average'")
+        num_classes = config.dataset.num_classes
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"config.dataset.num_classes must be an integer >= 2, got {num_classes!r}")
+        self.config = config
+        self.scoped_blocks = build_encoder(config)
+        self.encoder = [block for _, block in self.scoped_blocks]
+        self.fc = UnaryConv(1024, name="fc")
+        self.fc_norm = normalization(config.model, "fc_norm")
+        self.dropout_rate = config.model.dropout
+        self.classifier = UnaryConv(num_classes, name="softmax")
+        self.classifier_bias = None
+        self._offsets_loss = None
+
+    def build(self, inputs_shape=None):
+        if self.classifier_bias is None:
+            self.classifier_bias = self.add_weight(name="bias", shape=(self.classifier.filters,),
+                                                   initializer="zeros")
+
+    def encode(self, inputs, training=False):
+        """Encoder and global average: per-block outputs (list) and the [B, D] global feature."""
+        features = inputs["features"]
+        outputs = []
+        for block in self.encoder:
+            features = block(features, inputs, training=training)
+            outputs.append(features)
+        return outputs
+
+    def call(self, inputs, training=False, dropout_uniform=None):
+        if self.classifier_bias is None:
+            self.build()
+        outputs = self.encode(inputs, training=training)
+        self._offsets_loss = self._offset_regularization()
+        x = leaky_relu(self.fc_norm(self.fc(outputs[-1]), training=training))
+        rate = self.dropout_rate
+        if training and rate > 0:
+            if dropout_uniform is None:
+                dropout_uniform = tf.random.uniform(tf.shape(x), dtype=x.dtype)
+            # The original's tf.nn.dropout: keep where U >= rate, divide the kept units by (1 - rate).
+            x = tf.where(dropout_uniform >= rate, x / (1.0 - rate), tf.zeros_like(x))
+        return self.classifier(x) + self.classifier_bias
+
+    def output_loss(self, labels, logits, inputs=None):
+        """Mean sparse softmax cross-entropy over the clouds of the batch."""
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.int32), logits=logits))
+
+    def _offset_regularization(self):
+        t, m = self.config.train, self.config.model
+        terms = []
+        for block in self.encoder:
+            for deformed, query, support, neighbors in block.deformed:
+                terms.append(deformable_layer_offsets_loss(
+                    t.offsets_loss, "kpcnn", deformed, query, support, neighbors, block.layer_index,
+                    m.first_subsampling_dl, m.density_parameter, m.kp_extent))
+        if not terms:
+            return tf.constant(0.0, tf.float32)
+        return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms)
+
+    def offsets_loss(self):
+        """Offset regularisation of the last forward pass (x offsets_decay); 0 before any call."""
+        return self._offsets_loss if self._offsets_loss is not None else tf.constant(0.0, tf.float32)
+
+    def original_variables(self):
+        """{original variable name: variable}, e.g. ``KernelPointNetwork/layer_0/simple_0/weights``."""
+        out = {}
+        for scope, block in self.scoped_blocks:
+            for name, variable in block.original_variables().items():
+                out[f"KernelPointNetwork/{scope}/{name}"] = variable
+        out["KernelPointNetwork/fc/weights"] = self.fc.kernel
+        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+            out[f"KernelPointNetwork/fc/batch_normalization/{name}"] = getattr(self.fc_norm, name)
+        out["KernelPointNetwork/softmax/weights"] = self.classifier.kernel
+        out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
+        return out
+
+
+def dummy_inputs(config: Config, points_per_layer=4):
+    """A tiny valid input dict (one cloud, every layer) that builds all variables of a model."""
+    n = points_per_layer
+    num_layers = config.model.num_layers
+    inputs = {"features": tf.ones([n, config.dataset.in_features_dim]),
+              "batch_index": tf.zeros([n], tf.int32)}
+    for l in range(num_layers):
+        inputs[f"points_{l}"] = tf.random.stateless_uniform([n, 3], seed=[l, 0]) * 0.01
+        inputs[f"neighbors_{l}"] = tf.tile(tf.range(n)[None], [n, 1])
+        inputs[f"lengths_{l}"] = tf.constant([n], tf.int32)
+        if l < num_layers - 1:
+            inputs[f"pools_{l}"] = tf.tile(tf.range(n)[None], [n, 1])
+            inputs[f"upsamples_{l}"] = tf.tile(tf.range(n)[None], [n, 1])
+    return inputs

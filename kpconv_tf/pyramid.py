@@ -1,0 +1,43 @@
+"""Builds the stacked-batch input dict (ARCHITECTURE.md) from raw stacked points, in TF.
+
+``build_pyramid(points, lengths, features, model_config, neighbor_limits=None)`` computes, for each
+layer l, the convolution neighbours, the subsampled points of layer l+1 and the pooling and
+upsampling neighbours between them, with the radii of ``kpconv_tf.architecture.layer_specs`` (the
+original pipeline's rules). ``neighbor_limits[l]`` > 0 crops the three neighbour matrices of layer l
+to their nearest entries, as the original's calibrated limits do. Runs eagerly, in ``tf.function``
+and in ``tf.data`` maps (the compiled ops are CPU ops).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+import tf_custom_ops as ops
+from kpconv_tf.architecture import layer_specs
+from kpconv_tf.config import ModelConfig
+
+
+def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor_limits=None):
+    """Returns the input dict for stacked float32 points [N, 3], int32 lengths [B], features [N, D]."""
+    specs = layer_specs(model_config)
+    if neighbor_limits is not None and len(neighbor_limits) < len(specs):
+        raise ValueError(f"neighbor_limits needs {len(specs)} entries, got {len(neighbor_limits)}")
+    points = tf.convert_to_tensor(points, tf.float32)
+    lengths = tf.convert_to_tensor(lengths, tf.int32)
+    inputs = {"features": tf.convert_to_tensor(features, tf.float32),
+              "batch_index": tf.repeat(tf.range(tf.shape(lengths)[0]), lengths)}
+    for spec in specs:
+        l = spec.index
+        limit = 0 if neighbor_limits is None else int(neighbor_limits[l])
+        inputs[f"points_{l}"] = points
+        inputs[f"lengths_{l}"] = lengths
+        inputs[f"neighbors_{l}"] = ops.batch_neighbors(points, points, lengths, lengths, spec.conv_radius, limit)
+        if spec.next_dl is None:
+            break
+        sub_points, sub_lengths = ops.batch_grid_subsampling(points, lengths, spec.next_dl)
+        inputs[f"pools_{l}"] = ops.batch_neighbors(sub_points, points, sub_lengths, lengths,
+                                                   spec.pool_radius, limit)
+        inputs[f"upsamples_{l}"] = ops.batch_neighbors(points, sub_points, lengths, sub_lengths,
+                                                       spec.upsample_radius, limit)
+        points, lengths = sub_points, sub_lengths
+    return inputs

@@ -1,0 +1,145 @@
+"""Blocks and KP-CNN: the original checkpoint's outputs, every block, per-cloud independence, sizes."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kpconv_tf import blocks, convert
+from kpconv_tf.config import Config
+from kpconv_tf.models import KPCNN
+from kpconv_tf.pyramid import build_pyramid
+from training.trainer import l2_regularization
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "original_tf", "public")
+RIGID = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided",
+         "resnetb", "resnetb_strided", "resnetb", "global_average"]
+# The paper's deformable KP-CNN: the last 5 KPConv blocks are deformable (supplementary A).
+DEFORMABLE = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided", "resnetb_deformable",
+              "resnetb_deformable_strided", "resnetb_deformable", "resnetb_deformable_strided",
+              "resnetb_deformable", "global_average"]
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def original():
+    d = np.load(os.path.join(FIXTURES, "model_kpcnn.npz"))
+    config = convert.config_from_original(os.path.join(FIXTURES, "model_kpcnn_parameters.txt"))
+    model = convert.load_original_checkpoint(os.path.join(FIXTURES, "model_kpcnn_ckpt", "model.ckpt"), config)
+    inputs = convert.inputs_from_original([d[n] for n in d["flat_input_names"]], config)
+    return d, config, model, inputs
+
+
+def test_config_from_original_parameters(original):
+    _, config, _, _ = original
+    assert config.model.architecture == RIGID[:7] + DEFORMABLE[7:]
+    assert config.dataset.num_classes == 40 and config.model.first_features_dim == 16
+    assert config.model.kp_influence == "linear" and config.model.convolution_mode == "sum"
+    assert config.train.lr_decays[1] == pytest.approx(0.971628)
+    assert config.model.num_layers == 5 and config.train.semantics == "original"
+
+
+def test_checkpoint_import_reproduces_the_original(original):
+    d, config, model, inputs = original
+    for l in range(5):
+        np.testing.assert_array_equal(inputs[f"lengths_{l}"], d[f"stack_lengths_{l}"])
+    outputs = model.encode(inputs, training=False)
+    assert len(outputs) == len(d["block_names"])
+    for i, out in enumerate(outputs):
+        assert rel_err(out, d[f"block_{i:02d}"]) < 1e-4, d["block_names"][i]
+    logits = model(inputs, training=False)
+    assert rel_err(logits, d["logits"]) < 1e-4
+    assert float(model.offsets_loss()) == pytest.approx(float(d["offsets_loss"]), rel=1e-4)
+    assert float(l2_regularization(model.variables, config.train.weights_decay)) == pytest.approx(
+        float(d["regularization_loss"]), rel=1e-5)
+    loss = model.output_loss(d["labels"], logits)
+    assert float(loss) == pytest.approx(float(d["output_loss"]), rel=1e-4)
+
+
+def test_kernel_points_come_from_the_checkpoint(original):
+    _, _, model, _ = original
+    reader = tf.train.load_checkpoint(os.path.join(FIXTURES, "model_kpcnn_ckpt", "model.ckpt"))
+    mapping = convert.original_variable_map(model)
+    name = "KernelPointNetwork/layer_2/resnetb_0/conv2/kernel_points"
+    np.testing.assert_array_equal(mapping[name].numpy(), reader.get_tensor(name))
+    assert len(mapping) == 188
+
+
+def test_mismatched_checkpoint_lists_the_variables(original):
+    _, config, _, _ = original
+    other = Config.from_dict(config.to_dict(), ["model.first_features_dim=8"])
+    with pytest.raises(ValueError, match="shape mismatch: KernelPointNetwork/layer_0/simple_0/weights"):
+        convert.load_original_checkpoint(os.path.join(FIXTURES, "model_kpcnn_ckpt", "model.ckpt"), other)
+
+
+def _config(arch, **model):
+    return Config.from_dict({"dataset": {"num_classes": 40},
+                             "model": {**dict(architecture=arch, first_features_dim=64, density_parameter=5.0,
+                                              kp_influence="linear", convolution_mode="sum", kernel_seed=0),
+                                       **model}})
+
+
+@pytest.mark.parametrize("arch,expected", [(RIGID, 14.3e6), (DEFORMABLE, 15.2e6)])
+def test_parameter_counts_match_table3(arch, expected):
+    model = convert.build_model(_config(arch))
+    count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert count == pytest.approx(expected, rel=0.005)
+
+
+def _two_clouds(seed=0, sizes=(300, 420)):
+    rng = np.random.default_rng(seed)
+    clouds = []
+    for n in sizes:
+        p = rng.normal(size=(n, 3))
+        clouds.append((p / np.linalg.norm(p, axis=1, keepdims=True) * rng.uniform(0.3, 0.5)).astype(np.float32))
+    return clouds
+
+
+def _batch(clouds, config):
+    points = np.concatenate(clouds)
+    lengths = np.array([len(c) for c in clouds], np.int32)
+    return build_pyramid(points, lengths, np.ones((len(points), 1), np.float32), config.model)
+
+
+SMALL_ARCHS = {
+    "unary": ["simple", "unary", "resnetb_strided", "global_average"],
+    "simple_strided": ["simple", "simple_strided", "resnetb", "global_average"],
+    "resnetb_light": ["simple", "resnetb_light", "resnetb_light_strided", "resnetb_light", "global_average"],
+    "max_pool": ["simple", "max_pool", "resnetb", "max_pool_wide", "resnetb_deformable", "global_average"],
+    "deformable": ["simple", "resnetb_deformable", "resnetb_deformable_strided", "resnetb", "global_average"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_ARCHS))
+def test_every_block_runs_and_clouds_are_independent(name):
+    config = _config(SMALL_ARCHS[name], first_features_dim=8, first_subsampling_dl=0.05)
+    model = KPCNN(config)
+    clouds = _two_clouds()
+    logits = model(_batch(clouds, config), training=False)
+    assert logits.shape == (2, 40) and np.all(np.isfinite(logits.numpy()))
+    other = [clouds[0], _two_clouds(seed=5, sizes=(250,))[0]]
+    changed = model(_batch(other, config), training=False)
+    np.testing.assert_allclose(changed[0], logits[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(changed[1], logits[1])
+    assert np.isfinite(float(model.offsets_loss()))
+
+
+def test_upsampling_blocks_run():
+    config = _config(["simple", "resnetb_strided", "resnetb", "global_average"], first_features_dim=8,
+                     first_subsampling_dl=0.05)
+    inputs = _batch(_two_clouds(), config)
+    for name in ("nearest_upsample", "simple_upsample", "resnetb_upsample"):
+        block = blocks.make_block(name, 1, 0.5, 8, config.model)
+        out = block(tf.ones([int(inputs["points_1"].shape[0]), 16]), inputs)
+        assert out.shape[0] == inputs["points_0"].shape[0]
+
+
+def test_unknown_and_unsupported_blocks():
+    with pytest.raises(ValueError, match="unknown block"):
+        blocks.make_block("resnext", 0, 0.1, 8, _config(RIGID).model)
+    with pytest.raises(ValueError, match="not supported yet"):
+        blocks.make_block("vgg", 0, 0.1, 8, _config(RIGID).model)
