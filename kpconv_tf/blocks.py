@@ -97,8 +97,9 @@ class Block(keras.layers.Layer):
     """Common attributes: ``layer_index``, ``radius``, ``fdim``, the model config and the KPConv
     geometry; subclasses define ``call(features, inputs, training)``."""
 
-    def __init__(self, layer_index, radius, fdim, model_config, **kwargs):
+    def __init__(self, layer_index, radius, fdim, model_config, block_type="", **kwargs):
         super().__init__(**kwargs)
+        self.block_type = block_type  # the original block name, e.g. 'resnetb_strided'
         self.layer_index = int(layer_index)
         self.radius = float(radius)
         self.fdim = int(fdim)
@@ -272,12 +273,12 @@ _BLOCKS = {
 NOT_YET_SUPPORTED = ("resnet", "vgg", "inception_deformable", "inception_deformable_strided")
 
 
-def make_block(name, layer_index, radius, fdim, model_config, block_index=0):
+def make_block(name, layer_index, radius, fdim, model_config, block_index=0, prefix="layer"):
     """The block called ``name`` in an architecture list, at layer ``layer_index``."""
     if name not in _BLOCKS:
         if name in NOT_YET_SUPPORTED:
             raise ValueError(f"block {name!r} of the original release is not supported yet")
         raise ValueError(f"unknown block name {name!r} in the architecture")
     cls, options = _BLOCKS[name]
-    return cls(layer_index, radius, fdim, model_config, name=f"layer_{layer_index}_{name}_{block_index}",
-               **options)
+    return cls(layer_index, radius, fdim, model_config, block_type=name,
+               name=f"{prefix}_{layer_index}_{name}_{block_index}", **options)

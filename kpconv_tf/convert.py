@@ -7,7 +7,8 @@
   (kernel points included: they are read, never regenerated).
 * ``inputs_from_original(flat_inputs, config)``: our input dict from the original's flat list.
 
-Only KP-CNN (``network_model = classification``) networks are covered so far.
+KP-CNN and single-head KP-FCNN networks are covered; ``inputs_from_original`` reads the
+classification flat order (segmentation batches are pending).
 """
 
 from __future__ import annotations
@@ -121,12 +122,16 @@ def config_from_original(source) -> Config:
 
 
 def build_model(config: Config):
-    from kpconv_tf.models import KPCNN, dummy_inputs
+    from kpconv_tf.models import KPCNN, KPFCNN, dummy_inputs
 
-    if config.model.network_model not in ("classification", ""):
-        raise ValueError(f"network_model {config.model.network_model!r} is not supported yet "
-                         "(only classification / KP-CNN)")
-    model = KPCNN(config)
+    kind = config.model.network_model
+    if kind in ("classification", ""):
+        model = KPCNN(config)
+    elif kind in ("segmentation", "cloud_segmentation"):
+        model = KPFCNN(config)
+    else:
+        raise ValueError(f"network_model {kind!r} is not supported yet "
+                         "(classification, segmentation, cloud_segmentation)")
     model(dummy_inputs(config), training=False)
     return model
 

@@ -1,9 +1,15 @@
-"""KP-CNN, the classification network (paper section 3.4, supplementary Figure 9).
+"""KP-CNN and KP-FCNN (paper section 3.4, supplementary Figure 9).
 
-``KPCNN(config)`` consumes one stacked-batch input dict (ARCHITECTURE.md) and returns logits
-``[B, num_classes]``. The encoder follows ``config.model.architecture`` block by block exactly as the
-original assembles it (radius and feature dimension double after every strided / pooling block),
-then fc 1024 -> BN -> leaky ReLU -> dropout -> linear classifier with bias.
+Both consume one stacked-batch input dict (ARCHITECTURE.md). The encoder follows
+``config.model.architecture`` block by block exactly as the original assembles it (radius and
+feature dimension double after every strided / pooling block).
+
+* ``KPCNN(config)`` -> logits ``[B, num_classes]``: encoder, global average, fc 1024 -> BN -> leaky
+  ReLU -> dropout -> linear classifier with bias.
+* ``KPFCNN(config)`` -> logits ``[N_0, num_classes]``: encoder, decoder from the first
+  ``*_upsample`` block on (each upsampling halves radius and width and concatenates the encoder's
+  features of that layer, taken before its pooling block), unary to ``first_features_dim`` -> BN ->
+  leaky ReLU -> linear with bias.
 
 Training protocol used by ``training.trainer``: ``model(inputs, training, dropout_uniform=None)``,
 ``model.output_loss(labels, logits, inputs)`` and ``model.offsets_loss()`` (the offset
@@ -22,7 +28,10 @@ from kpconv_tf.losses import deformable_layer_offsets_loss
 
 
 def build_encoder(config: Config):
-    """Blocks of the encoder with their original scope names ``layer_{l}/{name}_{i}``."""
+    """Blocks of the encoder with their original scope names ``layer_{l}/{name}_{i}``.
+
+    Every block that ends a layer (pooling, strided) or leaves the encoder is preceded by a skip
+    feature in the original (its list ``F``); ``run_encoder`` returns those."""
     m = config.model
     radius = m.first_subsampling_dl * m.density_parameter
     fdim = m.first_features_dim
@@ -68,19 +77,14 @@ class KPCNN(keras.Model):
                                                    initializer="zeros")
 
     def encode(self, inputs, training=False):
-        """Encoder and global average: per-block outputs (list) and the [B, D] global feature."""
-        features = inputs["features"]
-        outputs = []
-        for block in self.encoder:
-            features = block(features, inputs, training=training)
-            outputs.append(features)
-        return outputs
+        """Per-block outputs of the encoder; the last is the [B, D] global average."""
+        return run_encoder(self.encoder, inputs, training)[0]
 
     def call(self, inputs, training=False, dropout_uniform=None):
         if self.classifier_bias is None:
             self.build()
         outputs = self.encode(inputs, training=training)
-        self._offsets_loss = self._offset_regularization()
+        self._offsets_loss = _offset_terms(self.encoder, self.config, "kpcnn")
         x = leaky_relu(self.fc_norm(self.fc(outputs[-1]), training=training))
         rate = self.dropout_rate
         if training and rate > 0:
@@ -95,18 +99,6 @@ class KPCNN(keras.Model):
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=tf.cast(labels, tf.int32), logits=logits))
 
-    def _offset_regularization(self):
-        t, m = self.config.train, self.config.model
-        terms = []
-        for block in self.encoder:
-            for deformed, query, support, neighbors in block.deformed:
-                terms.append(deformable_layer_offsets_loss(
-                    t.offsets_loss, "kpcnn", deformed, query, support, neighbors, block.layer_index,
-                    m.first_subsampling_dl, m.density_parameter, m.kp_extent))
-        if not terms:
-            return tf.constant(0.0, tf.float32)
-        return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms)
-
     def offsets_loss(self):
         """Offset regularisation of the last forward pass (x offsets_decay); 0 before any call."""
         return self._offsets_loss if self._offsets_loss is not None else tf.constant(0.0, tf.float32)
@@ -120,6 +112,108 @@ class KPCNN(keras.Model):
         out["KernelPointNetwork/fc/weights"] = self.fc.kernel
         for name in ("gamma", "beta", "moving_mean", "moving_variance"):
             out[f"KernelPointNetwork/fc/batch_normalization/{name}"] = getattr(self.fc_norm, name)
+        out["KernelPointNetwork/softmax/weights"] = self.classifier.kernel
+        out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
+        return out
+
+
+def run_encoder(blocks, inputs, training):
+    """Runs the encoder blocks; returns (per-block outputs, skip features per layer)."""
+    features = inputs["features"]
+    outputs, skips = [], []
+    for block in blocks:
+        if any(k in block.block_type for k in ("pool", "strided", "global")):
+            skips.append(features)
+        features = block(features, inputs, training=training)
+        outputs.append(features)
+    skips.append(features)
+    return outputs, skips
+
+
+def _offset_terms(blocks, config, network):
+    t, m = config.train, config.model
+    terms = [deformable_layer_offsets_loss(t.offsets_loss, network, deformed, query, support, neighbors,
+                                           block.layer_index, m.first_subsampling_dl, m.density_parameter,
+                                           m.kp_extent)
+             for block in blocks for deformed, query, support, neighbors in block.deformed]
+    if not terms:
+        return tf.constant(0.0, tf.float32)
+    return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms)
+
+
+class KPFCNN(keras.Model):
+    """KP-FCNN segmentation network: per-point logits float32 [N_0, num_classes]."""
+
+    def __init__(self, config: Config, **kwargs):
+        super().__init__(**kwargs)
+        arch = config.model.architecture
+        first_up = next((i for i, b in enumerate(arch) if "upsample" in b), None)
+        if first_up is None:
+            raise ValueError("config.model.architecture needs a decoder (blocks from '*_upsample' on)")
+        num_classes = config.dataset.num_classes
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"config.dataset.num_classes must be an integer >= 2, got {num_classes!r}")
+        self.config = config
+        m = config.model
+        self.scoped_blocks = build_encoder(config)
+        self.encoder = [block for _, block in self.scoped_blocks]
+        layer = m.num_layers - 1
+        radius = m.first_subsampling_dl * m.density_parameter * 2 ** layer
+        fdim = m.first_features_dim * 2 ** layer
+        self.decoder, self.concat_after, block_in_layer = [], [], 0
+        for name in arch[first_up:]:
+            block = make_block(name, layer, radius, fdim, m, block_in_layer, prefix="uplayer")
+            self.scoped_blocks.append((f"uplayer_{layer}/{name}_{block_in_layer}", block))
+            self.decoder.append(block)
+            block_in_layer += 1
+            if "upsample" in name:
+                layer -= 1
+                radius *= 0.5
+                fdim //= 2
+                block_in_layer = 0
+                self.concat_after.append(layer)
+            else:
+                self.concat_after.append(None)
+        self.head = UnaryConv(m.first_features_dim, name="head_unary_conv")
+        self.head_norm = normalization(m, "head_norm")
+        self.classifier = UnaryConv(num_classes, name="softmax")
+        self.classifier_bias = None
+        self._offsets_loss = None
+
+    def build(self, inputs_shape=None):
+        if self.classifier_bias is None:
+            self.classifier_bias = self.add_weight(name="bias", shape=(self.classifier.filters,),
+                                                   initializer="zeros")
+
+    def call(self, inputs, training=False):
+        if self.classifier_bias is None:
+            self.build()
+        _, skips = run_encoder(self.encoder, inputs, training)
+        features = skips[-1]
+        for block, skip_layer in zip(self.decoder, self.concat_after):
+            features = block(features, inputs, training=training)
+            if skip_layer is not None:
+                features = tf.concat([features, skips[skip_layer]], axis=1)
+        self._offsets_loss = _offset_terms(self.encoder + self.decoder, self.config, "kpfcnn")
+        x = leaky_relu(self.head_norm(self.head(features), training=training))
+        return self.classifier(x) + self.classifier_bias
+
+    def output_loss(self, labels, logits, inputs=None):
+        """Mean point-wise softmax cross-entropy."""
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.int32), logits=logits))
+
+    def offsets_loss(self):
+        return self._offsets_loss if self._offsets_loss is not None else tf.constant(0.0, tf.float32)
+
+    def original_variables(self):
+        out = {}
+        for scope, block in self.scoped_blocks:
+            for name, variable in block.original_variables().items():
+                out[f"KernelPointNetwork/{scope}/{name}"] = variable
+        out["KernelPointNetwork/head_unary_conv/weights"] = self.head.kernel
+        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+            out[f"KernelPointNetwork/head_unary_conv/batch_normalization/{name}"] = getattr(self.head_norm, name)
         out["KernelPointNetwork/softmax/weights"] = self.classifier.kernel
         out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
         return out

@@ -143,3 +143,42 @@ def test_unknown_and_unsupported_blocks():
         blocks.make_block("resnext", 0, 0.1, 8, _config(RIGID).model)
     with pytest.raises(ValueError, match="not supported yet"):
         blocks.make_block("vgg", 0, 0.1, 8, _config(RIGID).model)
+
+
+S3DIS_LIKE = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_deformable_strided",
+              "resnetb_deformable", "nearest_upsample", "unary", "nearest_upsample", "unary"]
+
+
+def test_kpfcnn_runs_per_point_and_maps_original_names():
+    config = Config.from_dict({"dataset": {"num_classes": 7},
+                               "model": dict(network_model="segmentation", architecture=S3DIS_LIKE,
+                                             first_features_dim=8, first_subsampling_dl=0.05,
+                                             density_parameter=5.0, kernel_seed=1)})
+    model = convert.build_model(config)
+    clouds = _two_clouds()
+    inputs = _batch(clouds, config)
+    logits = model(inputs, training=False)
+    assert logits.shape == (sum(len(c) for c in clouds), 7)
+    assert np.all(np.isfinite(logits.numpy())) and np.isfinite(float(model.offsets_loss()))
+    names = convert.original_variable_map(model)
+    assert "KernelPointNetwork/uplayer_1/unary_0/weights" in names
+    assert "KernelPointNetwork/head_unary_conv/batch_normalization/gamma" in names
+    # Decoder skip: uplayer_1 unary sees 64 upsampled + 32 skip channels of layer 1.
+    assert names["KernelPointNetwork/uplayer_1/unary_0/weights"].shape == (64 + 32, 16)
+    other = [clouds[0], _two_clouds(seed=9, sizes=(200,))[0]]
+    changed = model(_batch(other, config), training=False)
+    n0 = len(clouds[0])
+    np.testing.assert_allclose(changed[:n0], logits[:n0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch_name,expected", [("rigid", 14.1e6), ("deformable", 14.9e6)])
+def test_kpfcnn_parameter_counts_match_table3_scenes(arch_name, expected):
+    # Scannet / Semantic3D configuration of Table 3 (first_features_dim 64, 5 layers).
+    encoder = RIGID[:-1] if arch_name == "rigid" else DEFORMABLE[:-1]
+    decoder = ["nearest_upsample", "unary"] * 4
+    config = Config.from_dict({"dataset": {"num_classes": 20, "in_features_dim": 4},
+                               "model": dict(network_model="segmentation", architecture=encoder + decoder,
+                                             first_features_dim=64, density_parameter=5.0, kernel_seed=0)})
+    model = convert.build_model(config)
+    count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert count == pytest.approx(expected, rel=0.01)
