@@ -71,6 +71,12 @@ class KPCNN(keras.Model):
         self.classifier_bias = None
         self._offsets_loss = None
 
+    @property
+    def _default_save_signature(self):
+        # Keras would trace call() with float32 specs for every input, but the input dict mixes
+        # float32 points and int32 indices: exports declare their signatures (kpconv_tf.export).
+        return None
+
     def build(self, inputs_shape=None):
         if self.classifier_bias is None:
             self.classifier_bias = self.add_weight(name="bias", shape=(self.classifier.filters,),
@@ -179,6 +185,12 @@ class KPFCNN(keras.Model):
         self.classifier = UnaryConv(num_classes, name="softmax")
         self.classifier_bias = None
         self._offsets_loss = None
+
+    @property
+    def _default_save_signature(self):
+        # Keras would trace call() with float32 specs for every input, but the input dict mixes
+        # float32 points and int32 indices: exports declare their signatures (kpconv_tf.export).
+        return None
 
     def build(self, inputs_shape=None):
         if self.classifier_bias is None:
