@@ -169,6 +169,42 @@ class SimpleBlock(Block):
         return {**_conv_variables(self.conv, ""), **_norm_variables(self.norm, "")}
 
 
+class DoubleConvBlock(Block):
+    """'vgg': KPConv -> BN -> leaky, twice (fdim outputs). 'resnet': the same plus a shortcut
+    (unary + BN when the width differs from fdim), summed before the last leaky ReLU."""
+
+    def __init__(self, *args, residual=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.residual = residual
+
+    def build(self, features_shape, *args, **kwargs):
+        self.conv1, self.norm1 = self.kpconv(self.fdim, name="conv1"), normalization(self.model_config, "norm1")
+        self.conv2, self.norm2 = self.kpconv(self.fdim, name="conv2"), normalization(self.model_config, "norm2")
+        self.shortcut = None
+        if self.residual and features_shape[-1] != self.fdim:
+            self.shortcut = UnaryConv(self.fdim, name="shortcut")
+            self.shortcut_norm = normalization(self.model_config, "shortcut_norm")
+
+    def call(self, features, inputs, training=False):
+        self.deformed = []
+        x = leaky_relu(self.norm1(self.run_kpconv(self.conv1, features, inputs), training=training))
+        x = self.norm2(self.run_kpconv(self.conv2, x, inputs), training=training)
+        if not self.residual:
+            return leaky_relu(x)
+        shortcut = features
+        if self.shortcut is not None:
+            shortcut = self.shortcut_norm(self.shortcut(features), training=training)
+        return leaky_relu(x + shortcut)
+
+    def original_variables(self):
+        out = {**_conv_variables(self.conv1, "conv1/"), **_norm_variables(self.norm1, "conv1/"),
+               **_conv_variables(self.conv2, "conv2/"), **_norm_variables(self.norm2, "conv2/")}
+        if self.shortcut is not None:
+            out.update(_conv_variables(self.shortcut, "shortcut/"))
+            out.update(_norm_variables(self.shortcut_norm, "shortcut/"))
+        return out
+
+
 class ResnetBottleneckBlock(Block):
     """'resnetb' family (Figure 8): unary D/2 -> KPConv D/2 -> unary 2D, plus shortcut.
 
@@ -258,6 +294,8 @@ _BLOCKS = {
     "simple": (SimpleBlock, {}),
     "simple_strided": (SimpleBlock, {"strided": True}),
     "simple_upsample": (SimpleBlock, {"upsample": True}),
+    "resnet": (DoubleConvBlock, {"residual": True}),
+    "vgg": (DoubleConvBlock, {}),
     "resnetb": (ResnetBottleneckBlock, {}),
     "resnetb_light": (ResnetBottleneckBlock, {"light": True}),
     "resnetb_strided": (ResnetBottleneckBlock, {"strided": True}),
@@ -270,7 +308,7 @@ _BLOCKS = {
     "global_average": (GlobalAverageBlock, {}),
     "nearest_upsample": (NearestUpsampleBlock, {}),
 }
-NOT_YET_SUPPORTED = ("resnet", "vgg", "inception_deformable", "inception_deformable_strided")
+NOT_YET_SUPPORTED = ("inception_deformable", "inception_deformable_strided")
 
 
 def make_block(name, layer_index, radius, fdim, model_config, block_index=0, prefix="layer"):

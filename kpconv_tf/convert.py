@@ -205,3 +205,40 @@ def inputs_from_original(flat_inputs, config: Config) -> Dict[str, tf.Tensor]:
         if l < num_layers - 1:
             inputs[f"pools_{l}"] = tf.constant(pools[l], tf.int32)
     return inputs
+
+
+def latest_snapshot(run_dir: Union[str, Path]) -> Path:
+    """The newest ``snapshots/snap-N`` checkpoint prefix of an original run directory."""
+    snaps = sorted(Path(run_dir).glob("snapshots/snap-*.index"), key=lambda p: int(p.stem.split("-")[-1]))
+    if not snaps:
+        raise FileNotFoundError(f"no snapshots/snap-N.index under {run_dir} (original run layout expected: "
+                                "parameters.txt and snapshots/)")
+    return snaps[-1].with_suffix("")
+
+
+def convert_run(run_dir: Union[str, Path], out_dir: Union[str, Path]):
+    """Original run directory -> ``out_dir/config.yaml`` + ``out_dir/model.weights.h5``."""
+    config = config_from_original(run_dir)
+    model = load_original_checkpoint(latest_snapshot(run_dir), config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_yaml(out / "config.yaml")
+    model.save_weights(out / "model.weights.h5")
+    return out / "config.yaml", out / "model.weights.h5"
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Convert a run of the original KPConv release (parameters.txt + snapshots/snap-N) "
+                    "into a kpconv-tf config YAML and a Keras weights file.")
+    parser.add_argument("original_log_dir")
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    config_path, weights_path = convert_run(args.original_log_dir, args.out_dir)
+    print(f"config: {config_path}\nweights: {weights_path}")
+
+
+if __name__ == "__main__":
+    main()

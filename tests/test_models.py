@@ -111,6 +111,7 @@ SMALL_ARCHS = {
     "resnetb_light": ["simple", "resnetb_light", "resnetb_light_strided", "resnetb_light", "global_average"],
     "max_pool": ["simple", "max_pool", "resnetb", "max_pool_wide", "resnetb_deformable", "global_average"],
     "deformable": ["simple", "resnetb_deformable", "resnetb_deformable_strided", "resnetb", "global_average"],
+    "resnet_vgg": ["simple", "resnet", "resnetb_strided", "vgg", "resnet", "global_average"],
 }
 
 
@@ -142,7 +143,7 @@ def test_unknown_and_unsupported_blocks():
     with pytest.raises(ValueError, match="unknown block"):
         blocks.make_block("resnext", 0, 0.1, 8, _config(RIGID).model)
     with pytest.raises(ValueError, match="not supported yet"):
-        blocks.make_block("vgg", 0, 0.1, 8, _config(RIGID).model)
+        blocks.make_block("inception_deformable", 0, 0.1, 8, _config(RIGID).model)
 
 
 S3DIS_LIKE = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_deformable_strided",
@@ -182,3 +183,19 @@ def test_kpfcnn_parameter_counts_match_table3_scenes(arch_name, expected):
     model = convert.build_model(config)
     count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert count == pytest.approx(expected, rel=0.01)
+
+
+def test_convert_cli_writes_config_and_weights(original, tmp_path):
+    d, config, model, inputs = original
+    run = tmp_path / "Log_original"
+    (run / "snapshots").mkdir(parents=True)
+    for suffix in ("index", "data-00000-of-00001"):
+        src = os.path.join(FIXTURES, "model_kpcnn_ckpt", f"model.ckpt.{suffix}")
+        (run / "snapshots" / f"snap-7.{suffix}").write_bytes(open(src, "rb").read())
+    (run / "parameters.txt").write_text(open(os.path.join(FIXTURES, "model_kpcnn_parameters.txt")).read())
+    convert.main([str(run), str(tmp_path / "out")])
+    restored_config = Config.from_yaml(tmp_path / "out" / "config.yaml")
+    assert restored_config.to_dict() == config.to_dict()
+    restored = convert.build_model(restored_config)
+    restored.load_weights(tmp_path / "out" / "model.weights.h5")
+    np.testing.assert_allclose(restored(inputs), model(inputs), rtol=1e-6, atol=1e-6)
