@@ -5,6 +5,7 @@
 * ``original_variable_map(model)``: {original variable name: our variable}.
 * ``load_original_checkpoint(prefix, config)``: a built model carrying every original variable
   (kernel points included: they are read, never regenerated).
+* ``save_original_checkpoint(model, prefix)``: the reverse, an original-format TF1 checkpoint.
 * ``inputs_from_original(flat_inputs, config)``: our input dict from the original's flat list.
 
 KP-CNN and single-head KP-FCNN networks are covered; ``inputs_from_original`` reads the
@@ -168,6 +169,27 @@ def load_original_checkpoint(checkpoint_prefix: Union[str, Path], config: Config
         variable.assign(reader.get_tensor(name))
     return model
 
+
+
+def save_original_checkpoint(model, checkpoint_prefix: Union[str, Path]) -> str:
+    """Writes ``model`` as an original-format TF1 checkpoint (``prefix.index`` / ``.data-*``).
+
+    Variables carry their original names (``original_variable_map``), which is the variable list
+    of the original trainer's ``Saver`` (momentum slots are not part of it, as in the original).
+    A ``checkpoint`` state file is written next to it so that ``tf.train.latest_checkpoint`` finds
+    it. Returns the prefix.
+    """
+    prefix = str(checkpoint_prefix)
+    mapping = original_variable_map(model)
+    if not mapping:
+        raise ValueError("model: no original variables (build the model first)")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    names = sorted(mapping)
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
+                      tensors=[tf.convert_to_tensor(mapping[n]) for n in names])
+    tf.compat.v1.train.update_checkpoint_state(os.path.dirname(os.path.abspath(prefix)),
+                                               os.path.abspath(prefix))
+    return prefix
 
 def _lengths_from_batches(batches, num_points):
     return np.sum(np.asarray(batches) < num_points, axis=1).astype(np.int32)
