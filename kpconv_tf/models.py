@@ -51,7 +51,32 @@ def build_encoder(config: Config):
     return blocks
 
 
-class KPCNN(keras.Model):
+class _ConfiguredNetwork(keras.Model):
+    """Serialisation shared by the networks: the config tree is the whole constructor state, and
+    building runs the network once on a tiny dummy batch so every block creates its variables."""
+
+    def get_config(self):
+        return {"config": self.config.to_dict(), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(Config.from_dict(config["config"]), name=config.get("name"))
+
+    def get_build_config(self):
+        return {"built": True}
+
+    def build_from_config(self, build_config):
+        self(dummy_inputs(self.config), training=False)
+
+    @property
+    def _default_save_signature(self):
+        # Keras would trace call() with float32 specs for every input, but the input dict mixes
+        # float32 points and int32 indices: exports declare their signatures (kpconv_tf.export).
+        return None
+
+
+@keras.saving.register_keras_serializable(package="kpconv_tf")
+class KPCNN(_ConfiguredNetwork):
     """KP-CNN classifier. Call with the input dict; returns float32 logits [B, num_classes]."""
 
     def __init__(self, config: Config, **kwargs):
@@ -70,12 +95,6 @@ class KPCNN(keras.Model):
         self.classifier = UnaryConv(num_classes, name="softmax")
         self.classifier_bias = None
         self._offsets_loss = None
-
-    @property
-    def _default_save_signature(self):
-        # Keras would trace call() with float32 specs for every input, but the input dict mixes
-        # float32 points and int32 indices: exports declare their signatures (kpconv_tf.export).
-        return None
 
     def build(self, inputs_shape=None):
         if self.classifier_bias is None:
@@ -147,7 +166,8 @@ def _offset_terms(blocks, config, network):
     return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms)
 
 
-class KPFCNN(keras.Model):
+@keras.saving.register_keras_serializable(package="kpconv_tf")
+class KPFCNN(_ConfiguredNetwork):
     """KP-FCNN segmentation network: per-point logits float32 [N_0, num_classes]."""
 
     def __init__(self, config: Config, **kwargs):
@@ -185,12 +205,6 @@ class KPFCNN(keras.Model):
         self.classifier = UnaryConv(num_classes, name="softmax")
         self.classifier_bias = None
         self._offsets_loss = None
-
-    @property
-    def _default_save_signature(self):
-        # Keras would trace call() with float32 specs for every input, but the input dict mixes
-        # float32 points and int32 indices: exports declare their signatures (kpconv_tf.export).
-        return None
 
     def build(self, inputs_shape=None):
         if self.classifier_bias is None:

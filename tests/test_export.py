@@ -66,3 +66,21 @@ def test_precomputed_signature_matches_the_model(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "saved"))  # the ops are registered in this process
     got = loaded.precomputed(inputs)["probabilities"]
     np.testing.assert_allclose(got, tf.nn.softmax(model(inputs)), rtol=1e-5, atol=1e-6)
+
+
+def test_keras_file_round_trip(tmp_path):
+    import keras
+
+    config = Config.from_dict({"dataset": {"num_classes": 3},
+                               "model": dict(network_model="segmentation",
+                                             architecture=["simple", "resnetb_deformable_strided", "resnetb",
+                                                           "nearest_upsample", "unary"],
+                                             first_features_dim=8, first_subsampling_dl=0.05,
+                                             density_parameter=5.0, kernel_seed=4)})
+    model = convert.build_model(config)
+    points = np.random.default_rng(2).normal(size=(200, 3)).astype(np.float32) * 0.3
+    inputs = build_pyramid(points, np.array([200], np.int32), np.ones((200, 1), np.float32), config.model)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert loaded.config.to_dict() == config.to_dict()
+    np.testing.assert_allclose(loaded(inputs), model(inputs), rtol=1e-6, atol=1e-6)
