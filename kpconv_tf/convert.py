@@ -128,7 +128,7 @@ def build_model(config: Config):
     kind = config.model.network_model
     if kind in ("classification", ""):
         model = KPCNN(config)
-    elif kind in ("segmentation", "cloud_segmentation"):
+    elif kind in ("segmentation", "cloud_segmentation", "multi_segmentation"):
         model = KPFCNN(config)
     else:
         raise ValueError(f"network_model {kind!r} is not supported yet "

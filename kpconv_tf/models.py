@@ -177,7 +177,12 @@ class KPFCNN(_ConfiguredNetwork):
         if first_up is None:
             raise ValueError("config.model.architecture needs a decoder (blocks from '*_upsample' on)")
         num_classes = config.dataset.num_classes
-        if not isinstance(num_classes, int) or num_classes < 2:
+        self.multi_head = config.model.network_model == "multi_segmentation"
+        if self.multi_head:
+            if not isinstance(num_classes, list) or not num_classes or min(num_classes) < 1:
+                raise ValueError("multi_segmentation needs config.dataset.num_classes = list of part counts "
+                                 f"per object category, got {num_classes!r}")
+        elif not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"config.dataset.num_classes must be an integer >= 2, got {num_classes!r}")
         self.config = config
         m = config.model
@@ -200,16 +205,34 @@ class KPFCNN(_ConfiguredNetwork):
                 self.concat_after.append(layer)
             else:
                 self.concat_after.append(None)
-        self.head = UnaryConv(m.first_features_dim, name="head_unary_conv")
+        # Multi-head (ShapeNetPart): one head per object category, as the original's
+        # multi_segmentation_head: a shared unary to n_categories * first_features_dim, then per
+        # category a linear map to max(num_classes) part logits; each point uses its cloud's head.
+        heads = len(num_classes) if self.multi_head else 1
+        self.head = UnaryConv(heads * m.first_features_dim, name="head_unary_conv")
         self.head_norm = normalization(m, "head_norm")
-        self.classifier = UnaryConv(num_classes, name="softmax")
+        self.classifier = None if self.multi_head else UnaryConv(num_classes, name="softmax")
+        self.num_outputs = max(num_classes) if self.multi_head else num_classes
         self.classifier_bias = None
         self._offsets_loss = None
 
     def build(self, inputs_shape=None):
         if self.classifier_bias is None:
-            self.classifier_bias = self.add_weight(name="bias", shape=(self.classifier.filters,),
-                                                   initializer="zeros")
+            if self.multi_head:
+                from kpconv_tf.initializers import OriginalTruncatedNormal
+
+                self.multi_weights = self.add_weight(
+                    name="weights", initializer=OriginalTruncatedNormal(),
+                    shape=(len(self.config.dataset.num_classes), self.config.model.first_features_dim,
+                           self.num_outputs))
+            self.classifier_bias = self.add_weight(name="bias", shape=(self.num_outputs,), initializer="zeros")
+
+    def _multi_head_logits(self, x, inputs):
+        heads = len(self.config.dataset.num_classes)
+        x = tf.transpose(tf.reshape(x, [-1, heads, self.config.model.first_features_dim]), [1, 0, 2])
+        all_logits = tf.matmul(x, self.multi_weights) + self.classifier_bias  # [heads, N, C]
+        point_category = tf.gather(inputs["object_labels"], inputs["batch_index"])
+        return tf.gather_nd(all_logits, tf.stack([point_category, tf.range(tf.shape(point_category)[0])], 1))
 
     def call(self, inputs, training=False):
         if self.classifier_bias is None:
@@ -222,10 +245,12 @@ class KPFCNN(_ConfiguredNetwork):
                 features = tf.concat([features, skips[skip_layer]], axis=1)
         self._offsets_loss = _offset_terms(self.encoder + self.decoder, self.config, "kpfcnn")
         x = leaky_relu(self.head_norm(self.head(features), training=training))
+        if self.multi_head:
+            return self._multi_head_logits(x, inputs)
         return self.classifier(x) + self.classifier_bias
 
     def output_loss(self, labels, logits, inputs=None):
-        """Mean point-wise softmax cross-entropy."""
+        """Mean point-wise softmax cross-entropy (multi-head: over each point's own head)."""
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=tf.cast(labels, tf.int32), logits=logits))
 
@@ -240,7 +265,7 @@ class KPFCNN(_ConfiguredNetwork):
         out["KernelPointNetwork/head_unary_conv/weights"] = self.head.kernel
         for name in ("gamma", "beta", "moving_mean", "moving_variance"):
             out[f"KernelPointNetwork/head_unary_conv/batch_normalization/{name}"] = getattr(self.head_norm, name)
-        out["KernelPointNetwork/softmax/weights"] = self.classifier.kernel
+        out["KernelPointNetwork/softmax/weights"] = self.multi_weights if self.multi_head else self.classifier.kernel
         out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
         return out
 
@@ -250,7 +275,7 @@ def dummy_inputs(config: Config, points_per_layer=4):
     n = points_per_layer
     num_layers = config.model.num_layers
     inputs = {"features": tf.ones([n, config.dataset.in_features_dim]),
-              "batch_index": tf.zeros([n], tf.int32)}
+              "batch_index": tf.zeros([n], tf.int32), "object_labels": tf.zeros([1], tf.int32)}
     for l in range(num_layers):
         inputs[f"points_{l}"] = tf.random.stateless_uniform([n, 3], seed=[l, 0]) * 0.01
         inputs[f"neighbors_{l}"] = tf.tile(tf.range(n)[None], [n, 1])

@@ -199,3 +199,25 @@ def test_convert_cli_writes_config_and_weights(original, tmp_path):
     restored = convert.build_model(restored_config)
     restored.load_weights(tmp_path / "out" / "model.weights.h5")
     np.testing.assert_allclose(restored(inputs), model(inputs), rtol=1e-6, atol=1e-6)
+
+
+def test_multi_head_part_segmentation_uses_each_clouds_head():
+    config = Config.from_dict({"dataset": {"num_classes": [4, 2, 3]},
+                               "model": dict(network_model="multi_segmentation", architecture=S3DIS_LIKE,
+                                             first_features_dim=8, first_subsampling_dl=0.05,
+                                             density_parameter=5.0, kernel_seed=1)})
+    model = convert.build_model(config)
+    clouds = _two_clouds()
+    inputs = dict(_batch(clouds, config))
+    inputs["object_labels"] = tf.constant([2, 0], tf.int32)
+    logits = model(inputs, training=False)
+    assert logits.shape == (sum(len(c) for c in clouds), 4)
+    # Swapping the first cloud's category changes only its points' logits.
+    swapped = dict(inputs, object_labels=tf.constant([1, 0], tf.int32))
+    other = model(swapped, training=False)
+    n0 = len(clouds[0])
+    assert not np.allclose(other[:n0], logits[:n0])
+    np.testing.assert_allclose(other[n0:], logits[n0:], rtol=1e-6, atol=1e-6)
+    names = convert.original_variable_map(model)
+    assert names["KernelPointNetwork/softmax/weights"].shape == (3, 8, 4)
+    assert names["KernelPointNetwork/head_unary_conv/weights"].shape[1] == 24
