@@ -75,7 +75,10 @@ def _conv_variables(conv, prefix):
     out = {prefix + "weights": conv.kernel}
     if isinstance(conv, KPConv):
         out[prefix + "kernel_points"] = conv.kernel_points
-        if conv.deformable:
+        if conv.deformable and conv.offset_mode == "mlp":
+            out[prefix + "offset_mlp_weights"] = conv.offset_mlp_weights
+            out[prefix + "offset_mlp_bias"] = conv.offset_mlp_bias
+        elif conv.deformable:
             out[prefix + "offset_conv_weights"] = conv.offset_conv_weights
             out[prefix + "offset_conv_bias"] = conv.offset_conv_bias
     return out
@@ -107,16 +110,16 @@ class Block(keras.layers.Layer):
         self.extent = model_config.kp_extent * self.radius / model_config.density_parameter
         self.deformed = []  # (deformed kernel points, queries, supports, neighbors) of the last call
 
-    def kpconv(self, filters, deformable=False, name="conv"):
+    def kpconv(self, filters, deformable=False, name="conv", offset_mode="kpconv"):
         m = self.model_config
         seed = None if m.kernel_seed is None else m.kernel_seed * 1000 + zlib.crc32((self.name + name).encode()) % 1000
         return KPConv(filters, m.num_kernel_points, extent=self.extent, radius=self.radius,
                       influence=m.kp_influence, aggregation=m.convolution_mode, fixed=m.fixed_kernel_points,
                       deformable=deformable, modulated=m.modulated and deformable, kernel_seed=seed,
-                      name=name)
+                      offset_mode=offset_mode, name=name)
 
-    def run_kpconv(self, conv, features, inputs, strided=False, upsample=False):
-        l = self.layer_index
+    def run_kpconv(self, conv, features, inputs, strided=False, upsample=False, layer=None):
+        l = self.layer_index if layer is None else layer
         if strided:
             query, support, neighbors = inputs[f"points_{l + 1}"], inputs[f"points_{l}"], inputs[f"pools_{l}"]
         elif upsample:
@@ -265,6 +268,65 @@ class ResnetBottleneckBlock(Block):
         return out
 
 
+class InceptionDeformableBlock(Block):
+    """'inception_deformable' (+ '_strided'): two paths concatenated, then unary 2D + shortcut.
+
+    path1: unary D/2 (BN, leaky) -> rigid KPConv D/2; path2: unary D/2 (BN, leaky) -> rigid KPConv
+    D/2 -> deformable KPConv D/2 with MLP offsets (the original's ``KPConv_deformable_v2``);
+    concat -> BN -> leaky -> unary 2D -> BN, plus shortcut (max-pool if strided, unary + BN if the
+    width differs) -> leaky. Strided: the first KPConvs go from points_l to points_{l+1}; the
+    original then feeds path2's (already pooled) features to the deformable KPConv with pools_l,
+    which cannot index them, so here that KPConv works within points_{l+1} (neighbors_{l+1}).
+    """
+
+    def __init__(self, *args, strided=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strided = strided
+
+    def build(self, features_shape, *args, **kwargs):
+        half, cfg = self.fdim // 2, self.model_config
+        self.unary1, self.unary1_norm = UnaryConv(half, name="path1_unary"), normalization(cfg, "path1_unary_norm")
+        self.conv1 = self.kpconv(half, name="path1_conv")
+        self.unary2, self.unary2_norm = UnaryConv(half, name="path2_unary"), normalization(cfg, "path2_unary_norm")
+        self.conv2 = self.kpconv(half, name="path2_conv")
+        self.deform = self.kpconv(half, deformable=True, name="path2_conv2_deform", offset_mode="mlp")
+        self.concat_norm = normalization(cfg, "concat_norm")
+        self.unary, self.unary_norm = UnaryConv(2 * self.fdim, name="unary"), normalization(cfg, "unary_norm")
+        self.shortcut = None
+        if features_shape[-1] != 2 * self.fdim:
+            self.shortcut = UnaryConv(2 * self.fdim, name="shortcut")
+            self.shortcut_norm = normalization(cfg, "shortcut_norm")
+
+    def call(self, features, inputs, training=False):
+        self.deformed = []
+        x1 = leaky_relu(self.unary1_norm(self.unary1(features), training=training))
+        x1 = self.run_kpconv(self.conv1, x1, inputs, self.strided)
+        x2 = leaky_relu(self.unary2_norm(self.unary2(features), training=training))
+        x2 = self.run_kpconv(self.conv2, x2, inputs, self.strided)
+        x2 = self.run_kpconv(self.deform, x2, inputs,
+                             layer=self.layer_index + 1 if self.strided else self.layer_index)
+        x = leaky_relu(self.concat_norm(tf.concat([x1, x2], axis=1), training=training))
+        x = self.unary_norm(self.unary(x), training=training)
+        shortcut = max_pool(features, inputs[f"pools_{self.layer_index}"]) if self.strided else features
+        if self.shortcut is not None:
+            shortcut = self.shortcut_norm(self.shortcut(shortcut), training=training)
+        return leaky_relu(x + shortcut)
+
+    def original_variables(self):
+        out = {}
+        for prefix, conv, norm in (("path1/unary/", self.unary1, self.unary1_norm), ("path1/conv/", self.conv1, None),
+                                   ("path2/unary/", self.unary2, self.unary2_norm), ("path2/conv/", self.conv2, None),
+                                   ("path2/conv2_deform/", self.deform, None), ("unary/", self.unary, self.unary_norm)):
+            out.update(_conv_variables(conv, prefix))
+            if norm is not None:
+                out.update(_norm_variables(norm, prefix))
+        out.update(_norm_variables(self.concat_norm, "concat/"))
+        if self.shortcut is not None:
+            out.update(_conv_variables(self.shortcut, "shortcut/"))
+            out.update(_norm_variables(self.shortcut_norm, "shortcut/"))
+        return out
+
+
 class MaxPoolBlock(Block):
     """'max_pool' / 'max_pool_wide': max over pools_l (features of points_{l+1})."""
 
@@ -303,19 +365,16 @@ _BLOCKS = {
     "resnetb_deformable": (ResnetBottleneckBlock, {"deformable": True}),
     "resnetb_deformable_strided": (ResnetBottleneckBlock, {"deformable": True, "strided": True}),
     "resnetb_upsample": (ResnetBottleneckBlock, {"upsample": True}),
+    "inception_deformable": (InceptionDeformableBlock, {}),
+    "inception_deformable_strided": (InceptionDeformableBlock, {"strided": True}),
     "max_pool": (MaxPoolBlock, {}),
     "max_pool_wide": (MaxPoolBlock, {}),
     "global_average": (GlobalAverageBlock, {}),
     "nearest_upsample": (NearestUpsampleBlock, {}),
 }
-NOT_YET_SUPPORTED = ("inception_deformable", "inception_deformable_strided")
-
-
 def make_block(name, layer_index, radius, fdim, model_config, block_index=0, prefix="layer"):
     """The block called ``name`` in an architecture list, at layer ``layer_index``."""
     if name not in _BLOCKS:
-        if name in NOT_YET_SUPPORTED:
-            raise ValueError(f"block {name!r} of the original release is not supported yet")
         raise ValueError(f"unknown block name {name!r} in the architecture")
     cls, options = _BLOCKS[name]
     return cls(layer_index, radius, fdim, model_config, block_type=name,

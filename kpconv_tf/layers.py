@@ -32,6 +32,10 @@ class KPConv(keras.layers.Layer):
         ``offset_conv_weights`` [K, Din, 3K] and ``offset_conv_bias``, no batch norm); offsets are
         in units of ``extent``.
       modulated: deformable only; K extra offset channels give 2 * sigmoid modulations.
+      offset_mode: 'kpconv' (the paper's offset KPConv) or 'mlp' (the original's
+        ``KPConv_deformable_v2``, used by its inception blocks: a pointwise linear map
+        ``offset_mlp_weights`` [Din, 3(K-1) | 4(K-1)] + ``offset_mlp_bias`` of the *query* features;
+        the first kernel point never moves and, if modulated, gets modulation 0 as in the original).
       kernel_seed: seeds the kernel rotation/jitter (None: random, as the original).
 
     Variables carry the original's names: ``weights`` [K, Din, Dout], non-trainable
@@ -40,7 +44,7 @@ class KPConv(keras.layers.Layer):
 
     def __init__(self, filters, kernel_size=15, extent=1.0, radius=None, influence="linear",
                  aggregation="sum", fixed="center", deformable=False, modulated=False,
-                 kernel_seed=None, kernel_initializer=None, **kwargs):
+                 kernel_seed=None, kernel_initializer=None, offset_mode="kpconv", **kwargs):
         super().__init__(**kwargs)
         if int(filters) < 1:
             raise ValueError(f"filters must be >= 1, got {filters}")
@@ -56,6 +60,9 @@ class KPConv(keras.layers.Layer):
             raise ValueError(f"fixed must be one of {FIXED_MODES}, got {fixed!r}")
         if modulated and not deformable:
             raise ValueError("modulated=True needs deformable=True")
+        if offset_mode not in ("kpconv", "mlp"):
+            raise ValueError(f"offset_mode must be 'kpconv' or 'mlp', got {offset_mode!r}")
+        self.offset_mode = offset_mode
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
         self.extent = float(extent)
@@ -79,7 +86,13 @@ class KPConv(keras.layers.Layer):
             initializer=keras.initializers.Constant(initial_points))
         self.kernel = self.add_weight(name="weights", shape=(k, d_in, self.filters),
                                       initializer=self.kernel_initializer)
-        if self.deformable:
+        if self.deformable and self.offset_mode == "mlp":
+            offset_dim = (4 if self.modulated else 3) * (k - 1)
+            self.offset_mlp_weights = self.add_weight(name="offset_mlp_weights", shape=(d_in, offset_dim),
+                                                      initializer="zeros")
+            self.offset_mlp_bias = self.add_weight(name="offset_mlp_bias", shape=(offset_dim,),
+                                                   initializer="zeros")
+        elif self.deformable:
             offset_dim = (4 if self.modulated else 3) * k
             self.offset_conv_weights = self.add_weight(
                 name="offset_conv_weights", shape=(k, d_in, offset_dim), initializer="zeros")
@@ -89,14 +102,29 @@ class KPConv(keras.layers.Layer):
     @property
     def offset_variables(self):
         """The offset convolution's variables (their gradients are scaled in training)."""
-        return [self.offset_conv_weights, self.offset_conv_bias] if self.deformable else []
+        if not self.deformable:
+            return []
+        if self.offset_mode == "mlp":
+            return [self.offset_mlp_weights, self.offset_mlp_bias]
+        return [self.offset_conv_weights, self.offset_conv_bias]
 
     def offsets(self, query_points, support_points, neighbors, features):
-        """Raw offset-conv output [Nq, 3K or 4K], offsets [Nq, K, 3] (x extent), modulations or None."""
+        """Raw offset output [Nq, 3K or 4K], offsets [Nq, K, 3] (x extent), modulations or None."""
+        k = self.kernel_size
+        if self.offset_mode == "mlp":
+            # Query features: the original applies the map to the features it is given, which are
+            # the queries' only when queries == supports (its inception blocks).
+            raw = tf.matmul(features, self.offset_mlp_weights) + self.offset_mlp_bias
+            moved = tf.reshape(raw[:, :3 * (k - 1)], [-1, k - 1, 3])
+            offsets = tf.concat([tf.zeros_like(moved[:, :1]), moved], axis=1) * self.extent
+            modulations = None
+            if self.modulated:
+                m = 2.0 * tf.sigmoid(raw[:, 3 * (k - 1):])
+                modulations = tf.concat([tf.zeros_like(m[:, :1]), m], axis=1)
+            return raw, offsets, modulations
         raw = ops.kpconv(query_points, support_points, neighbors, features, self.kernel_points,
                          self.offset_conv_weights, self.extent, self.influence,
                          self.aggregation) + self.offset_conv_bias
-        k = self.kernel_size
         offsets = tf.reshape(raw[:, :3 * k], [-1, k, 3]) * self.extent
         modulations = 2.0 * tf.sigmoid(raw[:, 3 * k:]) if self.modulated else None
         return raw, offsets, modulations
@@ -123,6 +151,6 @@ class KPConv(keras.layers.Layer):
         config.update(filters=self.filters, kernel_size=self.kernel_size, extent=self.extent,
                       radius=self.radius, influence=self.influence, aggregation=self.aggregation,
                       fixed=self.fixed, deformable=self.deformable, modulated=self.modulated,
-                      kernel_seed=self.kernel_seed,
+                      kernel_seed=self.kernel_seed, offset_mode=self.offset_mode,
                       kernel_initializer=keras.initializers.serialize(self.kernel_initializer))
         return config

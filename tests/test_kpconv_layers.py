@@ -131,3 +131,22 @@ def test_bad_arguments():
         KPConv(4, extent=0.0)
     with pytest.raises(ValueError, match="fixed"):
         KPConv(4, fixed="corners")
+
+
+def test_mlp_offsets_keep_the_first_kernel_point():
+    rng = np.random.default_rng(6)
+    q, s, n, f, _, _ = random_problem(rng, nq=90, ns=90, d_in=4)
+    q = s  # the original applies the offset map to the support features: queries == supports
+    n = np.argsort(np.linalg.norm(s[:, None] - s[None], axis=-1), axis=1)[:, :8].astype(np.int32)
+    layer = KPConv(5, 15, extent=0.3, deformable=True, modulated=True, offset_mode="mlp", kernel_seed=2)
+    layer(q, s, n, f)
+    assert layer.offset_mlp_weights.shape == (4, 56) and layer.offset_mlp_bias.shape == (56,)
+    layer.offset_mlp_weights.assign(rng.normal(size=(4, 56)) * 0.1)
+    _, offsets, modulations = layer.offsets(q, s, n, f)
+    assert np.all(offsets.numpy()[:, 0] == 0) and np.any(offsets.numpy()[:, 1:] != 0)
+    assert np.all(modulations.numpy()[:, 0] == 0)
+    out = layer(q, s, n, f).numpy()
+    ref = kpconv_reference(q, s, n, f, layer.kernel_points.numpy(), layer.kernel.numpy(), 0.3, "linear", "sum",
+                           offsets.numpy(), modulations.numpy())
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert [v.path.split("/")[-1] for v in layer.offset_variables] == ["offset_mlp_weights", "offset_mlp_bias"]

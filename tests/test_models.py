@@ -112,6 +112,8 @@ SMALL_ARCHS = {
     "max_pool": ["simple", "max_pool", "resnetb", "max_pool_wide", "resnetb_deformable", "global_average"],
     "deformable": ["simple", "resnetb_deformable", "resnetb_deformable_strided", "resnetb", "global_average"],
     "resnet_vgg": ["simple", "resnet", "resnetb_strided", "vgg", "resnet", "global_average"],
+    "inception": ["simple", "inception_deformable", "inception_deformable_strided", "inception_deformable",
+                  "global_average"],
 }
 
 
@@ -139,11 +141,18 @@ def test_upsampling_blocks_run():
         assert out.shape[0] == inputs["points_0"].shape[0]
 
 
-def test_unknown_and_unsupported_blocks():
+def test_unknown_block():
     with pytest.raises(ValueError, match="unknown block"):
         blocks.make_block("resnext", 0, 0.1, 8, _config(RIGID).model)
-    with pytest.raises(ValueError, match="not supported yet"):
-        blocks.make_block("inception_deformable", 0, 0.1, 8, _config(RIGID).model)
+
+
+def test_every_original_block_name_is_available():
+    names = ["unary", "simple", "simple_strided", "resnet", "resnetb", "resnetb_light", "resnetb_strided",
+             "resnetb_light_strided", "resnetb_deformable", "resnetb_deformable_strided", "inception_deformable",
+             "inception_deformable_strided", "vgg", "max_pool", "max_pool_wide", "global_average",
+             "nearest_upsample", "simple_upsample", "resnetb_upsample"]
+    for name in names:
+        assert blocks.make_block(name, 1, 0.1, 8, _config(RIGID).model).block_type == name
 
 
 S3DIS_LIKE = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_deformable_strided",

@@ -280,3 +280,17 @@ def test_update_entries_have_the_original_structure():
     order = {str(n): int(o) for n, o in zip(log["offset_variable_names"], log["offset_update_order"][0])}
     for name, o in order.items():
         assert ours[name] == ([1.0, 0.1] if o == 1 else [0.1, 1.0]), name
+
+
+def test_mlp_offset_variables_get_one_scaled_entry():
+    import tensorflow as tf
+    from training.trainer import update_entries
+
+    mlp = tf.Variable(tf.ones([2, 3]), name="offset_mlp_weights")
+    conv = tf.Variable(tf.ones([2, 3]), name="offset_conv_weights")
+    g = tf.fill([2, 3], 2.0)
+    for semantics, counts in (("original", [1, 2]), ("paper", [1, 1])):
+        entries = update_entries([g, g], [mlp, conv], semantics, clip_norm=100.0)
+        assert [sum(1 for i, _ in entries if i == k) for k in (0, 1)] == counts
+        first_mlp = [u for i, u in entries if i == 0][0]
+        np.testing.assert_allclose(first_mlp.numpy(), 0.2)

@@ -27,8 +27,10 @@ SEMANTICS = ("original", "paper")
 
 
 def is_offset_variable(variable):
-    """True for the offset-convolution variables of deformable KPConvs (scaled gradients)."""
-    return "offset_conv" in _variable_path(variable)
+    """True for the offset variables of deformable KPConvs (scaled gradients): the offset
+    convolution (``offset_conv_*``) and the MLP offsets of the inception blocks (``offset_mlp_*``)."""
+    path = _variable_path(variable)
+    return "offset_conv" in path or "offset_mlp" in path
 
 
 def _variable_path(variable):
@@ -69,6 +71,8 @@ def update_entries(gradients, variables, semantics="original", clip_norm=100.0):
             parts = [scale * grad]
         elif not clip:
             parts = [grad]  # the original only duplicates offset entries in its clipping branch
+        elif "offset_mlp" in _variable_path(variable):
+            parts = [scale * grad]  # its if-chain gives MLP offsets the scaled entry only
         elif _variable_path(variable).endswith("bias"):
             parts = [scale * grad, grad]
         else:
