@@ -7,6 +7,8 @@ cloud (distance-sorted rows of the same width), timed in the same run. Medians o
 after one warm-up call. Prints a table and writes ``benchmarks/results/bench_ops.json``.
 
     python -m benchmarks.bench_ops [--repeats 7] [--quick] [--workloads W1 W2]
+
+``--quick``: 5 repeats, W1 only, cKDTree only for the layer-0 convolution query.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def pyramid(points, lengths, radii):
     return out
 
 
-def bench_workload(name, points, lengths, repeats, with_kdtree):
+def bench_workload(name, points, lengths, repeats, with_kdtree, kdtree_layers=None):
     radii = pyramid_radii(name)
     rows = []
     pts, lens = tf.constant(points), tf.constant(lengths)
@@ -81,9 +83,9 @@ def bench_workload(name, points, lengths, repeats, with_kdtree):
             ms = median_ms(lambda: ops.batch_neighbors(q, s, ql, sl, r), repeats)
             row = dict(workload=name, layer=layer, op=f"neighbors/{kind}", n_queries=int(q.shape[0]),
                        n_supports=int(s.shape[0]), radius=r, width=int(result.shape[1]), ms=ms)
-            if with_kdtree:
+            if with_kdtree and (kdtree_layers is None or (layer in kdtree_layers and kind == "conv")):
                 args = (q.numpy(), s.numpy(), ql.numpy(), sl.numpy(), r, int(result.shape[1]))
-                row["kdtree_ms"] = median_ms(lambda: kdtree_neighbors(*args), max(3, repeats // 2))
+                row["kdtree_ms"] = median_ms(lambda: kdtree_neighbors(*args), repeats)
                 row["speedup"] = row["kdtree_ms"] / ms
             rows.append(row)
         if next_dl is not None:
@@ -101,16 +103,21 @@ def bench_workload(name, points, lengths, repeats, with_kdtree):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="3 repeats, no cKDTree baseline")
+    parser.add_argument("--quick", action="store_true",
+                        help="5 repeats, W1 only, cKDTree for the layer-0 convolution only")
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2"], choices=["W1", "W2"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_ops.json"))
     args = parser.parse_args(argv)
-    repeats = 3 if args.quick else args.repeats
+    if args.repeats < 5:
+        parser.error("--repeats must be >= 5 (medians)")
+    repeats = 5 if args.quick else args.repeats
+    workloads = ["W1"] if args.quick else args.workloads
     rows = []
-    for name in args.workloads:
+    for name in workloads:
         points, lengths = make_w1() if name == "W1" else make_w2()
         print(f"{name}: {len(points)} points in {len(lengths)} clouds", flush=True)
-        rows += bench_workload(name, points, lengths, repeats, with_kdtree=not args.quick)
+        rows += bench_workload(name, points, lengths, repeats, with_kdtree=True,
+                               kdtree_layers=[0] if args.quick else None)
     header = f"{'workload':8} {'layer':>5} {'op':28} {'queries':>8} {'supports':>8} {'H':>4} {'ms':>9} {'cKDTree ms':>11} {'speedup':>8}"
     print(header)
     print("-" * len(header))
@@ -119,6 +126,15 @@ def main(argv=None):
         layer = "" if r["layer"] < 0 else r["layer"]
         print(f"{r['workload']:8} {layer:>5} {r['op']:28} {r['n_queries']:8d} {r['n_supports']:8d} "
               f"{r['width']:4d} {r['ms']:9.2f} {kd}")
+    targets = [("W1", 0, "neighbors/conv", "speedup", ">=", 10.0),
+               ("W1", -1, "whole pyramid (tf.function)", "ms", "<=", 80.0),
+               ("W1", 0, "subsampling", "ms", "<=", 8.0)]
+    for workload, layer, op, key, rel, goal in targets:
+        for r in rows:
+            if (r["workload"], r["layer"], r["op"]) == (workload, layer, op) and key in r:
+                met = r[key] >= goal if rel == ">=" else r[key] <= goal
+                print(f"target {workload} {op} (layer {layer}) {key} {rel} {goal}: {r[key]:.1f} "
+                      f"{'met' if met else 'NOT met'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = dict(repeats=repeats, statistic="median", cpu_count=os.cpu_count(), machine=platform.machine(),
                 tensorflow=tf.__version__)

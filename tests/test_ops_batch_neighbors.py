@@ -51,6 +51,25 @@ class BatchNeighborsTest(tf.test.TestCase):
                     want = brute_force(qpoints, points, qlengths, lengths, radius, max_n)
                     self.assertAllEqual(got, want)
 
+    def test_thousands_of_points_and_near_ties(self):
+        # Coordinates on a coarse lattice plus tiny offsets: many distances are equal, or equal
+        # once rounded to float32, so the exact-distance / index tie-breaking is exercised.
+        rng = np.random.default_rng(5)
+        for seed in range(3):
+            base = rng.integers(0, 12, size=(3000, 3)) * 0.01
+            jitter = rng.integers(-1, 2, size=base.shape) * 1e-7
+            points = (base + jitter * (seed > 0)).astype(np.float32)
+            lengths = np.array([1800, 0, 1, 1199], np.int32)
+            for radius in (0.01, 0.025):
+                got = ops.batch_neighbors(points, points, lengths, lengths, radius)
+                self.assertAllEqual(got, brute_force(points, points, lengths, lengths, radius))
+
+    def test_distances_equal_in_float32_are_ordered_in_float64(self):
+        # |(0.3, 0.4)|^2 = 0.2500000119 in float64 but rounds to 0.25 in float32, like |(0.5, 0)|^2.
+        supports = np.array([[0.3, 0.4, 0], [0, 0.4, 0.3], [0.5, 0, 0], [0, 0, 0.5]], np.float32)
+        got = ops.neighbors(np.zeros((1, 3), np.float32), supports, 1.0).numpy()
+        self.assertAllEqual(got, [[2, 3, 0, 1]])
+
     def test_points_exactly_at_the_radius_are_included(self):
         supports = np.array([[0, 0, 0], [0.5, 0, 0], [0, -0.5, 0], [0.5, 0.5, 0]], np.float32)
         got = ops.neighbors(np.zeros((1, 3), np.float32), supports, 0.5).numpy()
@@ -141,18 +160,27 @@ def test_bad_input_names_the_argument(change, error, name, graph):
                 max_neighbors=0)
     args.update(change)
     if graph:
-        if error is not tf.errors.InvalidArgumentError:
-            pytest.skip("static argument checks run before tracing")
-        fn = tf.function(lambda q, s, ql, sl, r: ops.batch_neighbors(q, s, ql, sl, r))
-        with pytest.raises(error, match=name):
-            fn(args["queries"], args["supports"], args["q_lengths"], args["s_lengths"],
-               tf.constant(args["radius"]))
+        if error is tf.errors.InvalidArgumentError:
+            fn = tf.function(lambda q, s, ql, sl, r: ops.batch_neighbors(q, s, ql, sl, r))
+            with pytest.raises(error, match=name):
+                fn(args["queries"], args["supports"], args["q_lengths"], args["s_lengths"],
+                   tf.constant(args["radius"]))
+        else:  # statically detectable: raised while tracing
+            with pytest.raises(error, match=name):
+                tf.function(lambda: ops.batch_neighbors(**args))()
         return
     with pytest.raises(error, match=name):
         ops.batch_neighbors(**args)
 
 
-def test_bad_radius_tensor_in_graph():
+@pytest.mark.parametrize("radius", [-1.0, 0.0, float("nan"), float("inf")])
+def test_bad_radius_tensor_in_graph(radius):
     fn = tf.function(lambda r: ops.neighbors(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), r))
     with pytest.raises(tf.errors.InvalidArgumentError, match="radius"):
-        fn(tf.constant(-1.0))
+        fn(tf.constant(radius))
+
+
+def test_bad_max_neighbors_tensor_in_graph():
+    fn = tf.function(lambda m: ops.neighbors(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), 1.0, m))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_neighbors"):
+        fn(tf.constant(-2))

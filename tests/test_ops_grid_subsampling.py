@@ -109,11 +109,15 @@ BAD = [
     (dict(lengths=[-1, 5]), tf.errors.InvalidArgumentError, "lengths"),
     (dict(sample_dl=-0.1), ValueError, "sample_dl"),
     (dict(sample_dl=float("nan")), ValueError, "sample_dl"),
+    (dict(sample_dl=float("inf")), ValueError, "sample_dl"),
     (dict(sample_dl=1e-12), tf.errors.InvalidArgumentError, "sample_dl"),
+    (dict(sample_dl=np.float32(1e-12)), tf.errors.InvalidArgumentError, "sample_dl"),
     (dict(features=np.zeros((3, 2), np.float32)), tf.errors.InvalidArgumentError, "features"),
     (dict(labels=np.zeros((3,), np.int32)), tf.errors.InvalidArgumentError, "labels"),
     (dict(labels=np.zeros((4,), np.float32)), TypeError, "labels"),
     (dict(points=np.array([[0, 0, 0], [1, 1, 1], [np.nan, 0, 0], [2, 2, 2]], np.float32)),
+     tf.errors.InvalidArgumentError, "points"),
+    (dict(points=np.array([[0, 0, 0], [1, 1, 1], [0, -np.inf, 0], [2, 2, 2]], np.float32)),
      tf.errors.InvalidArgumentError, "points"),
 ]
 
@@ -125,7 +129,10 @@ def test_bad_input_names_the_argument(change, error, name):
     args.update(change)
     with pytest.raises(error, match=name):
         ops.batch_grid_subsampling(**args)
-    if error is tf.errors.InvalidArgumentError:
+    if error is not tf.errors.InvalidArgumentError:  # statically detectable: raised while tracing
+        with pytest.raises(error, match=name):
+            tf.function(lambda: ops.batch_grid_subsampling(**args))()
+    else:
         fn = tf.function(lambda p: ops.batch_grid_subsampling(p, args["lengths"], args["sample_dl"],
                                                              args["features"], args["labels"]))
         with pytest.raises(error, match=name):

@@ -68,7 +68,7 @@ def build(force: bool = False, verbose: bool = False) -> Path:
             return target
         tmp = target.with_name(f".{LIBRARY_NAME}.{os.getpid()}.tmp")
         command = [_compiler(), "-std=c++17", "-O3", "-fPIC", "-shared",
-                   "-Wno-deprecated-declarations", "-Wno-unused-result",
+                   "-Wno-deprecated-declarations", "-Wno-unused-result", "-ffp-contract=off",
                    *[str(s) for s in _sources()], "-o", str(tmp),
                    *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
         if verbose:
