@@ -8,8 +8,7 @@
 * ``save_original_checkpoint(model, prefix)``: the reverse, an original-format TF1 checkpoint.
 * ``inputs_from_original(flat_inputs, config)``: our input dict from the original's flat list.
 
-KP-CNN and single-head KP-FCNN networks are covered; ``inputs_from_original`` reads the
-classification flat order (segmentation batches are pending).
+KP-CNN, KP-FCNN and the multi-head part-segmentation KP-FCNN are covered.
 """
 
 from __future__ import annotations
@@ -196,21 +195,28 @@ def _lengths_from_batches(batches, num_points):
 
 
 def inputs_from_original(flat_inputs, config: Config) -> Dict[str, tf.Tensor]:
-    """Our input dict from the original's flat list (classification order: points, neighbors and
-    pools per layer, features, batch_weights, in_batches, out_batches, labels, ...).
+    """Our input dict from the original's flat input list.
 
+    Classification order: points, neighbors, pools (one per layer), features, batch_weights,
+    in_batches, out_batches, labels, ... Segmentation adds upsamples (one per layer) after the
+    pools, and for ``multi_segmentation`` the per-point object labels after the point labels.
     Per-layer lengths are recovered from ``in_batches`` and the first pooling neighbour of every
     point of the next layer (that neighbour lies in the same cloud).
     """
     num_layers = config.model.num_layers
+    segmentation = config.model.network_model in ("segmentation", "cloud_segmentation", "multi_segmentation")
+    groups = 4 if segmentation else 3
     flat = [np.asarray(x) for x in flat_inputs]
-    if len(flat) < 3 * num_layers + 4:
-        raise ValueError(f"flat_inputs has {len(flat)} entries; a {num_layers}-layer classification "
-                         f"batch has at least {3 * num_layers + 4}")
+    if len(flat) < groups * num_layers + 5:
+        raise ValueError(f"flat_inputs has {len(flat)} entries; a {num_layers}-layer "
+                         f"{config.model.network_model or 'classification'} batch has at least "
+                         f"{groups * num_layers + 5}")
     points = flat[:num_layers]
     neighbors = flat[num_layers:2 * num_layers]
     pools = flat[2 * num_layers:3 * num_layers]
-    features, _, in_batches = flat[3 * num_layers:3 * num_layers + 3]
+    upsamples = flat[3 * num_layers:4 * num_layers] if segmentation else None
+    rest = flat[groups * num_layers:]
+    features, _, in_batches = rest[:3]
     lengths = [_lengths_from_batches(in_batches, len(points[0]))]
     for l in range(num_layers - 1):
         owner = np.repeat(np.arange(len(lengths[l])), lengths[l])
@@ -218,14 +224,20 @@ def inputs_from_original(flat_inputs, config: Config) -> Dict[str, tf.Tensor]:
         if np.any(first >= len(points[l])):
             raise ValueError(f"pools_{l} has a row without neighbours: cannot recover its cloud")
         lengths.append(np.bincount(owner[first], minlength=len(lengths[l])).astype(np.int32))
-    inputs = {"features": tf.constant(features, tf.float32),
-              "batch_index": tf.constant(np.repeat(np.arange(len(lengths[0])), lengths[0]), tf.int32)}
+    batch_index = np.repeat(np.arange(len(lengths[0])), lengths[0])
+    inputs = {"features": tf.constant(features, tf.float32), "batch_index": tf.constant(batch_index, tf.int32)}
+    if config.model.network_model == "multi_segmentation":
+        point_objects = rest[5]
+        starts = np.concatenate([[0], np.cumsum(lengths[0])[:-1]])
+        inputs["object_labels"] = tf.constant(point_objects[starts], tf.int32)
     for l in range(num_layers):
         inputs[f"points_{l}"] = tf.constant(points[l], tf.float32)
         inputs[f"neighbors_{l}"] = tf.constant(neighbors[l], tf.int32)
         inputs[f"lengths_{l}"] = tf.constant(lengths[l], tf.int32)
         if l < num_layers - 1:
             inputs[f"pools_{l}"] = tf.constant(pools[l], tf.int32)
+            if segmentation:
+                inputs[f"upsamples_{l}"] = tf.constant(upsamples[l], tf.int32)
     return inputs
 
 

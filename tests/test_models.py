@@ -230,3 +230,27 @@ def test_multi_head_part_segmentation_uses_each_clouds_head():
     names = convert.original_variable_map(model)
     assert names["KernelPointNetwork/softmax/weights"].shape == (3, 8, 4)
     assert names["KernelPointNetwork/head_unary_conv/weights"].shape[1] == 24
+
+
+def test_inputs_from_original_segmentation_order():
+    config = Config.from_dict({"dataset": {"num_classes": [3, 2]},
+                               "model": dict(network_model="multi_segmentation", architecture=S3DIS_LIKE,
+                                             first_features_dim=8, first_subsampling_dl=0.05, density_parameter=5.0)})
+    clouds = _two_clouds()
+    ours = _batch(clouds, config)
+    L = config.model.num_layers
+    n0 = int(ours["points_0"].shape[0])
+    lengths = ours["lengths_0"].numpy()
+    in_batches = np.full((2, lengths.max()), n0, np.int32)
+    for b, (start, n) in enumerate(zip([0, lengths[0]], lengths)):
+        in_batches[b, :n] = np.arange(start, start + n)
+    point_objects = np.repeat([1, 0], lengths).astype(np.int32)
+    flat = ([ours[f"points_{l}"] for l in range(L)] + [ours[f"neighbors_{l}"] for l in range(L)]
+            + [ours[f"pools_{l}"] if l < L - 1 else np.zeros((0, 1), np.int32) for l in range(L)]
+            + [ours[f"upsamples_{l}"] if l < L - 1 else np.zeros((0, 1), np.int32) for l in range(L)]
+            + [ours["features"], np.ones(n0, np.float32), in_batches, in_batches, np.zeros(n0, np.int32),
+               point_objects, np.ones((2, 3), np.float32), np.eye(3)[None].repeat(2, 0), np.arange(2)])
+    inputs = convert.inputs_from_original(flat, config)
+    for key, value in ours.items():
+        np.testing.assert_array_equal(inputs[key], value)
+    np.testing.assert_array_equal(inputs["object_labels"], [1, 0])
