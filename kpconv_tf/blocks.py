@@ -63,7 +63,7 @@ def normalization(model: ModelConfig, name):
     return BiasOffset(name=name)
 
 
-def _norm_variables(norm, prefix):
+def norm_variables(norm, prefix):
     if isinstance(norm, BiasOffset):
         return {prefix + "offset": norm.offset}
     return {prefix + "batch_normalization/gamma": norm.gamma, prefix + "batch_normalization/beta": norm.beta,
@@ -71,7 +71,7 @@ def _norm_variables(norm, prefix):
             prefix + "batch_normalization/moving_variance": norm.moving_variance}
 
 
-def _conv_variables(conv, prefix):
+def conv_variables(conv, prefix):
     out = {prefix + "weights": conv.kernel}
     if isinstance(conv, KPConv):
         out[prefix + "kernel_points"] = conv.kernel_points
@@ -149,7 +149,7 @@ class UnaryBlock(Block):
         return leaky_relu(self.norm(self.conv(features), training=training))
 
     def original_variables(self):
-        return {**_conv_variables(self.conv, ""), **_norm_variables(self.norm, "")}
+        return {**conv_variables(self.conv, ""), **norm_variables(self.norm, "")}
 
 
 class SimpleBlock(Block):
@@ -169,7 +169,7 @@ class SimpleBlock(Block):
         return leaky_relu(self.norm(x, training=training))
 
     def original_variables(self):
-        return {**_conv_variables(self.conv, ""), **_norm_variables(self.norm, "")}
+        return {**conv_variables(self.conv, ""), **norm_variables(self.norm, "")}
 
 
 class DoubleConvBlock(Block):
@@ -200,11 +200,11 @@ class DoubleConvBlock(Block):
         return leaky_relu(x + shortcut)
 
     def original_variables(self):
-        out = {**_conv_variables(self.conv1, "conv1/"), **_norm_variables(self.norm1, "conv1/"),
-               **_conv_variables(self.conv2, "conv2/"), **_norm_variables(self.norm2, "conv2/")}
+        out = {**conv_variables(self.conv1, "conv1/"), **norm_variables(self.norm1, "conv1/"),
+               **conv_variables(self.conv2, "conv2/"), **norm_variables(self.norm2, "conv2/")}
         if self.shortcut is not None:
-            out.update(_conv_variables(self.shortcut, "shortcut/"))
-            out.update(_norm_variables(self.shortcut_norm, "shortcut/"))
+            out.update(conv_variables(self.shortcut, "shortcut/"))
+            out.update(norm_variables(self.shortcut_norm, "shortcut/"))
         return out
 
 
@@ -256,15 +256,15 @@ class ResnetBottleneckBlock(Block):
     def original_variables(self):
         out = {}
         if self.conv1 is not None:
-            out.update(_conv_variables(self.conv1, "conv1/"))
-            out.update(_norm_variables(self.norm1, "conv1/"))
-        out.update(_conv_variables(self.conv2, "conv2/"))
-        out.update(_norm_variables(self.norm2, "conv2/"))
-        out.update(_conv_variables(self.conv3, "conv3/"))
-        out.update(_norm_variables(self.norm3, "conv3/"))
+            out.update(conv_variables(self.conv1, "conv1/"))
+            out.update(norm_variables(self.norm1, "conv1/"))
+        out.update(conv_variables(self.conv2, "conv2/"))
+        out.update(norm_variables(self.norm2, "conv2/"))
+        out.update(conv_variables(self.conv3, "conv3/"))
+        out.update(norm_variables(self.norm3, "conv3/"))
         if self.shortcut is not None:
-            out.update(_conv_variables(self.shortcut, "shortcut/"))
-            out.update(_norm_variables(self.shortcut_norm, "shortcut/"))
+            out.update(conv_variables(self.shortcut, "shortcut/"))
+            out.update(norm_variables(self.shortcut_norm, "shortcut/"))
         return out
 
 
@@ -317,13 +317,13 @@ class InceptionDeformableBlock(Block):
         for prefix, conv, norm in (("path1/unary/", self.unary1, self.unary1_norm), ("path1/conv/", self.conv1, None),
                                    ("path2/unary/", self.unary2, self.unary2_norm), ("path2/conv/", self.conv2, None),
                                    ("path2/conv2_deform/", self.deform, None), ("unary/", self.unary, self.unary_norm)):
-            out.update(_conv_variables(conv, prefix))
+            out.update(conv_variables(conv, prefix))
             if norm is not None:
-                out.update(_norm_variables(norm, prefix))
-        out.update(_norm_variables(self.concat_norm, "concat/"))
+                out.update(norm_variables(norm, prefix))
+        out.update(norm_variables(self.concat_norm, "concat/"))
         if self.shortcut is not None:
-            out.update(_conv_variables(self.shortcut, "shortcut/"))
-            out.update(_norm_variables(self.shortcut_norm, "shortcut/"))
+            out.update(conv_variables(self.shortcut, "shortcut/"))
+            out.update(norm_variables(self.shortcut_norm, "shortcut/"))
         return out
 
 

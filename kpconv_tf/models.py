@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from kpconv_tf.architecture import is_pooling_block
-from kpconv_tf.blocks import UnaryConv, leaky_relu, make_block, normalization
+from kpconv_tf.blocks import UnaryConv, conv_variables, norm_variables, leaky_relu, make_block, normalization
 from kpconv_tf.config import Config
 from kpconv_tf.losses import deformable_layer_offsets_loss
 
@@ -51,6 +51,10 @@ def build_encoder(config: Config):
     return blocks
 
 
+def _unit_variables(prefix, conv, norm):
+    return {**conv_variables(conv, prefix), **norm_variables(norm, prefix)}
+
+
 class _ConfiguredNetwork(keras.Model):
     """Serialisation shared by the networks: the config tree is the whole constructor state, and
     building runs the network once on a tiny dummy batch so every block creates its variables."""
@@ -61,6 +65,20 @@ class _ConfiguredNetwork(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(Config.from_dict(config["config"]), name=config.get("name"))
+
+    def output_loss(self, labels, logits, inputs=None):
+        """Mean softmax cross-entropy over the rows of ``logits`` (clouds or points)."""
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.int32), logits=logits))
+
+    def offsets_loss(self):
+        """Offset regularisation of the last forward pass (x offsets_decay); 0 before any call."""
+        return self._offsets_loss if self._offsets_loss is not None else tf.constant(0.0, tf.float32)
+
+    def _encoder_decoder_variables(self):
+        return {f"KernelPointNetwork/{scope}/{name}": variable
+                for scope, block in self.scoped_blocks
+                for name, variable in block.original_variables().items()}
 
     def get_build_config(self):
         return {"built": True}
@@ -119,24 +137,10 @@ class KPCNN(_ConfiguredNetwork):
             x = tf.where(dropout_uniform >= rate, x / (1.0 - rate), tf.zeros_like(x))
         return self.classifier(x) + self.classifier_bias
 
-    def output_loss(self, labels, logits, inputs=None):
-        """Mean sparse softmax cross-entropy over the clouds of the batch."""
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.int32), logits=logits))
-
-    def offsets_loss(self):
-        """Offset regularisation of the last forward pass (x offsets_decay); 0 before any call."""
-        return self._offsets_loss if self._offsets_loss is not None else tf.constant(0.0, tf.float32)
-
     def original_variables(self):
         """{original variable name: variable}, e.g. ``KernelPointNetwork/layer_0/simple_0/weights``."""
-        out = {}
-        for scope, block in self.scoped_blocks:
-            for name, variable in block.original_variables().items():
-                out[f"KernelPointNetwork/{scope}/{name}"] = variable
-        out["KernelPointNetwork/fc/weights"] = self.fc.kernel
-        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
-            out[f"KernelPointNetwork/fc/batch_normalization/{name}"] = getattr(self.fc_norm, name)
+        out = self._encoder_decoder_variables()
+        out.update(_unit_variables("KernelPointNetwork/fc/", self.fc, self.fc_norm))
         out["KernelPointNetwork/softmax/weights"] = self.classifier.kernel
         out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
         return out
@@ -249,22 +253,10 @@ class KPFCNN(_ConfiguredNetwork):
             return self._multi_head_logits(x, inputs)
         return self.classifier(x) + self.classifier_bias
 
-    def output_loss(self, labels, logits, inputs=None):
-        """Mean point-wise softmax cross-entropy (multi-head: over each point's own head)."""
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.int32), logits=logits))
-
-    def offsets_loss(self):
-        return self._offsets_loss if self._offsets_loss is not None else tf.constant(0.0, tf.float32)
-
     def original_variables(self):
-        out = {}
-        for scope, block in self.scoped_blocks:
-            for name, variable in block.original_variables().items():
-                out[f"KernelPointNetwork/{scope}/{name}"] = variable
-        out["KernelPointNetwork/head_unary_conv/weights"] = self.head.kernel
-        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
-            out[f"KernelPointNetwork/head_unary_conv/batch_normalization/{name}"] = getattr(self.head_norm, name)
+        """{original variable name: variable}, e.g. ``KernelPointNetwork/uplayer_1/unary_0/weights``."""
+        out = self._encoder_decoder_variables()
+        out.update(_unit_variables("KernelPointNetwork/head_unary_conv/", self.head, self.head_norm))
         out["KernelPointNetwork/softmax/weights"] = self.multi_weights if self.multi_head else self.classifier.kernel
         out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
         return out
