@@ -84,6 +84,14 @@ def conv_variables(conv, prefix):
     return out
 
 
+def unit_variables(prefix, conv, norm=None):
+    """Original names of one conv (+ normalisation) unit under ``prefix``."""
+    out = conv_variables(conv, prefix)
+    if norm is not None:
+        out.update(norm_variables(norm, prefix))
+    return out
+
+
 def max_pool(features, pools):
     """Max over pooling neighbours; the shadow row is the per-channel minimum (as the original)."""
     padded = tf.concat([features, tf.reduce_min(features, axis=0, keepdims=True)], axis=0)
@@ -149,7 +157,7 @@ class UnaryBlock(Block):
         return leaky_relu(self.norm(self.conv(features), training=training))
 
     def original_variables(self):
-        return {**conv_variables(self.conv, ""), **norm_variables(self.norm, "")}
+        return unit_variables("", self.conv, self.norm)
 
 
 class SimpleBlock(Block):
@@ -169,7 +177,7 @@ class SimpleBlock(Block):
         return leaky_relu(self.norm(x, training=training))
 
     def original_variables(self):
-        return {**conv_variables(self.conv, ""), **norm_variables(self.norm, "")}
+        return unit_variables("", self.conv, self.norm)
 
 
 class DoubleConvBlock(Block):
@@ -200,11 +208,10 @@ class DoubleConvBlock(Block):
         return leaky_relu(x + shortcut)
 
     def original_variables(self):
-        out = {**conv_variables(self.conv1, "conv1/"), **norm_variables(self.norm1, "conv1/"),
-               **conv_variables(self.conv2, "conv2/"), **norm_variables(self.norm2, "conv2/")}
+        out = {**unit_variables("conv1/", self.conv1, self.norm1),
+               **unit_variables("conv2/", self.conv2, self.norm2)}
         if self.shortcut is not None:
-            out.update(conv_variables(self.shortcut, "shortcut/"))
-            out.update(norm_variables(self.shortcut_norm, "shortcut/"))
+            out.update(unit_variables("shortcut/", self.shortcut, self.shortcut_norm))
         return out
 
 
@@ -254,18 +261,12 @@ class ResnetBottleneckBlock(Block):
         return leaky_relu(x + shortcut)
 
     def original_variables(self):
-        out = {}
+        units = [("conv2/", self.conv2, self.norm2), ("conv3/", self.conv3, self.norm3)]
         if self.conv1 is not None:
-            out.update(conv_variables(self.conv1, "conv1/"))
-            out.update(norm_variables(self.norm1, "conv1/"))
-        out.update(conv_variables(self.conv2, "conv2/"))
-        out.update(norm_variables(self.norm2, "conv2/"))
-        out.update(conv_variables(self.conv3, "conv3/"))
-        out.update(norm_variables(self.norm3, "conv3/"))
+            units.insert(0, ("conv1/", self.conv1, self.norm1))
         if self.shortcut is not None:
-            out.update(conv_variables(self.shortcut, "shortcut/"))
-            out.update(norm_variables(self.shortcut_norm, "shortcut/"))
-        return out
+            units.append(("shortcut/", self.shortcut, self.shortcut_norm))
+        return {name: v for unit in units for name, v in unit_variables(*unit).items()}
 
 
 class InceptionDeformableBlock(Block):
@@ -313,17 +314,13 @@ class InceptionDeformableBlock(Block):
         return leaky_relu(x + shortcut)
 
     def original_variables(self):
-        out = {}
-        for prefix, conv, norm in (("path1/unary/", self.unary1, self.unary1_norm), ("path1/conv/", self.conv1, None),
-                                   ("path2/unary/", self.unary2, self.unary2_norm), ("path2/conv/", self.conv2, None),
-                                   ("path2/conv2_deform/", self.deform, None), ("unary/", self.unary, self.unary_norm)):
-            out.update(conv_variables(conv, prefix))
-            if norm is not None:
-                out.update(norm_variables(norm, prefix))
-        out.update(norm_variables(self.concat_norm, "concat/"))
+        units = [("path1/unary/", self.unary1, self.unary1_norm), ("path1/conv/", self.conv1),
+                 ("path2/unary/", self.unary2, self.unary2_norm), ("path2/conv/", self.conv2),
+                 ("path2/conv2_deform/", self.deform), ("unary/", self.unary, self.unary_norm)]
         if self.shortcut is not None:
-            out.update(conv_variables(self.shortcut, "shortcut/"))
-            out.update(norm_variables(self.shortcut_norm, "shortcut/"))
+            units.append(("shortcut/", self.shortcut, self.shortcut_norm))
+        out = {name: v for unit in units for name, v in unit_variables(*unit).items()}
+        out.update(norm_variables(self.concat_norm, "concat/"))
         return out
 
 

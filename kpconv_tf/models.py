@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from kpconv_tf.architecture import is_pooling_block
-from kpconv_tf.blocks import UnaryConv, conv_variables, norm_variables, leaky_relu, make_block, normalization
+from kpconv_tf.blocks import UnaryConv, leaky_relu, make_block, normalization, unit_variables
 from kpconv_tf.config import Config
 from kpconv_tf.losses import deformable_layer_offsets_loss
 
@@ -49,10 +49,6 @@ def build_encoder(config: Config):
             fdim *= 2
             block_in_layer = 0
     return blocks
-
-
-def _unit_variables(prefix, conv, norm):
-    return {**conv_variables(conv, prefix), **norm_variables(norm, prefix)}
 
 
 class _ConfiguredNetwork(keras.Model):
@@ -140,7 +136,7 @@ class KPCNN(_ConfiguredNetwork):
     def original_variables(self):
         """{original variable name: variable}, e.g. ``KernelPointNetwork/layer_0/simple_0/weights``."""
         out = self._encoder_decoder_variables()
-        out.update(_unit_variables("KernelPointNetwork/fc/", self.fc, self.fc_norm))
+        out.update(unit_variables("KernelPointNetwork/fc/", self.fc, self.fc_norm))
         out["KernelPointNetwork/softmax/weights"] = self.classifier.kernel
         out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
         return out
@@ -256,7 +252,7 @@ class KPFCNN(_ConfiguredNetwork):
     def original_variables(self):
         """{original variable name: variable}, e.g. ``KernelPointNetwork/uplayer_1/unary_0/weights``."""
         out = self._encoder_decoder_variables()
-        out.update(_unit_variables("KernelPointNetwork/head_unary_conv/", self.head, self.head_norm))
+        out.update(unit_variables("KernelPointNetwork/head_unary_conv/", self.head, self.head_norm))
         out["KernelPointNetwork/softmax/weights"] = self.multi_weights if self.multi_head else self.classifier.kernel
         out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
         return out

@@ -51,6 +51,18 @@ def _positive_scalar(value, name):
     return tf.cast(t, tf.float32)
 
 
+def _optional(value, name, kind, rank, dtype):
+    """Checks an optional per-point input (floating features [N, D] or integer labels [N])."""
+    t = tf.convert_to_tensor(value)
+    if not getattr(t.dtype, kind):
+        wanted = "floating point" if kind == "is_floating" else "an integer tensor"
+        raise TypeError(f"{name} must be {wanted}, got {t.dtype.name}")
+    if t.shape.rank is not None and t.shape.rank != rank:
+        shape = "[N, D]" if rank == 2 else "[N]"
+        raise ValueError(f"{name} must have shape {shape}, got {t.shape}")
+    return tf.cast(t, dtype)
+
+
 def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors=0):
     """Radius neighbours of stacked clouds.
 
@@ -90,24 +102,11 @@ def batch_grid_subsampling(points, lengths, sample_dl, features=None, labels=Non
     points = _points(points, "points")
     has_features = features is not None
     has_labels = labels is not None
-    if has_features:
-        f = tf.convert_to_tensor(features)
-        if not f.dtype.is_floating:
-            raise TypeError(f"features must be floating point, got {f.dtype.name}")
-        if f.shape.rank is not None and f.shape.rank != 2:
-            raise ValueError(f"features must have shape [N, D], got {f.shape}")
-        f = tf.cast(f, tf.float32)
-    else:
-        f = tf.zeros([tf.shape(points)[0], 0], tf.float32)
-    if has_labels:
-        lab = tf.convert_to_tensor(labels)
-        if not lab.dtype.is_integer:
-            raise TypeError(f"labels must be an integer tensor, got {lab.dtype.name}")
-        if lab.shape.rank is not None and lab.shape.rank != 1:
-            raise ValueError(f"labels must have shape [N], got {lab.shape}")
-        lab = tf.cast(lab, tf.int32)
-    else:
-        lab = tf.zeros([0], tf.int32)
+    n = tf.shape(points)[0]
+    f = (_optional(features, "features", "is_floating", 2, tf.float32) if has_features
+         else tf.zeros([n, 0], tf.float32))
+    lab = (_optional(labels, "labels", "is_integer", 1, tf.int32) if has_labels
+           else tf.zeros([0], tf.int32))
     sub_points, sub_lengths, sub_features, sub_labels = _ops.kpconv_batch_grid_subsampling(
         points, _lengths(lengths, "lengths"), _positive_scalar(sample_dl, "sample_dl"), f, lab)
     out = [sub_points, sub_lengths]
