@@ -279,6 +279,14 @@ def test_semantic3d_submission_names():
         "sg27_station3_intensity_rgb.ply": "sg27_3.labels",
         "sg28_station5_xyz_intensity_rgb.ply": "sg28_5.labels",
         "stgallencathedral_station1_intensity_rgb.ply": "stgallencathedral1.labels",
+        "stgallencathedral_station3_intensity_rgb.ply": "stgallencathedral3.labels",
+        "stgallencathedral_station6_intensity_rgb.ply": "stgallencathedral6.labels",
+        "marketplacefeldkirch_station1_intensity_rgb.ply": "marketsquarefeldkirch1.labels",
+        "marketplacefeldkirch_station4_intensity_rgb.ply": "marketsquarefeldkirch4.labels",
+        "sg27_station6_intensity_rgb.ply": "sg27_6.labels",
+        "sg27_station8_intensity_rgb.ply": "sg27_8.labels",
+        "sg27_station10_intensity_rgb.ply": "sg27_10.labels",
+        "sg28_station2_intensity_rgb.ply": "sg28_2.labels",
     }
     for source, expected in table.items():
         assert semantic3d_submission_name(source) == expected

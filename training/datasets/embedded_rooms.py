@@ -86,7 +86,8 @@ class _Room:
 
 
 def _footprint_free(placed, center, half, margin=0.05):
-    """True when the axis-aligned disc-bound footprint does not meet the ones already placed."""
+    """True when the disc bounding a footprint of half sizes ``half`` clears the discs already placed
+    by ``margin`` metres (negative margins let bounding discs overlap a little)."""
     radius = np.hypot(*half)
     return all(np.hypot(*(center - c)) > radius + r + margin for c, r in placed)
 
@@ -106,28 +107,27 @@ def generate_room(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.
     walls = [((0, 0, 0), (width, 0, 0), (0, 1, 0)), ((width, depth, 0), (-width, 0, 0), (0, -1, 0)),
              ((0, depth, 0), (0, -depth, 0), (1, 0, 0)), ((width, 0, 0), (0, depth, 0), (-1, 0, 0))]
     wall_color = color(WALL)
-    doors = []
+    doors = {}  # wall index -> (start along the wall, width, height); at most one door per wall
     for w in rng.choice(4, size=rng.integers(1, 3), replace=False):
         length = np.linalg.norm(walls[w][1])
         door_w, door_h = rng.uniform(0.8, 1.0), rng.uniform(1.95, 2.15)
-        start = rng.uniform(0.2, length - door_w - 0.2)
-        doors.append((w, start, door_w, door_h))
+        doors[int(w)] = (rng.uniform(0.2, length - door_w - 0.2), door_w, door_h)
     for w, (origin, along, normal) in enumerate(walls):
         origin, along, normal = (np.array(a, np.float64) for a in (origin, along, normal))
         length = np.linalg.norm(along)
         unit = along / length
-        cuts = [(start, door_w, door_h) for wall, start, door_w, door_h in doors if wall == w]
-        # At most one door per wall: the wall is the strips beside it and the lintel above it.
-        position = 0.0
-        for start, door_w, door_h in cuts:
-            room.rect(origin + position * unit, (start - position) * unit, (0, 0, height), WALL, wall_color)
+        end = 0.0
+        if w in doors:
+            # The wall is the strip before the door, the lintel above it and the strip after it.
+            start, door_w, door_h = doors[w]
+            room.rect(origin, start * unit, (0, 0, height), WALL, wall_color)
             room.rect(origin + start * unit + (0, 0, door_h), door_w * unit, (0, 0, height - door_h), WALL,
                       wall_color)
             # Door leaves stand a little proud of the wall plane, as their frames make them.
             offset = rng.uniform(0.01, 0.05) * normal
             room.rect(origin + start * unit + offset, door_w * unit, (0, 0, door_h), DOOR, color(DOOR))
-            position = start + door_w
-        room.rect(origin + position * unit, (length - position) * unit, (0, 0, height), WALL, wall_color)
+            end = start + door_w
+        room.rect(origin + end * unit, (length - end) * unit, (0, 0, height), WALL, wall_color)
 
     placed = []  # (center xy, radius) of furniture footprints
     # Columns: against a wall, in a corner or free-standing; often painted like the walls.
