@@ -63,9 +63,13 @@ class _ConfiguredNetwork(keras.Model):
         return cls(Config.from_dict(config["config"]), name=config.get("name"))
 
     def output_loss(self, labels, logits, inputs=None):
-        """Mean softmax cross-entropy over the rows of ``logits`` (clouds or points)."""
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.int32), logits=logits))
+        """Mean softmax cross-entropy over the rows of ``logits`` (clouds or points); rows labelled
+        < 0 (ignored classes, as the original drops them) are left out."""
+        labels = tf.cast(labels, tf.int32)
+        valid = labels >= 0
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.maximum(labels, 0), logits=logits)
+        return tf.math.divide_no_nan(tf.reduce_sum(tf.where(valid, losses, 0.0)),
+                                     tf.reduce_sum(tf.cast(valid, tf.float32)))
 
     def offsets_loss(self):
         """Offset regularisation of the last forward pass (x offsets_decay); 0 before any call."""

@@ -222,9 +222,13 @@ class TrainStep:
 
 
 def accuracy(labels, logits):
-    """Fraction of labels equal to ``argmax(logits)`` (float32)."""
+    """Fraction of labels equal to ``argmax(logits)`` (float32); labels < 0 (ignored) are left out."""
+    labels = tf.cast(labels, tf.int32)
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.reduce_mean(tf.cast(tf.equal(predictions, tf.cast(labels, tf.int32)), tf.float32))
+    valid = labels >= 0
+    correct = tf.logical_and(valid, tf.equal(predictions, labels))
+    return tf.math.divide_no_nan(tf.reduce_sum(tf.cast(correct, tf.float32)),
+                                 tf.reduce_sum(tf.cast(valid, tf.float32)))
 
 
 def make_train_step(network, config, optimizer=None):
@@ -284,9 +288,18 @@ class TrainingModel(keras.Model):
         logs["learning_rate"] = self.learning_rate.read_value()
         return logs
 
+    def _dropout_uniform(self, labels):
+        """Seeded head-dropout draw of this step (``(train.seed, iteration)``), so that a resumed run
+        repeats the draws of an uninterrupted one; None for networks without a dropout head."""
+        fc = getattr(self.network, "fc", None)
+        if fc is None or not getattr(self.network, "dropout_rate", 0):
+            return None
+        seed = tf.stack([tf.constant(self.config.train.seed, tf.int64), self.step.optimizer.iterations])
+        return tf.random.stateless_uniform([tf.shape(labels)[0], fc.filters], seed)
+
     def train_step(self, data):
         inputs, labels = data[0], data[1]
-        return self._log(self.step.run(inputs, labels))
+        return self._log(self.step.run(inputs, labels, self._dropout_uniform(labels)))
 
     def test_step(self, data):
         inputs, labels = data[0], data[1]
