@@ -1,0 +1,236 @@
+"""Helpers shared by the readers of the original on-disk datasets.
+
+Text tables are parsed in chunks with numpy's C parser (a malformed line is then located and named);
+clouds are grid-subsampled with the compiled op; subsampled clouds are cached as npz under
+``cache_root() / <dataset>``, keyed by the dataset root, split, grid size and options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+from sklearn.neighbors import KDTree
+
+from training.datasets.base import DatasetError, Scene, cache_root
+
+# The original builds every scene KD-tree with this leaf size.
+LEAF_SIZE = 50
+_CHUNK_LINES = 1 << 20
+
+
+def read_table(path, columns: int, delimiter: Optional[str] = None) -> np.ndarray:
+    """float32 [n, columns] from a text file of ``columns`` numbers per line (blank lines skipped).
+
+    Raises DatasetError naming the file (and the line, 1-based, when one is malformed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"missing file {str(path)!r}")
+    blocks = []
+    with open(path, "r", errors="replace") as f:
+        first_line = 1
+        while True:
+            lines = list(itertools.islice(f, _CHUNK_LINES))
+            if not lines:
+                break
+            try:
+                block = np.loadtxt(lines, dtype=np.float64, delimiter=delimiter, ndmin=2)
+                if block.size and block.shape[1] != columns:
+                    raise ValueError
+            except ValueError:
+                _raise_bad_line(path, lines, first_line, columns, delimiter)
+            # float64 parsing then float32 keeps the nearest float32 of every written value.
+            blocks.append(block.astype(np.float32).reshape(-1, columns))
+            first_line += len(lines)
+    return np.concatenate(blocks) if blocks else np.zeros((0, columns), np.float32)
+
+
+def _raise_bad_line(path, lines, first_line, columns, delimiter):
+    for offset, line in enumerate(lines):
+        if not line.strip():
+            continue
+        words = [w.strip() for w in line.split(delimiter)]
+        try:
+            ok = len(words) == columns and [float(w) for w in words] is not None
+        except ValueError:
+            ok = False
+        if not ok:
+            raise DatasetError(f"{path}: line {first_line + offset} is malformed (expected {columns} numbers"
+                               f"{' separated by ' + repr(delimiter) if delimiter else ''}): {line.strip()[:80]!r}")
+    raise DatasetError(f"{path}: unreadable lines {first_line}..{first_line + len(lines) - 1}")
+
+
+def read_ply_fields(path, fields: Sequence[str]) -> Dict[str, np.ndarray]:
+    """The named vertex properties of a PLY file; DatasetError when the file or a property is missing."""
+    from utils.ply import PlyError, read_ply
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"missing file {str(path)!r}")
+    try:
+        data = read_ply(path)
+    except PlyError as err:
+        raise DatasetError(str(err)) from err
+    missing = [name for name in fields if name not in data.dtype.names]
+    if missing:
+        raise DatasetError(f"{path}: vertex properties {missing} are missing (has {list(data.dtype.names)})")
+    return {name: np.asarray(data[name]) for name in fields}
+
+
+def subsample(points, dl: float, features=None, labels=None):
+    """Grid subsampling (barycentres, averaged features, majority labels) as numpy arrays.
+
+    Returns sub_points float32 [m, 3] followed by sub_features float32 [m, d] and/or sub_labels
+    int32 [m] when given.
+    """
+    import tf_custom_ops as ops
+
+    points = np.ascontiguousarray(points, np.float32)
+    args = {}
+    if features is not None:
+        args["features"] = np.ascontiguousarray(features, np.float32)
+    if labels is not None:
+        args["labels"] = np.ascontiguousarray(labels, np.int32)
+    out = ops.grid_subsampling(points, float(dl), **args)
+    if not isinstance(out, tuple):
+        return out.numpy()
+    return tuple(t.numpy() for t in out)
+
+
+def label_map(raw_values: Sequence[int], ignored: Sequence[int] = ()) -> Dict[int, int]:
+    """Original label value -> class index (ignored values -> -1), in increasing raw order."""
+    mapping, index = {}, 0
+    for value in sorted(raw_values):
+        if value in ignored:
+            mapping[int(value)] = -1
+        else:
+            mapping[int(value)] = index
+            index += 1
+    return mapping
+
+
+def map_labels(raw, mapping: Dict[int, int], path) -> np.ndarray:
+    """int32 class indices of original labels ``raw``; DatasetError naming ``path`` for unknown values."""
+    raw = np.asarray(raw)
+    if raw.size and np.issubdtype(raw.dtype, np.floating):
+        if not np.all(raw == np.round(raw)):
+            raise DatasetError(f"{path}: labels must be integers")
+    raw = raw.astype(np.int64)
+    known = np.array(sorted(mapping), np.int64)
+    unknown = np.setdiff1d(np.unique(raw), known)
+    if unknown.size:
+        raise DatasetError(f"{path}: labels {unknown[:10].tolist()} are outside the class list {known.tolist()}")
+    lookup = np.full(known.max() - known.min() + 1, -1, np.int32)
+    for value, index in mapping.items():
+        lookup[value - known.min()] = index
+    return lookup[raw - known.min()]
+
+
+def check_split(split: str, allowed: Sequence[str]) -> None:
+    if split not in allowed:
+        raise ValueError(f"split must be one of {list(allowed)}, got {split!r}")
+
+
+def cache_file(dataset: str, split: str, dl: float, key: dict) -> Path:
+    """``cache_root()/<dataset>/<split>_<dl>_<hash of key>.npz``."""
+    spec = json.dumps({"split": split, "dl": float(dl), **key}, sort_keys=True, default=str)
+    digest = hashlib.sha1(spec.encode()).hexdigest()[:16]
+    return cache_root() / dataset / f"{split}_{dl:.4f}_{digest}.npz"
+
+
+def load_or_build(path: Path, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """The arrays cached at ``path``, built (and written atomically) when absent."""
+    if not path.exists():
+        arrays = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def save_full_points(cache: Path, index: int, points: np.ndarray) -> str:
+    """Writes a full-resolution cloud beside the cache file; returns its file name."""
+    name = f"{cache.stem}_full_{index}.npy"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, np.ascontiguousarray(points, np.float32))
+    tmp.replace(cache.with_name(name))
+    return name
+
+
+def scene_arrays(index: int, name: str, points, colors, labels, dl: float, cache: Path,
+                 keep_full: bool) -> Dict[str, np.ndarray]:
+    """Subsamples one full-resolution scene; with ``keep_full`` also its projection indices, full
+    labels and (in a separate file) full points, for test-time reprojection.
+
+    points float32 [m, 3]; colors float32 [m, 3] in [0, 1]; labels int32 [m] (-1 ignored) or None.
+    """
+    out = subsample(points, dl, features=colors, labels=labels)
+    sub_points, sub_colors = out[0], out[1]
+    arrays = {f"name_{index}": np.array(name), f"points_{index}": sub_points.astype(np.float32),
+              f"colors_{index}": np.clip(sub_colors, 0, 1).astype(np.float32)}
+    if labels is not None:
+        arrays[f"labels_{index}"] = out[2].astype(np.int32)
+    if keep_full:
+        tree = KDTree(sub_points, leaf_size=LEAF_SIZE)
+        arrays[f"projection_{index}"] = tree.query(points, return_distance=False)[:, 0].astype(np.int32)
+        if labels is not None:
+            arrays[f"full_labels_{index}"] = np.asarray(labels, np.int32)
+        arrays[f"full_file_{index}"] = np.array(save_full_points(cache, index, points))
+    return arrays
+
+
+def scenes_from_arrays(arrays: Dict[str, np.ndarray], cache: Path) -> List[Scene]:
+    """The Scenes stored by ``scene_arrays`` (indices 0, 1, ...), with fresh KD-trees."""
+    scenes = []
+    for i in itertools.count():
+        if f"points_{i}" not in arrays:
+            break
+        points = arrays[f"points_{i}"]
+        full_file = arrays.get(f"full_file_{i}")
+        loader = None
+        if full_file is not None:
+            full_path = cache.with_name(str(full_file))
+            loader = lambda full_path=full_path: np.load(full_path)  # noqa: E731
+        scenes.append(Scene(name=str(arrays[f"name_{i}"]), points=points, colors=arrays[f"colors_{i}"],
+                            labels=arrays.get(f"labels_{i}"), tree=KDTree(points, leaf_size=LEAF_SIZE),
+                            projection=arrays.get(f"projection_{i}"),
+                            full_labels=arrays.get(f"full_labels_{i}"), full_points_loader=loader))
+    return scenes
+
+
+def cached_scenes(dataset: str, split: str, dl: float, key: dict, sources: Sequence,
+                  read: Callable, keep_full: bool) -> List[Scene]:
+    """Scenes of ``split`` from the cache, or read with ``read(source) -> (name, points, colors,
+    labels)`` (None to skip the source), subsampled and cached. Empty clouds are skipped with a warning."""
+    from training.datasets.base import skip_empty
+
+    path = cache_file(dataset, split, dl, key)
+
+    def build():
+        arrays, index = {}, 0
+        for source in sources:
+            item = read(source)
+            if item is None:
+                continue
+            name, points, colors, labels = item
+            if skip_empty(name, points):
+                continue
+            arrays.update(scene_arrays(index, name, points, colors, labels, dl, path, keep_full))
+            index += 1
+        return arrays
+
+    return scenes_from_arrays(load_or_build(path, build), path)
+
+
+def option(config, key: str, default=None):
+    """``config.dataset.extra[key]`` or ``default``."""
+    return dict(config.dataset.extra or {}).get(key, default)

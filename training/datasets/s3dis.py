@@ -1,0 +1,115 @@
+"""S3DIS indoor scene segmentation from the ``Stanford3dDataset_v1.2*`` annotation files.
+
+    <root>/Area_N/<room>/Annotations/<class>_<k>.txt    "x y z r g b" per line (colours 0-255)
+
+(``<root>`` may also be the folder holding one ``Stanford3dDataset_v1.2*`` directory.) As the
+original, every Area is one scene merged from the annotation files of its rooms (room files are not
+needed), the class is the file-name prefix ("stairs" counts as clutter), colours go to [0, 1], and
+the test area (default 5) is the "validation" and "test" split, the other areas "train". Scenes are
+grid-subsampled and cached with their KD-tree; the test area keeps the projection of its full cloud.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from training.datasets.base import DatasetError, Scene, SceneDataset, require_dir
+from training.datasets.common import cached_scenes, check_split, option, read_table
+
+CLASSES = ["ceiling", "floor", "wall", "beam", "column", "window", "door", "chair", "table", "bookcase", "sofa",
+           "board", "clutter"]
+# Annotation names the original folds into a class.
+ALIASES = {"stairs": "clutter"}
+LAYOUT = "<root>/Area_N/<room>/Annotations/<class>_<k>.txt with 'x y z r g b' lines (root may hold Stanford3dDataset_v1.2*)"
+
+
+def _find_areas(root: Path) -> Dict[int, Path]:
+    def areas_in(folder):
+        found = {}
+        for child in folder.iterdir():
+            if child.is_dir() and child.name.startswith("Area_") and child.name[5:].isdigit():
+                found[int(child.name[5:])] = child
+        return found
+
+    areas = areas_in(root)
+    if not areas:
+        for child in sorted(root.glob("Stanford3dDataset_v1.2*")):
+            if child.is_dir():
+                areas = areas_in(child)
+                if areas:
+                    break
+    if not areas:
+        raise DatasetError(f"no Area_N folder in {str(root)!r}; expected layout: {LAYOUT}")
+    return areas
+
+
+class S3DIS(SceneDataset):
+    """S3DIS areas as scenes, 13 classes; ``test_area`` is held out ("validation" and "test")."""
+
+    name = "S3DIS"
+    label_names = list(CLASSES)
+    has_colors = True
+    version = 1
+
+    def __init__(self, root, first_subsampling_dl: float = 0.04, test_area: int = 5):
+        if not first_subsampling_dl > 0:
+            raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
+        self.root = require_dir(root, LAYOUT)
+        self.dl = float(first_subsampling_dl)
+        self.areas = _find_areas(self.root)
+        self.test_area = int(test_area)
+        if self.test_area not in self.areas:
+            raise DatasetError(f"test area Area_{self.test_area} not found in {str(self.root)!r} "
+                               f"(found {['Area_%d' % a for a in sorted(self.areas)]})")
+        self._scenes: Dict[str, List[Scene]] = {}
+
+    def scenes(self, split: str) -> List[Scene]:
+        check_split(split, ("train", "validation", "test"))
+        held_out = split != "train"
+        if held_out not in self._scenes:
+            areas = [self.test_area] if held_out else [a for a in sorted(self.areas) if a != self.test_area]
+            scenes = []
+            for area in areas:
+                key = {"root": str(self.areas[area].resolve()), "keep_full": held_out, "version": self.version}
+                scenes += cached_scenes(self.name, f"Area_{area}", self.dl, key, [area], self._read_area,
+                                        keep_full=held_out)
+            self._scenes[held_out] = scenes
+        return self._scenes[held_out]
+
+    def _read_area(self, area: int):
+        folder = self.areas[area]
+        index = {name: i for i, name in enumerate(CLASSES)}
+        points, colors, labels = [], [], []
+        rooms = sorted(d for d in folder.iterdir() if (d / "Annotations").is_dir())
+        if not rooms:
+            warnings.warn(f"{folder} has no <room>/Annotations folder", stacklevel=2)
+        for room in rooms:
+            for path in sorted((room / "Annotations").glob("*.txt")):
+                prefix = path.stem.split("_")[0]
+                prefix = ALIASES.get(prefix, prefix)
+                if prefix not in index:
+                    raise DatasetError(f"{path}: unknown class {prefix!r} in the file name; classes: {CLASSES}")
+                data = read_table(path, 6)
+                points.append(data[:, :3])
+                # The original stores colours as uint8 before averaging them.
+                colors.append(np.clip(data[:, 3:6], 0, 255).astype(np.uint8).astype(np.float32) / 255)
+                labels.append(np.full(len(data), index[prefix], np.int32))
+        if not points:
+            return folder.name, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), np.zeros(0, np.int32)
+        return folder.name, np.concatenate(points), np.concatenate(colors), np.concatenate(labels)
+
+
+def from_config(config) -> S3DIS:
+    """S3DIS at ``config.dataset.path``; the test area is ``dataset.extra['test_area']`` or
+    ``dataset.split`` ("Area_5" or "5"), default 5."""
+    area = option(config, "test_area")
+    if area is None and config.dataset.split:
+        text = config.dataset.split[5:] if config.dataset.split.startswith("Area_") else config.dataset.split
+        if not text.isdigit():
+            raise ValueError(f"dataset.split must name the S3DIS test area (e.g. 'Area_5'), got {config.dataset.split!r}")
+        area = int(text)
+    return S3DIS(config.dataset.path, config.model.first_subsampling_dl, test_area=5 if area is None else area)
