@@ -368,3 +368,303 @@ def test_s3dis_bad_input(tmp_path):
     bad.write_text("0 0 0 1 2 3\n1 1 1 103.0\x100000 2 3\n")
     with pytest.raises(DatasetError, match=r"wall_1\.txt: line 2"):
         S3DIS(root, 0.3).scenes("train")
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic3D
+
+
+def write_semantic3d(root, rng, dl):
+    root.mkdir(parents=True)
+    scans = {"bildstein_station1_xyz_intensity_rgb": True, "domfountain_station1_xyz_intensity_rgb": True,
+             "sg27_station1_intensity_rgb": True, "sg27_station10_rgb_intensity-reduced": False}
+    written = {}
+    for s, (name, labelled) in enumerate(scans.items()):
+        n = 150
+        base = rng.uniform(0, 3, (n, 3)) + (10 * s, 0, 0)
+        # Near-duplicates 2 mm apart so the 1 cm presampling merges points.
+        points = off_grid(np.concatenate([base, base + rng.uniform(-2e-3, 2e-3, base.shape)]), 0.01, decimals=4)
+        intensity = rng.integers(-2000, 2000, len(points))
+        colors = rng.integers(0, 256, (len(points), 3))
+        (root / f"{name}.txt").write_text("".join(
+            f"{x:.4f} {y:.4f} {z:.4f} {i} {r} {g} {b}\n" for (x, y, z), i, (r, g, b) in zip(points, intensity, colors)))
+        labels = rng.integers(0, 9, len(points)) if labelled else None
+        if labelled:
+            (root / f"{name}.labels").write_text("".join(f"{v}\n" for v in labels))
+        written[name] = (points, colors / 255, labels)
+    return written
+
+
+def test_semantic3d_splits_presampling_and_cache(tmp_path, monkeypatch):
+    from training.datasets.semantic3d import CLASSES, Semantic3D, from_config
+
+    root = tmp_path / "Semantic3D"
+    dl = 0.3
+    written = write_semantic3d(root / "original_data", np.random.default_rng(6), dl)
+    config = config_for("Semantic3D", root)
+    config.model.first_subsampling_dl = dl
+    dataset = from_config(config)
+    assert dataset.label_names == CLASSES and len(CLASSES) == 8
+    assert [s.name for s in dataset.scenes("train")] == ["bildstein_station1_xyz_intensity_rgb",
+                                                         "sg27_station1_intensity_rgb"]
+    assert [s.name for s in dataset.scenes("validation")] == ["domfountain_station1_xyz_intensity_rgb"]
+    assert [s.name for s in dataset.scenes("test")] == ["sg27_station10_rgb_intensity-reduced"]
+    for split in ("train", "validation", "test"):
+        for scene in dataset.scenes(split):
+            points, colors, raw = written[scene.name]
+            if raw is None:
+                ref = grid_reference(points, dl, features=colors)
+                assert scene.labels is None and scene.full_labels is None
+                np.testing.assert_allclose(scene.full_points(), points, atol=1e-5)
+                full_points = points
+            else:
+                labels = raw - 1  # 0 (unlabeled) -> -1
+                pre_points, pre_colors, pre_labels = grid_reference(points, 0.01, features=colors, labels=labels)
+                assert len(pre_points) < len(points)
+                ref = grid_reference(pre_points, dl, features=pre_colors, labels=pre_labels)
+                if split == "validation":
+                    full_points = scene.full_points()
+                    assert_cloud(full_points, pre_points, (scene.full_labels, pre_labels))
+            pairs = [(scene.colors, ref[1])] + ([(scene.labels, ref[2])] if raw is not None else [])
+            assert_cloud(scene.points, ref[0], *pairs)
+            if split != "train":
+                _, nearest = common.KDTree(scene.points).query(full_points)
+                d_got = np.linalg.norm(full_points - scene.points[scene.projection], axis=1)
+                d_best = np.linalg.norm(full_points - scene.points[nearest[:, 0]], axis=1)
+                np.testing.assert_allclose(d_got, d_best, atol=1e-6)
+
+    monkeypatch.setattr("training.datasets.semantic3d.read_table", lambda *a, **k: 1 / 0)
+    again = Semantic3D(root, dl)
+    np.testing.assert_array_equal(again.scenes("test")[0].points, dataset.scenes("test")[0].points)
+    monkeypatch.undo()
+    monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))
+    other = Semantic3D(root, dl, validation_clouds=["sg27_station1_intensity_rgb"])
+    assert [s.name for s in other.scenes("validation")] == ["sg27_station1_intensity_rgb"]
+
+
+def test_semantic3d_bad_input(tmp_path):
+    from training.datasets.semantic3d import Semantic3D
+
+    with pytest.raises(DatasetError, match="scan"):
+        Semantic3D(tmp_path, 0.1)
+    root = tmp_path / "s"
+    write_semantic3d(root, np.random.default_rng(7), 0.3)
+    labels = root / "sg27_station1_intensity_rgb.labels"
+    values = labels.read_text().split()
+    labels.write_text("\n".join(values[:-1] + ["9"]) + "\n")
+    with pytest.raises(DatasetError, match=r"sg27_station1_intensity_rgb\.labels: labels \[9\] are outside"):
+        Semantic3D(root, 0.3).scenes("train")
+    labels.write_text("\n".join(values[:-1]) + "\n")
+    with pytest.raises(DatasetError, match=r"299 labels for the 300 points"):
+        Semantic3D(root, 0.3).scenes("train")
+    labels.write_text("\n".join(values) + "\n")
+    txt = root / "sg27_station1_intensity_rgb.txt"
+    lines = txt.read_text().splitlines()
+    lines[41] = lines[41] + " 7"
+    txt.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"sg27_station1_intensity_rgb\.txt: line 42"):
+        Semantic3D(root, 0.3).scenes("train")
+
+
+# --------------------------------------------------------------------------------------------
+# NPM3D
+
+
+def write_npm3d(root, rng):
+    written = {}
+    for folder, names in (("training_points", ["Lille1_1", "Lille1_2", "Paris"]), ("test_points", ["ajaccio_2"])):
+        (root / folder).mkdir(parents=True)
+        for s, name in enumerate(names):
+            n = 120
+            fields = {k: v for k, v in zip("xyz", off_grid(rng.uniform(0, 6, (n, 3)) + (20 * s, 0, 0), 0.5).T)}
+            fields = {k: v.astype(np.float32) for k, v in fields.items()}
+            fields["reflectance"] = rng.uniform(0, 120, n).astype(np.float32)
+            if folder == "training_points":
+                fields["class"] = rng.integers(0, 10, n).astype(np.int32)
+            write_ply(root / folder / f"{name}.ply", fields)
+            written[name] = fields
+    return written
+
+
+def test_npm3d_reflectance_labels_splits(tmp_path, monkeypatch):
+    from training.datasets.npm3d import CLASSES, NPM3D, from_config
+
+    root = tmp_path / "NPM3D"
+    written = write_npm3d(root, np.random.default_rng(8))
+    dl = 0.5
+    config = config_for("NPM3D", root)
+    config.model.first_subsampling_dl = dl
+    dataset = from_config(config)
+    assert dataset.label_names == CLASSES and len(CLASSES) == 9
+    assert [s.name for s in dataset.scenes("train")] == ["Lille1_1", "Paris"]
+    assert [s.name for s in dataset.scenes("validation")] == ["Lille1_2"]
+    assert [s.name for s in dataset.scenes("test")] == ["ajaccio_2"]
+    for split in ("train", "validation", "test"):
+        for scene in dataset.scenes(split):
+            f = written[scene.name]
+            points = np.stack([f["x"], f["y"], f["z"]], 1)
+            reflectance = np.minimum(f["reflectance"].astype(np.float64), 50)[:, None] / 50
+            labels = f["class"] - 1 if "class" in f else None
+            ref = grid_reference(points, dl, features=np.repeat(reflectance, 3, 1), labels=labels)
+            pairs = [(scene.colors, ref[1])] + ([(scene.labels, ref[2])] if labels is not None else [])
+            assert_cloud(scene.points, ref[0], *pairs)
+            assert (scene.labels is None) == (split == "test")
+            if split != "train":
+                np.testing.assert_array_equal(scene.full_points(), points)
+                if labels is not None:
+                    np.testing.assert_array_equal(scene.full_labels, labels)
+                _, nearest = common.KDTree(scene.points).query(points)
+                np.testing.assert_allclose(np.linalg.norm(points - scene.points[scene.projection], axis=1),
+                                           np.linalg.norm(points - scene.points[nearest[:, 0]], axis=1), atol=1e-6)
+
+    monkeypatch.setattr("training.datasets.npm3d.read_ply_fields", lambda *a, **k: 1 / 0)
+    np.testing.assert_array_equal(NPM3D(root, dl).scenes("train")[1].colors, dataset.scenes("train")[1].colors)
+
+
+def test_npm3d_bad_input(tmp_path):
+    from training.datasets.npm3d import NPM3D
+
+    with pytest.raises(DatasetError, match="training_points"):
+        NPM3D(tmp_path, 0.5)
+    root = tmp_path / "n"
+    written = write_npm3d(root, np.random.default_rng(9))
+    fields = dict(written["Paris"])
+    fields["class"] = fields["class"].copy()
+    fields["class"][3] = 12
+    write_ply(root / "training_points" / "Paris.ply", fields)
+    with pytest.raises(DatasetError, match=r"Paris\.ply: labels \[12\]"):
+        NPM3D(root, 0.5).scenes("train")
+    del fields["class"]
+    write_ply(root / "training_points" / "Paris.ply", fields)
+    with pytest.raises(DatasetError, match=r"Paris\.ply: vertex properties \['class'\] are missing"):
+        NPM3D(root, 0.5).scenes("train")
+    write_ply(root / "training_points" / "Paris.ply", {k: v[:0] for k, v in written["Paris"].items()})
+    with pytest.warns(UserWarning, match="Paris"):
+        assert [s.name for s in NPM3D(root, 0.5).scenes("train")] == ["Lille1_1"]
+
+
+# --------------------------------------------------------------------------------------------
+# Scannet
+
+
+def write_mesh_ply(path, fields, faces):
+    """Binary PLY with vertices and a triangle face element (as the ScanNet meshes)."""
+    dtype = [(k, "<f4" if k in "xyz" else ("<u2" if k == "label" else "u1")) for k in fields]
+    types = {"<f4": "float", "u1": "uchar", "<u2": "ushort"}
+    vertices = np.empty(len(fields["x"]), dtype)
+    for k in fields:
+        vertices[k] = fields[k]
+    header = ["ply", "format binary_little_endian 1.0", "comment made by the test", f"element vertex {len(vertices)}"]
+    header += [f"property {types[t]} {k}" for k, t in dtype]
+    header += [f"element face {len(faces)}", "property list uchar int vertex_indices", "end_header"]
+    face_data = np.empty(len(faces), [("n", "u1"), ("v", "<i4", (3,))])
+    face_data["n"], face_data["v"] = 3, faces
+    path.write_bytes(("\n".join(header) + "\n").encode() + vertices.tobytes() + face_data.tobytes())
+
+
+def write_scannet(root, rng):
+    written = {}
+    scenes = {"scene0000_00": "scans", "scene0001_00": "scans", "scene0002_00": "scans", "scene0707_00": "scans_test"}
+    for s, (scene, folder) in enumerate(scenes.items()):
+        d = root / folder / scene
+        d.mkdir(parents=True)
+        n = 100
+        points = off_grid(rng.uniform(0, 4, (n, 3)), 0.4).astype(np.float32)
+        colors = rng.integers(0, 256, (n, 3))
+        fields = {"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "red": colors[:, 0], "green": colors[:, 1],
+                  "blue": colors[:, 2], "alpha": np.full(n, 255)}
+        faces = rng.integers(0, n, (2 * n, 3))
+        write_mesh_ply(d / f"{scene}_vh_clean_2.ply", fields, faces)
+        labels = None
+        if folder == "scans":
+            labels = rng.integers(0, 41, n)
+            write_mesh_ply(d / f"{scene}_vh_clean_2.labels.ply", {**fields, "label": labels}, faces)
+        written[scene] = (points.astype(np.float64), colors / 255, labels)
+    # A quarter turn about z and a shift, as the ScanNet meta files give.
+    (root / "scans" / "scene0001_00" / "scene0001_00.txt").write_text(
+        "colorHeight = 968\naxisAlignment = 0 -1 0 1.5 1 0 0 -2 0 0 1 0.25 0 0 0 1\nnumDepthFrames = 10\n")
+    (root / "scannetv2_val.txt").write_text("scene0002_00\n")
+    return written
+
+
+def test_scannet_labels_alignment_splits(tmp_path, monkeypatch):
+    from training.datasets.scannet import CLASS_IDS, CLASSES, Scannet, from_config
+
+    root = tmp_path / "Scannet"
+    written = write_scannet(root, np.random.default_rng(10))
+    dl = 0.4
+    config = config_for("Scannet", root)
+    config.model.first_subsampling_dl = dl
+    dataset = from_config(config)
+    assert dataset.label_names == CLASSES and len(CLASSES) == 20
+    assert [s.name for s in dataset.scenes("train")] == ["scene0000_00", "scene0001_00"]
+    assert [s.name for s in dataset.scenes("validation")] == ["scene0002_00"]
+    assert [s.name for s in dataset.scenes("test")] == ["scene0707_00"]
+    lookup = {i: CLASS_IDS.index(i) if i in CLASS_IDS else -1 for i in range(41)}
+    for split in ("train", "validation", "test"):
+        for scene in dataset.scenes(split):
+            points, colors, raw = written[scene.name]
+            if scene.name == "scene0001_00":
+                rotation = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1.0]])
+                points = points @ rotation.T + (1.5, -2, 0.25)
+            labels = None if raw is None else np.array([lookup[v] for v in raw])
+            ref = grid_reference(points, dl, features=colors, labels=labels)
+            pairs = [(scene.colors, ref[1])] + ([(scene.labels, ref[2])] if labels is not None else [])
+            assert_cloud(scene.points, ref[0], *pairs)
+            if split != "train":
+                np.testing.assert_allclose(scene.full_points(), points, atol=1e-6)
+                if labels is not None:
+                    np.testing.assert_array_equal(scene.full_labels, labels)
+    assert dataset.scenes("test")[0].labels is None
+
+    monkeypatch.setattr("training.datasets.scannet.read_ply_fields", lambda *a, **k: 1 / 0)
+    np.testing.assert_array_equal(Scannet(root, dl).scenes("validation")[0].labels,
+                                  dataset.scenes("validation")[0].labels)
+    monkeypatch.undo()
+    monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))
+    # An explicit training list replaces "every scene not in validation".
+    (root / "scannetv2_train.txt").write_text("scene0001_00\n")
+    assert [s.name for s in Scannet(root, dl).scenes("train")] == ["scene0001_00"]
+
+
+def test_scannet_bad_input(tmp_path):
+    from training.datasets.scannet import Scannet
+
+    with pytest.raises(DatasetError, match="scans"):
+        Scannet(tmp_path / "nothing", 0.4)
+    root = tmp_path / "s"
+    write_scannet(root, np.random.default_rng(11))
+    (root / "scannetv2_val.txt").unlink()
+    with pytest.raises(DatasetError, match="scannetv2_val.txt"):
+        Scannet(root, 0.4)
+    (root / "scannetv2_val.txt").write_text("scene0002_00\nscene0003_00\n")
+    with pytest.raises(DatasetError, match=r"scene0003_00_vh_clean_2\.ply"):
+        Scannet(root, 0.4).scenes("validation")
+    (root / "scannetv2_val.txt").write_text("scene0002_00\n")
+    (root / "scans" / "scene0000_00" / "scene0000_00_vh_clean_2.labels.ply").unlink()
+    with pytest.raises(DatasetError, match=r"scene0000_00_vh_clean_2\.labels\.ply"):
+        Scannet(root, 0.4).scenes("train")
+
+
+# --------------------------------------------------------------------------------------------
+# Training configurations
+
+
+@pytest.mark.parametrize("name, dl, radius, features, batch, epochs, period", [
+    ("ModelNet40", 0.02, None, 1, 16, 402, 80), ("ShapeNetPart", 0.02, None, 4, 16, 500, 80),
+    ("S3DIS", 0.04, 2.0, 5, 10, 500, 100), ("Scannet", 0.04, 2.0, 4, 10, 500, 100),
+    ("Semantic3D", 0.06, 3.0, 4, 10, 500, 100), ("NPM3D", 0.08, 4.0, 1, 8, 600, 100)])
+def test_original_training_configs(name, dl, radius, features, batch, epochs, period):
+    config = Config.from_yaml(CONFIGS / f"{name.lower()}.yaml")
+    assert config.dataset.name == name and config.train.semantics == "original"
+    assert config.model.first_subsampling_dl == dl and config.dataset.in_features_dim == features
+    assert config.train.batch_num == batch and config.train.max_epoch == epochs
+    assert config.model.density_parameter == 5.0 and config.model.kp_extent == 1.0
+    if radius is not None:
+        assert config.dataset.in_radius == radius
+    # The original decays the learning rate by 0.1 ** (1 / period) at the end of every epoch.
+    assert sorted(config.train.lr_decays) == list(range(1, epochs))
+    np.testing.assert_allclose(list(config.train.lr_decays.values()), 0.1 ** (1 / period), rtol=1e-12)
+    arch = config.model.architecture
+    assert arch[0] == "simple" and (arch[-1] == "global_average") == (name == "ModelNet40")
+    assert sum("strided" in b for b in arch) == 4 and config.model.num_layers == 5

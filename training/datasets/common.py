@@ -66,8 +66,9 @@ def _raise_bad_line(path, lines, first_line, columns, delimiter):
     raise DatasetError(f"{path}: unreadable lines {first_line}..{first_line + len(lines) - 1}")
 
 
-def read_ply_fields(path, fields: Sequence[str]) -> Dict[str, np.ndarray]:
-    """The named vertex properties of a PLY file; DatasetError when the file or a property is missing."""
+def read_ply_fields(path, fields: Sequence[str], optional: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+    """The named vertex properties of a PLY file (and those of ``optional`` it has); DatasetError when
+    the file or a required property is missing."""
     from utils.ply import PlyError, read_ply
 
     path = Path(path)
@@ -80,7 +81,7 @@ def read_ply_fields(path, fields: Sequence[str]) -> Dict[str, np.ndarray]:
     missing = [name for name in fields if name not in data.dtype.names]
     if missing:
         raise DatasetError(f"{path}: vertex properties {missing} are missing (has {list(data.dtype.names)})")
-    return {name: np.asarray(data[name]) for name in fields}
+    return {name: np.asarray(data[name]) for name in list(fields) + list(optional) if name in data.dtype.names}
 
 
 def subsample(points, dl: float, features=None, labels=None):
