@@ -322,7 +322,7 @@ class Pipeline:
         counts = [[] for _ in range(num_layers)]
         # Neighbourhoods larger than the original's bound cannot shape the 80% percentile.
         bound = int(math.ceil(4 / 3 * math.pi * (self.config.model.density_parameter + 1) ** 3))
-        dataset = self._tf_dataset(self.stream(self.calibration_split, "random", self.config.train.seed),
+        dataset = self.tf_dataset(self.stream(self.calibration_split, "random", self.config.train.seed),
                                    neighbor_limits=[bound] * num_layers, with_meta=False,
                                    seed=self.config.train.seed)
         for index, (inputs, _) in enumerate(dataset):
@@ -373,8 +373,9 @@ class Pipeline:
                 "scales": scales, "rotations": rotations, "batch_number": batch["number"]}
         return inputs, batch["labels"], meta
 
-    def _tf_dataset(self, stream, neighbor_limits, with_meta, seed, start_batch=0, augment=True,
+    def tf_dataset(self, stream, neighbor_limits, with_meta, seed, start_batch=0, augment=True,
                     parallel_calls=None):
+        """tf.data.Dataset over the batches of ``stream`` (an ObjectStream or SceneStream)."""
         signature = self._signature()
 
         def generate():
@@ -405,5 +406,5 @@ class Pipeline:
         if count is None and mode == "potentials":
             count = self.config.dataset.validation_size * (1 if self.is_scene else self.config.train.batch_num)
         stream = self.stream(data_split, mode, seed, count)
-        return self._tf_dataset(stream, self.neighbor_limits, with_meta, seed, start_batch, augment,
+        return self.tf_dataset(stream, self.neighbor_limits, with_meta, seed, start_batch, augment,
                                 parallel_calls)
