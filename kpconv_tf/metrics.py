@@ -236,14 +236,13 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
         tf.debugging.assert_equal(tf.size(labels, out_type=tf.int64), tf.size(predictions, out_type=tf.int64),
                                   message="y_true must have one label per row of y_pred")
         keep = tf.logical_and(labels >= 0, tf.not_equal(labels, self.ignore_label))
-        labels = tf.boolean_mask(labels, keep)
-        predictions = tf.boolean_mask(predictions, keep)
-        tf.debugging.assert_less(labels, tf.constant(self.num_classes, tf.int64),
+        tf.debugging.assert_less(tf.where(keep, labels, 0), tf.constant(self.num_classes, tf.int64),
                                  message=f"y_true must lie in [0, {self.num_classes}) or be ignored")
-        pair_index = labels * self.num_classes + predictions
-        counts = tf.math.unsorted_segment_sum(
-            tf.ones_like(pair_index), pair_index, self.num_classes * self.num_classes)
-        self.confusion.assign_add(tf.reshape(counts, [self.num_classes, self.num_classes]))
+        # Ignored points go to one extra segment that is dropped: static shapes, so XLA compiles it.
+        num_pairs = self.num_classes * self.num_classes
+        pair_index = tf.where(keep, labels * self.num_classes + predictions, num_pairs)
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(pair_index), pair_index, num_pairs + 1)
+        self.confusion.assign_add(tf.reshape(counts[:num_pairs], [self.num_classes, self.num_classes]))
 
     def result(self):
         return tf.convert_to_tensor(self.confusion)

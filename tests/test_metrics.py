@@ -152,11 +152,12 @@ def test_keras_metrics_match_numpy_over_several_updates(seed):
     assert int(tf.reduce_sum(miou.confusion)) == 0
 
 
-def test_keras_metric_inside_tf_function_with_ignore_label():
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_keras_metric_inside_tf_function_with_ignore_label(jit_compile):
     num_classes = 4
     metric = metrics.ConfusionMeanIoU(num_classes, ignore_label=0)
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def update(labels, logits):
         metric.update_state(labels, logits)
 
