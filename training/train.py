@@ -52,7 +52,10 @@ def build_network(config: Config):
 
 
 def checkpoint_for(training_model):
-    return tf.train.Checkpoint(model=training_model)
+    """Checkpoint of everything a run needs to continue: every network variable (weights and
+    batch-norm statistics, listed explicitly because the blocks sit in Python lists that TF's object
+    graph does not follow), the momentum slots, the learning rate and the step count."""
+    return tf.train.Checkpoint(model=training_model, network_variables=list(training_model.network.variables))
 
 
 def _scalar_metadata():
@@ -186,6 +189,8 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
           max_epochs=None, verbose=1) -> Path:
     """Runs (or resumes) a training; returns the run directory."""
     start_time = time.time()
+    if os.environ.get("KPCONV_TF_DETERMINISTIC") == "1":
+        tf.config.experimental.enable_op_determinism()  # bitwise-repeatable runs (tests of --resume)
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
@@ -225,8 +230,7 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
         print(f"fine-tuning: {len(copied)} variables copied from {finetune}")
     state["start_time"] = start_time
 
-    segmentation = config.model.network_model != "classification"
-    validation_key = "val_accuracy"
+    validation_key = "val_mean_iou" if config.model.network_model == "segmentation" else "val_accuracy"
     deadline = start_time + 60 * max_minutes if max_minutes else None
     logger = RunLogger(run_dir, config, state, deadline, validation_key)
     validation = pipeline.dataset("validation")
@@ -258,8 +262,6 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
                 lr.assign(lr * config.train.lr_decays[epoch + 1])
             row = {"epoch": epoch + 1, "steps": state["steps"], "seconds": round(time.time() - t0, 2), **logs}
             row["learning_rate"] = float(model.learning_rate.numpy())
-            if segmentation and "val_accuracy" in logs:
-                row["val_mean_iou"] = logs.get("val_mean_iou")
             append_csv(run_dir / "training_log.csv", row)
             logger.write_scalars(row, epoch + 1)
             score = logs.get(validation_key)

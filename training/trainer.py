@@ -22,6 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kpconv_tf.metrics import ConfusionMeanIoU
+
 OFFSET_GRADIENT_SCALE = 0.1
 SEMANTICS = ("original", "paper")
 
@@ -251,8 +253,8 @@ class TrainingModel(keras.Model):
     ``test_step`` computes the same losses in inference mode and the accuracy. Logged metrics are
     epoch means: ``loss`` (total), ``output_loss``, ``regularization_loss``, ``offsets_loss``,
     ``accuracy``, plus ``learning_rate`` (last value). Compile with ``compile()`` (no arguments).
-    ``training_model.learning_rate`` is the variable callbacks decay; ``tf.train.Checkpoint(
-    model=training_model)`` saves the network, the slots, the learning rate and the iteration count.
+    ``training_model.learning_rate`` is the variable callbacks decay; ``training.train.checkpoint_for``
+    saves the network variables, the slots, the learning rate and the iteration count (exact resume).
     """
 
     def __init__(self, network, config, **kwargs):
@@ -263,6 +265,10 @@ class TrainingModel(keras.Model):
         self.momentum_optimizer = self.step.optimizer
         self._trackers = {name: keras.metrics.Mean(name=name) for name in
                           ("loss", "output_loss", "regularization_loss", "offsets_loss", "accuracy")}
+        num_classes = config.dataset.num_classes
+        # Validation mIoU of single-head segmentation (multi-head logits differ in width per object).
+        self._miou = (ConfusionMeanIoU(num_classes) if config.model.network_model == "segmentation"
+                      and isinstance(num_classes, int) else None)
 
     @property
     def learning_rate(self):
@@ -270,7 +276,7 @@ class TrainingModel(keras.Model):
 
     @property
     def metrics(self):
-        return list(self._trackers.values())
+        return list(self._trackers.values()) + ([self._miou] if self._miou is not None else [])
 
     def compile(self, **kwargs):
         kwargs.setdefault("optimizer", None)
@@ -306,4 +312,8 @@ class TrainingModel(keras.Model):
         logits = self.network(inputs, training=False)
         result = self.step.losses(inputs, labels, logits)
         result["accuracy"] = accuracy(labels, logits)
-        return self._log(result)
+        logs = self._log(result)
+        if self._miou is not None:
+            self._miou.update_state(labels, logits)
+            logs["mean_iou"] = self._miou.result()
+        return logs

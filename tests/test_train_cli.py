@@ -1,0 +1,187 @@
+"""training.train / training.test end to end on tiny embedded data (subprocesses where it matters)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kpconv_tf.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ["table", "mug", "dumbbell"]
+TINY = [
+    "dataset.name=EmbeddedShapes", "dataset.in_features_dim=4", "dataset.validation_size=1",
+    f"dataset.extra={{train_per_class: 6, test_per_class: 2, seed: 1, classes: {SHAPES}}}",
+    "model.first_subsampling_dl=0.15", "model.first_features_dim=8", "model.density_parameter=3.0",
+    "model.architecture=[simple, resnetb, resnetb_strided, resnetb, global_average]",
+    "train.batch_num=4", "train.epoch_steps=4", "train.max_epoch=3", "train.learning_rate=0.002",
+    "train.momentum=0.9", "train.snapshot_gap=2", "train.votes=2",
+]
+
+
+@pytest.fixture()
+def env(tmp_path):
+    env = dict(os.environ, KPCONV_TF_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT),
+               TF_CPP_MIN_LOG_LEVEL="2", KPCONV_TF_DETERMINISTIC="1")
+    return env
+
+
+def sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def run_cli(module, args, env, **kwargs):
+    return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def read_log(run_dir):
+    with open(run_dir / "training_log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def network_values(run_dir, name="last"):
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints" / name))
+    keys = sorted(k for k in reader.get_variable_to_shape_map() if k.startswith("network_variables/"))
+    assert keys, "the checkpoint holds no network variables"
+    return {k: reader.get_tensor(k) for k in keys}
+
+
+@pytest.mark.slow
+def test_train_writes_a_run_and_test_votes(tmp_path, env):
+    run_dir = tmp_path / "run"
+    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0",
+                                        *sets(TINY)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_log(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(r["val_accuracy"] != "" for r in rows)
+    assert float(rows[-1]["output_loss"]) < float(rows[0]["output_loss"])  # it learns
+    for name in ("config.yaml", "calibration.json", "training.txt", "state.json", "checkpoints/best.index",
+                 "checkpoints/last.index", "checkpoints/epoch_0002.index"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tensorboard").iterdir())
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["epochs"] == 3 and state["steps"] == 12 and state["finished"]
+    lines = (run_dir / "training.txt").read_text().splitlines()
+    assert lines[0].split() == ["epochs", "steps", "out_loss", "offset_loss", "train_accuracy", "time"]
+    assert len(lines) == 13
+
+    result = run_cli("training.test", [str(run_dir), "--votes", "2", "--checkpoint", "last"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
+    assert set(metrics["per_class_iou"]) == set(SHAPES)
+    conf = np.array(metrics["confusion"])
+    assert conf.sum() == 2 * len(SHAPES)  # every test object once, votes averaged
+    assert metrics["overall_accuracy"] == pytest.approx(np.trace(conf) / conf.sum())
+    assert (run_dir / "test" / "confusion.png").exists()
+
+    result = run_cli("utils.plots", [str(run_dir)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "convergence_loss.png").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tmp_path, env):
+    straight = tmp_path / "straight"
+    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(straight), "--verbose", "0",
+                                        *sets(TINY)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "training.train", "--config", "embedded_shapes", "--run-dir",
+                                str(killed), "--verbose", "0", *sets(TINY)], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps_file = killed / "training.txt"
+    deadline = time.time() + 400
+    # Kill in the middle of the second epoch: one epoch checkpointed, some steps of the next lost.
+    while time.time() < deadline and process.poll() is None:
+        if (killed / "state.json").exists() and steps_file.exists() and \
+                len(steps_file.read_text().splitlines()) >= 1 + 4 + 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = json.loads((killed / "state.json").read_text())
+    assert state["epochs"] == 1 and state["steps"] == 4
+
+    result = run_cli("training.train", ["--resume", str(killed), "--verbose", "0"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = network_values(straight), network_values(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert [r["epoch"] for r in read_log(killed)] == ["1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_time_budget_stops_with_a_checkpoint_and_nan_stops_cleanly(tmp_path, env):
+    run_dir = tmp_path / "budget"
+    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0",
+                                        "--max-minutes", "0.001", *sets(TINY)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "time budget" in result.stdout
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["steps"] >= 1 and not state["finished"]
+    assert (run_dir / "checkpoints" / "last.index").exists()
+
+    nan_dir = tmp_path / "nan"
+    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(nan_dir), "--verbose", "0",
+                                        *sets(TINY + ["train.learning_rate=1e30", "train.grad_clip_norm=0"])], env)
+    assert result.returncode != 0
+    assert "non-finite loss" in result.stderr
+
+
+def test_config_errors_name_the_key(tmp_path, monkeypatch):
+    from training.config import load_config
+    from training.train import main
+
+    monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="train.no_such_key"):
+        load_config("embedded_shapes", ["train.no_such_key=1"])
+    with pytest.raises(ConfigError, match="train.batch_num"):
+        load_config("embedded_shapes", ["train.batch_num=many"])
+    with pytest.raises(ConfigError, match="not found"):
+        main(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ValueError, match="dataset.name"):
+        main(["--config", "embedded_shapes", "--set", "dataset.name=Nope", "--run-dir", str(tmp_path / "r")])
+
+
+@pytest.mark.slow
+def test_scene_training_and_test_write_predictions(tmp_path, env):
+    run_dir = tmp_path / "rooms"
+    rooms = [
+        "dataset.name=EmbeddedRooms", "dataset.in_features_dim=5", "dataset.in_radius=1.0",
+        "dataset.validation_size=2", "dataset.extra={num_train: 1, num_test: 1, seed: 2}",
+        "model.first_subsampling_dl=0.12", "model.first_features_dim=8", "model.density_parameter=3.0",
+        "model.architecture=[simple, resnetb_strided, resnetb, nearest_upsample, unary]",
+        "train.batch_num=2", "train.epoch_steps=3", "train.max_epoch=1", "train.learning_rate=0.002",
+    ]
+    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0",
+                                        *sets(rooms)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_log(run_dir)[0]["val_mean_iou"] != ""
+    result = run_cli("training.test", [str(run_dir), "--votes", "0.3"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
+    assert 0 <= metrics["overall_accuracy"] <= 1 and len(metrics["per_class_iou"]) == 8
+    from training.datasets.embedded_rooms import EmbeddedRooms
+    from utils.ply import read_ply
+
+    os.environ["KPCONV_TF_CACHE"] = env["KPCONV_TF_CACHE"]
+    scene = EmbeddedRooms(0.12, num_train=1, num_test=1, seed=2).scenes("test")[0]
+    plys = list((run_dir / "test" / "predictions").rglob("*.ply"))
+    assert plys
+    data = read_ply(plys[0])
+    preds = np.asarray(data["preds"]) if isinstance(data, dict) else data["preds"]
+    assert len(preds) == len(scene.full_points())
+    assert preds.min() >= 0 and preds.max() < 8
