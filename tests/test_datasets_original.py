@@ -593,7 +593,7 @@ def test_scannet_labels_alignment_splits(tmp_path, monkeypatch):
     root = tmp_path / "Scannet"
     written = write_scannet(root, np.random.default_rng(10))
     dl = 0.4
-    config = config_for("Scannet", root)
+    config = config_for("Scannet", root, extra={"mesh_sampling": None})  # the vertices are the cloud
     config.model.first_subsampling_dl = dl
     dataset = from_config(config)
     assert dataset.label_names == CLASSES and len(CLASSES) == 20
@@ -618,13 +618,13 @@ def test_scannet_labels_alignment_splits(tmp_path, monkeypatch):
     assert dataset.scenes("test")[0].labels is None
 
     monkeypatch.setattr("training.datasets.scannet.read_ply_fields", lambda *a, **k: 1 / 0)
-    np.testing.assert_array_equal(Scannet(root, dl).scenes("validation")[0].labels,
+    np.testing.assert_array_equal(Scannet(root, dl, mesh_sampling=None).scenes("validation")[0].labels,
                                   dataset.scenes("validation")[0].labels)
     monkeypatch.undo()
     monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))
     # An explicit training list replaces "every scene not in validation".
     (root / "scannetv2_train.txt").write_text("scene0001_00\n")
-    assert [s.name for s in Scannet(root, dl).scenes("train")] == ["scene0001_00"]
+    assert [s.name for s in Scannet(root, dl, mesh_sampling=None).scenes("train")] == ["scene0001_00"]
 
 
 def test_scannet_bad_input(tmp_path):
@@ -636,14 +636,83 @@ def test_scannet_bad_input(tmp_path):
     write_scannet(root, np.random.default_rng(11))
     (root / "scannetv2_val.txt").unlink()
     with pytest.raises(DatasetError, match="scannetv2_val.txt"):
-        Scannet(root, 0.4)
+        Scannet(root, 0.4, mesh_sampling=None)
     (root / "scannetv2_val.txt").write_text("scene0002_00\nscene0003_00\n")
     with pytest.raises(DatasetError, match=r"scene0003_00_vh_clean_2\.ply"):
-        Scannet(root, 0.4).scenes("validation")
+        Scannet(root, 0.4, mesh_sampling=None).scenes("validation")
     (root / "scannetv2_val.txt").write_text("scene0002_00\n")
     (root / "scans" / "scene0000_00" / "scene0000_00_vh_clean_2.labels.ply").unlink()
     with pytest.raises(DatasetError, match=r"scene0000_00_vh_clean_2\.labels\.ply"):
-        Scannet(root, 0.4).scenes("train")
+        Scannet(root, 0.4, mesh_sampling=None).scenes("train")
+
+
+def test_sample_mesh_covers_faces_with_nearest_vertices():
+    from training.datasets.scannet import sample_mesh
+
+    rng = np.random.default_rng(12)
+    # Disjoint faces (own vertices), one of them degenerate (two equal corners).
+    corners = rng.uniform(0, 0.3, (6, 3, 3))
+    corners[5, 1] = corners[5, 0]
+    vertices = corners.reshape(-1, 3)
+    faces = np.arange(18).reshape(6, 3)
+    spacing = 0.02
+    points, nearest = sample_mesh(vertices, faces, spacing)
+    face = nearest // 3
+    assert not np.any(face == 5)
+    tri = corners[face].astype(np.float64)  # [p, 3, 3]
+    # Every sample lies inside its face: barycentric coordinates >= 0 that rebuild it.
+    e1, e2, q = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], points - tri[:, 0]
+    gram = np.stack([np.stack([(e1 * e1).sum(1), (e1 * e2).sum(1)], 1),
+                     np.stack([(e1 * e2).sum(1), (e2 * e2).sum(1)], 1)], 1)
+    uv = np.linalg.solve(gram, np.stack([(q * e1).sum(1), (q * e2).sum(1)], 1)[..., None])[..., 0]
+    np.testing.assert_allclose(tri[:, 0] + uv[:, :1] * e1 + uv[:, 1:] * e2, points, atol=1e-6)
+    assert np.all(uv > -1e-6) and np.all(uv.sum(1) < 1 + 1e-6)
+    # The vertex given is the nearest corner of the face.
+    d = np.linalg.norm(points[:, None, :] - tri, axis=2)
+    np.testing.assert_allclose(d[np.arange(len(points)), nearest % 3], d.min(1), atol=1e-7)
+    # Coverage: the samples cut each face into triangles of sides <= spacing, so any point of a face is
+    # within spacing / sqrt(3) (the circumradius bound of such a triangle) of a sample of that face.
+    for f in range(5):
+        ab = rng.random((2000, 2))
+        ab = np.where(ab.sum(1, keepdims=True) > 1, 1 - ab, ab)
+        probe = corners[f, 0] + ab[:, :1] * (corners[f, 1] - corners[f, 0]) + ab[:, 1:] * (corners[f, 2] - corners[f, 0])
+        own = points[face == f]
+        gap = np.sqrt(((probe[:, None, :] - own[None]) ** 2).sum(-1)).min(1)
+        assert gap.max() <= spacing / np.sqrt(3) + 1e-9
+
+
+def test_scannet_samples_faces_as_the_original(tmp_path):
+    from training.datasets.scannet import Scannet
+
+    root = tmp_path / "Scannet"
+    d = root / "scans" / "scene0005_00"
+    d.mkdir(parents=True)
+    # A floor square (z = 0.05) and a wall square (x = 3.05), two triangles each, shared corners.
+    floor = [(0.01, 0.01, 0.05), (1.99, 0.01, 0.05), (1.99, 1.99, 0.05), (0.01, 1.99, 0.05)]
+    wall = [(3.05, 0.01, 0.01), (3.05, 1.99, 0.01), (3.05, 1.99, 1.19), (3.05, 0.01, 1.19)]
+    xyz = np.array(floor + wall, np.float32)
+    colors = np.array([[200, 10, 10]] * 4 + [[10, 10, 200]] * 4)
+    faces = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
+    fields = {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2], "red": colors[:, 0], "green": colors[:, 1],
+              "blue": colors[:, 2], "alpha": np.full(8, 255)}
+    write_mesh_ply(d / "scene0005_00_vh_clean_2.ply", fields, faces)
+    write_mesh_ply(d / "scene0005_00_vh_clean_2.labels.ply", {**fields, "label": [2] * 4 + [1] * 4}, faces)
+    (root / "scannetv2_val.txt").write_text("scene0005_00\n")
+    scene = Scannet(root, 0.2, mesh_sampling=0.005).scenes("validation")[0]
+    # Every 20 cm cell the two squares cross holds one point: 10 x 10 on the floor, 10 x 6 on the wall.
+    on_wall = scene.points[:, 0] > 2.5
+    assert on_wall.sum() == 60 and (~on_wall).sum() == 100
+    np.testing.assert_allclose(scene.points[~on_wall, 2], 0.05, atol=1e-6)
+    np.testing.assert_allclose(scene.points[on_wall, 0], 3.05, atol=1e-6)
+    # wall (nyu 1) -> class 0, floor (nyu 2) -> class 1, colours from the mesh vertices.
+    np.testing.assert_array_equal(scene.labels, np.where(on_wall, 0, 1))
+    np.testing.assert_allclose(scene.colors, np.where(on_wall[:, None], [10, 10, 200], [200, 10, 10]) / 255,
+                               atol=1e-6)
+    # The full-resolution cloud is the vertices.
+    np.testing.assert_array_equal(scene.full_points(), xyz)
+    np.testing.assert_array_equal(scene.full_labels, [1] * 4 + [0] * 4)
+    d2 = ((xyz[:, None] - scene.points[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(d2[np.arange(8), scene.projection], d2.min(1), atol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------

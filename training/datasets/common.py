@@ -168,11 +168,13 @@ def save_full_points(cache: Path, index: int, points: np.ndarray) -> str:
 
 
 def scene_arrays(index: int, name: str, points, colors, labels, dl: float, cache: Path,
-                 keep_full: bool) -> Dict[str, np.ndarray]:
-    """Subsamples one full-resolution scene; with ``keep_full`` also its projection indices, full
-    labels and (in a separate file) full points, for test-time reprojection.
+                 keep_full: bool, full=None) -> Dict[str, np.ndarray]:
+    """Subsamples one scene; with ``keep_full`` also the projection indices of the full-resolution
+    cloud, its labels and (in a separate file) its points, for test-time reprojection.
 
-    points float32 [m, 3]; colors float32 [m, 3] in [0, 1]; labels int32 [m] (-1 ignored) or None.
+    points float32 [m, 3]; colors float32 [m, 3] in [0, 1]; labels int32 [m] (-1 ignored) or None;
+    full: (points float32 [k, 3], labels int32 [k] or None), the full-resolution cloud when it is not
+    ``points`` itself (e.g. mesh vertices when the faces were sampled).
     """
     out = subsample(points, dl, features=colors, labels=labels)
     sub_points, sub_colors = out[0], out[1]
@@ -181,6 +183,8 @@ def scene_arrays(index: int, name: str, points, colors, labels, dl: float, cache
     if labels is not None:
         arrays[f"labels_{index}"] = out[2].astype(np.int32)
     if keep_full:
+        if full is not None:
+            points, labels = full
         tree = KDTree(sub_points, leaf_size=LEAF_SIZE)
         arrays[f"projection_{index}"] = tree.query(points, return_distance=False)[:, 0].astype(np.int32)
         if labels is not None:
@@ -211,7 +215,8 @@ def scenes_from_arrays(arrays: Dict[str, np.ndarray], cache: Path) -> List[Scene
 def cached_scenes(dataset: str, split: str, dl: float, key: dict, sources: Sequence,
                   read: Callable, keep_full: bool) -> List[Scene]:
     """Scenes of ``split`` from the cache, or read with ``read(source) -> (name, points, colors,
-    labels)`` (None to skip the source), subsampled and cached. Empty clouds are skipped with a warning."""
+    labels[, full])`` (see ``scene_arrays``), subsampled and cached. Empty clouds are skipped with a
+    warning."""
     from training.datasets.base import skip_empty
 
     path = cache_file(dataset, split, dl, key)
@@ -219,13 +224,10 @@ def cached_scenes(dataset: str, split: str, dl: float, key: dict, sources: Seque
     def build():
         arrays, index = {}, 0
         for source in sources:
-            item = read(source)
-            if item is None:
-                continue
-            name, points, colors, labels = item
+            name, points, colors, labels, *full = read(source)
             if skip_empty(name, points):
                 continue
-            arrays.update(scene_arrays(index, name, points, colors, labels, dl, path, keep_full))
+            arrays.update(scene_arrays(index, name, points, colors, labels, dl, path, keep_full, *full))
             index += 1
         return arrays
 
