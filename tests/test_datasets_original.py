@@ -737,3 +737,17 @@ def test_original_training_configs(name, dl, radius, features, batch, epochs, pe
     arch = config.model.architecture
     assert arch[0] == "simple" and (arch[-1] == "global_average") == (name == "ModelNet40")
     assert sum("strided" in b for b in arch) == 4 and config.model.num_layers == 5
+
+
+def test_sample_mesh_chunks_agree(monkeypatch):
+    from training.datasets import scannet
+
+    rng = np.random.default_rng(13)
+    vertices = rng.uniform(0, 0.2, (30, 3))
+    faces = rng.integers(0, 30, (40, 3))
+    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+    whole = scannet.sample_mesh(vertices, faces, 0.03)
+    monkeypatch.setattr(scannet, "_CHUNK_SAMPLES", 7)
+    chunked = scannet.sample_mesh(vertices, faces, 0.03)
+    np.testing.assert_array_equal(whole[0], chunked[0])
+    np.testing.assert_array_equal(whole[1], chunked[1])

@@ -35,6 +35,7 @@ CLASSES = ["wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", 
            "otherfurniture"]
 LABELS = {i: (CLASS_IDS.index(i) if i in CLASS_IDS else -1) for i in range(41)}
 MESH_GRID = 0.01  # the original grids the face samples at 1 cm
+_CHUNK_SAMPLES = 1 << 20
 LAYOUT = ("<root>/scans/<scene>/<scene>_vh_clean_2.ply and _vh_clean_2.labels.ply, <root>/scannetv2_val.txt, "
           "optional <root>/scannetv2_train.txt, <root>/scans_test/<scene>/<scene>_vh_clean_2.ply")
 
@@ -64,13 +65,18 @@ def sample_mesh(vertices: np.ndarray, faces: np.ndarray, spacing: float):
         i, j = np.meshgrid(np.arange(m + 1), np.arange(m + 1), indexing="ij")
         inside = i + j <= m
         bary = np.stack([i[inside], j[inside], m - i[inside] - j[inside]], 1) / m  # [K, 3]
-        p = np.einsum("kb,fbd->fkd", bary, corners[group])  # [Fg, K, 3]
-        d = np.linalg.norm(p[:, :, None, :] - corners[group][:, None, :, :], axis=3)  # [Fg, K, 3]
-        points.append(p.reshape(-1, 3))
-        nearest.append(np.take_along_axis(faces[group], d.argmin(2), axis=1).reshape(-1))
+        group_corners, group_faces = corners[group], faces[group]
+        # Chunks of about a million samples bound the temporaries on real scans.
+        step = max(1, _CHUNK_SAMPLES // len(bary))
+        for start in range(0, len(group_faces), step):
+            c = group_corners[start:start + step]
+            p = np.einsum("kb,fbd->fkd", bary, c)  # [f, K, 3]
+            d = ((p[:, :, None, :] - c[:, None, :, :]) ** 2).sum(3)  # [f, K, 3]
+            points.append(p.reshape(-1, 3).astype(np.float32))
+            nearest.append(np.take_along_axis(group_faces[start:start + step], d.argmin(2), axis=1).reshape(-1))
     if not points:
         return np.zeros((0, 3), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(points).astype(np.float32), np.concatenate(nearest)
+    return np.concatenate(points), np.concatenate(nearest)
 
 
 def _alignment(path: Path) -> Optional[np.ndarray]:
