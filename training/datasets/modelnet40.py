@@ -48,6 +48,10 @@ class ModelNet40(ObjectDataset):
         self.num_parts = None
         self._clouds: Dict[str, List[ObjectCloud]] = {}
 
+    def cache_identity(self):
+        """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
+        return {"root": str(self.root.resolve()), "classes": self.label_names}
+
     def clouds(self, split: str) -> List[ObjectCloud]:
         check_split(split, ("train", "test"))
         if split not in self._clouds:

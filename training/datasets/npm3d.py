@@ -49,6 +49,10 @@ class NPM3D(SceneDataset):
         self.validation_clouds = sorted(validation_clouds)
         self._scenes: Dict[str, List[Scene]] = {}
 
+    def cache_identity(self):
+        """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
+        return {"root": str(self.root.resolve()), "validation": self.validation_clouds}
+
     def scenes(self, split: str) -> List[Scene]:
         check_split(split, ("train", "validation", "test"))
         if split not in self._scenes:

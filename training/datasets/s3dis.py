@@ -67,6 +67,10 @@ class S3DIS(SceneDataset):
                                f"(found {['Area_%d' % a for a in sorted(self.areas)]})")
         self._scenes: Dict[str, List[Scene]] = {}
 
+    def cache_identity(self):
+        """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
+        return {"root": str(self.root.resolve()), "test_area": self.test_area}
+
     def scenes(self, split: str) -> List[Scene]:
         check_split(split, ("train", "validation", "test"))
         held_out = split != "train"

@@ -126,6 +126,10 @@ class Scannet(SceneDataset):
         self.splits = {"train": sorted(train), "validation": sorted(val), "test": sorted(test)}
         self._scenes: Dict[str, List[Scene]] = {}
 
+    def cache_identity(self):
+        """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
+        return {"root": str(self.root.resolve()), "splits": self.splits, "mesh": self.mesh_sampling}
+
     def _folder(self, scene: str, labelled: bool) -> Path:
         if not labelled and (self.root / "scans_test" / scene).is_dir():
             return self.root / "scans_test" / scene

@@ -50,6 +50,10 @@ class Semantic3D(SceneDataset):
         self.validation_clouds = sorted(validation_clouds)
         self._scenes: Dict[str, List[Scene]] = {}
 
+    def cache_identity(self):
+        """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
+        return {"root": str(self.root.resolve()), "validation": self.validation_clouds}
+
     def _split_of(self, path: Path) -> str:
         if not path.with_suffix(".labels").is_file():
             return "test"

@@ -60,6 +60,10 @@ class ShapeNetPart(ObjectDataset):
         self.synsets = self._read_synsets()
         self._clouds: Dict[str, List[ObjectCloud]] = {}
 
+    def cache_identity(self):
+        """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
+        return {"root": str(self.root.resolve()), "category": self.category}
+
     def _read_synsets(self) -> Dict[str, str]:
         path = self.root / "synsetoffset2category.txt"
         if not path.is_file():
