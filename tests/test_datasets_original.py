@@ -5,7 +5,6 @@ Every expected subsampled cloud is recomputed with an independent float64 numpy 
 """
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -51,16 +51,20 @@ def read_table(path, columns: int, delimiter: Optional[str] = None) -> np.ndarra
     return np.concatenate(blocks) if blocks else np.zeros((0, columns), np.float32)
 
 
+def _parses(words, columns) -> bool:
+    if len(words) != columns:
+        return False
+    try:
+        for word in words:
+            float(word)
+    except ValueError:
+        return False
+    return True
+
+
 def _raise_bad_line(path, lines, first_line, columns, delimiter):
     for offset, line in enumerate(lines):
-        if not line.strip():
-            continue
-        words = [w.strip() for w in line.split(delimiter)]
-        try:
-            ok = len(words) == columns and [float(w) for w in words] is not None
-        except ValueError:
-            ok = False
-        if not ok:
+        if line.strip() and not _parses([w.strip() for w in line.split(delimiter)], columns):
             raise DatasetError(f"{path}: line {first_line + offset} is malformed (expected {columns} numbers"
                                f"{' separated by ' + repr(delimiter) if delimiter else ''}): {line.strip()[:80]!r}")
     raise DatasetError(f"{path}: unreadable lines {first_line}..{first_line + len(lines) - 1}")
