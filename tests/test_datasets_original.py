@@ -439,6 +439,8 @@ def test_semantic3d_splits_presampling_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))
     other = Semantic3D(root, dl, validation_clouds=["sg27_station1_intensity_rgb"])
     assert [s.name for s in other.scenes("validation")] == ["sg27_station1_intensity_rgb"]
+    with pytest.raises(DatasetError, match=r"no validation scan.*\['sg27_station2'\]"):
+        Semantic3D(root, dl, validation_clouds=["sg27_station2"]).scenes("validation")
 
 
 def test_semantic3d_bad_input(tmp_path):
@@ -540,6 +542,10 @@ def test_npm3d_bad_input(tmp_path):
     write_ply(root / "training_points" / "Paris.ply", {k: v[:0] for k, v in written["Paris"].items()})
     with pytest.warns(UserWarning, match="Paris"):
         assert [s.name for s in NPM3D(root, 0.5).scenes("train")] == ["Lille1_1"]
+    for path in (root / "test_points").glob("*.ply"):
+        path.unlink()
+    with pytest.raises(DatasetError, match=r"no test scan.*test_points"):
+        NPM3D(root, 0.5).scenes("test")
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,6 +646,9 @@ def test_scannet_bad_input(tmp_path):
     with pytest.raises(DatasetError, match=r"scene0003_00_vh_clean_2\.ply"):
         Scannet(root, 0.4, mesh_sampling=None).scenes("validation")
     (root / "scannetv2_val.txt").write_text("scene0002_00\n")
+    (root / "scannetv2_test.txt").write_text("")
+    with pytest.raises(DatasetError, match="no test scene"):
+        Scannet(root, 0.4, mesh_sampling=None).scenes("test")
     (root / "scans" / "scene0000_00" / "scene0000_00_vh_clean_2.labels.ply").unlink()
     with pytest.raises(DatasetError, match=r"scene0000_00_vh_clean_2\.labels\.ply"):
         Scannet(root, 0.4, mesh_sampling=None).scenes("train")

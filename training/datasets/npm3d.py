@@ -60,6 +60,12 @@ class NPM3D(SceneDataset):
                 files = self.test_files
             else:
                 files = [f for f in self.train_files if (f.stem in self.validation_clouds) == (split == "validation")]
+            if not files:
+                rule = {"train": "training_points/*.ply outside the validation scans",
+                        "validation": f"training_points/<name>.ply for names {self.validation_clouds} "
+                                      "(dataset.extra.validation_clouds)",
+                        "test": "test_points/*.ply"}[split]
+                raise DatasetError(f"no {split} scan in {str(self.root)!r}: the split takes {rule}")
             key = {"root": str(self.root.resolve()), "files": [f.name for f in files], "version": self.version}
             self._scenes[split] = cached_scenes(self.name, split, self.dl, key, files,
                                                 lambda path: self._read(path, labelled=split != "test"),

@@ -113,7 +113,9 @@ class Scannet(SceneDataset):
         scans = self.root / "scans"
         if not scans.is_dir():
             raise DatasetError(f"missing folder {str(scans)!r}; expected layout: {LAYOUT}")
-        val = _read_list(self.root / "scannetv2_val.txt") or _read_list(self.root / "scannet_v2_val.txt")
+        val = _read_list(self.root / "scannetv2_val.txt")
+        if val is None:
+            val = _read_list(self.root / "scannet_v2_val.txt")  # the original's name
         if val is None:
             raise DatasetError(f"missing file {str(self.root / 'scannetv2_val.txt')!r}; expected layout: {LAYOUT}")
         train = _read_list(self.root / "scannetv2_train.txt")
@@ -138,6 +140,8 @@ class Scannet(SceneDataset):
     def scenes(self, split: str) -> List[Scene]:
         check_split(split, ("train", "validation", "test"))
         if split not in self._scenes:
+            if not self.splits[split]:
+                raise DatasetError(f"no {split} scene in {str(self.root)!r}; expected layout: {LAYOUT}")
             key = {"root": str(self.root.resolve()), "scenes": self.splits[split], "mesh": self.mesh_sampling,
                    "version": self.version}
             self._scenes[split] = cached_scenes(self.name, split, self.dl, key, self.splits[split],

@@ -63,6 +63,11 @@ class Semantic3D(SceneDataset):
         check_split(split, ("train", "validation", "test"))
         if split not in self._scenes:
             files = [f for f in self.files if self._split_of(f) == split]
+            if not files:
+                rule = {"train": "labelled scans (<scan>.labels) outside the validation scans",
+                        "validation": f"labelled scans named {self.validation_clouds} (dataset.extra.validation_clouds)",
+                        "test": "unlabelled scans (no <scan>.labels)"}[split]
+                raise DatasetError(f"no {split} scan in {str(self.root)!r}: the split takes {rule}")
             key = {"root": str(self.root.resolve()), "files": [f.name for f in files], "version": self.version}
             self._scenes[split] = cached_scenes(self.name, split, self.dl, key, files, self._read,
                                                 keep_full=split != "train")
