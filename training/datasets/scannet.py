@@ -14,8 +14,9 @@ other id (0 included) is ignored. Scenes are aligned with their axisAlignment wh
 
 As the original, the mesh faces are sampled densely (``mesh_sampling``, 3 mm) and the samples
 gridded at 1 cm, every cell taking the colour and label of its most voted nearest mesh vertex, before
-the subsampling at ``first_subsampling_dl``; ``mesh_sampling=None`` uses the vertices alone. The
-full-resolution cloud (projection, full labels) is the mesh vertices, which the benchmark scores.
+the subsampling at ``first_subsampling_dl``; ``mesh_sampling=None`` (or a mesh without faces) uses the
+vertices alone. The full-resolution cloud (projection, full labels) is the mesh vertices, which the
+benchmark scores.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class Scannet(SceneDataset):
     def _read(self, scene: str, labelled: bool):
         """The scene cloud: face samples (or vertices) with colours and labels, and the vertices."""
         vertices, faces, colors, labels = self._read_mesh(scene, labelled)
-        if self.mesh_sampling is None:
+        if self.mesh_sampling is None or len(faces) == 0:
             return scene, vertices, colors, labels, None
         samples, nearest = sample_mesh(vertices, faces, self.mesh_sampling)
         cells, votes = subsample(samples, MESH_GRID, labels=nearest.astype(np.int32))
