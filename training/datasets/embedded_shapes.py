@@ -376,11 +376,12 @@ class _EmbeddedObjects(ObjectDataset):
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, **arrays)
             tmp.replace(path)
-        with np.load(path) as data:
-            bounds = np.concatenate([[0], np.cumsum(data["lengths"])])
-            return [ObjectCloud(points=data["points"][a:b], normals=data["normals"][a:b],
-                                label=int(label), point_labels=data["roles"][a:b], name=f"{split}_{i:05d}")
-                    for i, (a, b, label) in enumerate(zip(bounds[:-1], bounds[1:], data["labels"]))]
+        with np.load(path) as archive:
+            data = {key: archive[key] for key in archive.files}  # each archive[key] re-reads the file
+        bounds = np.concatenate([[0], np.cumsum(data["lengths"])])
+        return [ObjectCloud(points=data["points"][a:b], normals=data["normals"][a:b],
+                            label=int(label), point_labels=data["roles"][a:b], name=f"{split}_{i:05d}")
+                for i, (a, b, label) in enumerate(zip(bounds[:-1], bounds[1:], data["labels"]))]
 
     def _generate(self, split):
         import tf_custom_ops as ops
