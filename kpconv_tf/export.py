@@ -63,7 +63,21 @@ def export_saved_model(model, config: Config, path, neighbor_limits=None):
         tf.TensorSpec([None], tf.int32, name="lengths")])
     archive.add_endpoint("precomputed", probabilities, input_signature=[signature])
     archive.write_out(str(path), verbose=False)
+    # TensorFlow reports a missing custom op before any code of ours runs; this file is what a user
+    # finds next to saved_model.pb when "Op type not registered 'KpconvBatchNeighbors'" appears.
+    Path(path, "README.txt").write_text(LOADING_NOTE)
     return path
+
+
+LOADING_NOTE = """This SavedModel uses the compiled ops of kpconv-tf (KpconvBatchNeighbors,
+KpconvBatchGridSubsampling) in its serving_default signature. Register them before loading:
+
+    import tf_custom_ops            # from the kpconv-tf repository (built on first import)
+    model = tf.saved_model.load(PATH)
+
+or use kpconv_tf.export.load_exported(PATH). Without them TensorFlow stops with
+"Op type not registered 'KpconvBatchNeighbors'".
+"""
 
 
 def load_exported(path):

@@ -30,6 +30,7 @@ def test_export_round_trip_in_a_fresh_process(tmp_path):
     features = np.ones((500, 1), np.float32)
     expected = tf.nn.softmax(model(build_pyramid(points, lengths, features, config.model))).numpy()
     export_saved_model(model, config, tmp_path / "saved")
+    assert "import tf_custom_ops" in (tmp_path / "saved" / "README.txt").read_text()
     np.savez(tmp_path / "batch.npz", points=points, lengths=lengths, features=features)
 
     code = f"""

@@ -27,11 +27,21 @@ TINY = [
 ]
 
 
-@pytest.fixture()
-def env(tmp_path):
-    env = dict(os.environ, KPCONV_TF_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT),
-               TF_CPP_MIN_LOG_LEVEL="2", KPCONV_TF_DETERMINISTIC="1")
-    return env
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return dict(os.environ, KPCONV_TF_CACHE=str(cache), PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2",
+                KPCONV_TF_DETERMINISTIC="1")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, env):
+    """One uninterrupted 3-epoch run, shared by the tests that inspect a run."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0",
+                                        *sets(TINY)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
 
 
 def sets(items):
@@ -56,11 +66,8 @@ def network_values(run_dir, name="last"):
 
 
 @pytest.mark.slow
-def test_train_writes_a_run_and_test_votes(tmp_path, env):
-    run_dir = tmp_path / "run"
-    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0",
-                                        *sets(TINY)], env)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_train_writes_a_run_and_test_votes(straight_run, env):
+    run_dir = straight_run
     rows = read_log(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert all(r["val_accuracy"] != "" for r in rows)
@@ -90,11 +97,8 @@ def test_train_writes_a_run_and_test_votes(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tmp_path, env):
-    straight = tmp_path / "straight"
-    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(straight), "--verbose", "0",
-                                        *sets(TINY)], env)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_killed_run_resumes_to_the_same_weights(tmp_path, env, straight_run):
+    straight = straight_run
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "training.train", "--config", "embedded_shapes", "--run-dir",
@@ -157,7 +161,7 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_scene_training_and_test_write_predictions(tmp_path, env):
+def test_scene_training_and_test_write_predictions(tmp_path, env, monkeypatch):
     run_dir = tmp_path / "rooms"
     rooms = [
         "dataset.name=EmbeddedRooms", "dataset.in_features_dim=5", "dataset.in_radius=1.0",
@@ -177,7 +181,7 @@ def test_scene_training_and_test_write_predictions(tmp_path, env):
     from training.datasets.embedded_rooms import EmbeddedRooms
     from utils.ply import read_ply
 
-    os.environ["KPCONV_TF_CACHE"] = env["KPCONV_TF_CACHE"]
+    monkeypatch.setenv("KPCONV_TF_CACHE", env["KPCONV_TF_CACHE"])
     scene = EmbeddedRooms(0.12, num_train=1, num_test=1, seed=2).scenes("test")[0]
     plys = list((run_dir / "test" / "predictions").rglob("*.ply"))
     assert plys

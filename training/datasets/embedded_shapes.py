@@ -2,9 +2,10 @@
 
 Every shape is assembled from surface primitives (boxes, cylinders, spheres, cones, tori) with random
 proportions, so classes differ by their parts and how they are arranged rather than by size or global
-spread: several pairs share most parts (a table and a bench, a stool and a table, a chair and a stool
-with a backrest...). Each shape then gets a random size, a random vertical rotation and a small tilt,
-a random point budget with a density gradient, and Gaussian noise. Generation is deterministic in
+spread: several share most parts (a table, a shelf and a chair share thin boards; a lamp and a
+mushroom share a stem; a mug, a bottle and a ring stand share round bodies). Each shape then gets a
+random anisotropic stretch, a random size, a random vertical rotation and a small tilt, a random
+point budget with a density gradient, and Gaussian noise. Generation is deterministic in
 ``seed`` and takes a few seconds; results are cached.
 
 ``EmbeddedShapes`` (classification, 12 classes) and ``EmbeddedParts`` (multi-category part
@@ -171,23 +172,17 @@ def _table(rng):
     return [box((w, d, t), 0, (0, 0, h))] + _legs(rng, corners, r, h, h / 2, 1, square=rng.random() < 0.5)
 
 
-def _bench(rng):
-    # A long low table whose legs are two panels: same top as a table, different supports.
-    w, d, h = rng.uniform(1.2, 1.6), rng.uniform(0.35, 0.5), rng.uniform(0.4, 0.55)
-    t = rng.uniform(0.04, 0.07)
-    panel = rng.uniform(0.03, 0.05)
-    return [box((w, d, t), 0, (0, 0, h)),
-            box((panel, d * 0.9, h), 1, (-w / 2 + 0.1, 0, h / 2)),
-            box((panel, d * 0.9, h), 1, (w / 2 - 0.1, 0, h / 2))]
-
-
-def _stool(rng):
-    r, h = rng.uniform(0.2, 0.3), rng.uniform(0.5, 0.7)
-    leg = rng.uniform(0.02, 0.035)
-    n = 3 if rng.random() < 0.5 else 4
-    angles = rng.uniform(0, 2 * np.pi) + np.arange(n) * 2 * np.pi / n
-    positions = [(0.8 * r * np.cos(a), 0.8 * r * np.sin(a)) for a in angles]
-    return [cylinder(r, rng.uniform(0.04, 0.06), 0, (0, 0, h))] + _legs(rng, positions, leg, h, h / 2, 1)
+def _shelf(rng):
+    # An open bookcase: two side panels, a back and 3-5 shelves; the shelves share the table's
+    # thin horizontal boards, the sides the panels of an arch.
+    w, d, h = rng.uniform(0.6, 1.0), rng.uniform(0.25, 0.4), rng.uniform(0.9, 1.4)
+    t = rng.uniform(0.03, 0.05)
+    parts = [box((t, d, h), 0, (-w / 2, 0, h / 2)), box((t, d, h), 0, (w / 2, 0, h / 2)),
+             box((w, t, h), 0, (0, d / 2, h / 2))]
+    levels = int(rng.integers(3, 6))
+    for z in np.linspace(t / 2, h - t / 2, levels):
+        parts.append(box((w, d, t), 1, (0, 0, z)))
+    return parts
 
 
 def _chair(rng):
@@ -276,8 +271,7 @@ def _ring_stand(rng):
 
 SHAPES: Dict[str, Tuple[Tuple[str, ...], Callable]] = {
     "table": (("top", "leg"), _table),
-    "bench": (("top", "panel"), _bench),
-    "stool": (("seat", "leg"), _stool),
+    "shelf": (("frame", "shelf"), _shelf),
     "chair": (("seat", "leg", "back"), _chair),
     "lamp": (("base", "pole", "shade"), _lamp),
     "mug": (("body", "handle"), _mug),
@@ -343,7 +337,7 @@ def sample_shape(name: str, rng: np.random.Generator, points_range=(1500, 4000),
 class _EmbeddedObjects(ObjectDataset):
     """Shared generation and caching of the embedded object datasets."""
 
-    version = 1
+    version = 2
 
     def __init__(self, first_subsampling_dl=0.04, shapes_per_class=(60, 20), seed=0, classes=None):
         if first_subsampling_dl <= 0:
@@ -405,7 +399,7 @@ class _EmbeddedObjects(ObjectDataset):
 
 
 class EmbeddedShapes(_EmbeddedObjects):
-    """Procedural shape classification (13 classes by default)."""
+    """Procedural shape classification (12 classes by default)."""
 
     name = "EmbeddedShapes"
     task = "classification"
