@@ -247,6 +247,11 @@ def _coerce(hint, value, key: str):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads '1e-3' (no dot, no sign) as a string
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -276,3 +276,37 @@ def test_scene_batches_from_embedded_rooms():
         for b, s in enumerate(meta["cloud_indices"].numpy()):
             idx = meta["point_indices"].numpy()[offsets[b]:offsets[b + 1]]
             np.testing.assert_array_equal(labels[offsets[b]:offsets[b + 1]], scenes[s].labels[idx])
+
+
+DISTRIBUTED = """
+import sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, sys.argv[1])
+from test_pipeline import make_pipeline
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+pipeline, _, _ = make_pipeline()
+batch = next(iter(pipeline.distributed_dataset(strategy, "train")))
+inputs, labels = batch
+per_replica = strategy.experimental_local_results(inputs["points_0"])
+lengths = strategy.experimental_local_results(inputs["lengths_0"])
+assert len(per_replica) == 2
+for points, n in zip(per_replica, lengths):
+    assert points.shape[0] == int(np.sum(n)) > 0
+assert not np.array_equal(per_replica[0].numpy()[:3], per_replica[1].numpy()[:3])
+print("ok", [p.shape[0] for p in per_replica])
+"""
+
+
+def test_tf_distribute_gives_each_replica_its_own_stacked_batch(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KPCONV_TF_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", DISTRIBUTED, os.path.dirname(__file__)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok")

@@ -101,17 +101,17 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, env, straight_run):
     straight = straight_run
 
     killed = tmp_path / "killed"
+    # The run hangs after step 6 (the middle of epoch 2, epoch 1 checkpointed) and is killed there.
     process = subprocess.Popen([sys.executable, "-m", "training.train", "--config", "embedded_shapes", "--run-dir",
-                                str(killed), "--verbose", "0", *sets(TINY)], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                str(killed), "--verbose", "0", *sets(TINY)], env=dict(env, KPCONV_TF_STALL_AT_STEP="6"),
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     steps_file = killed / "training.txt"
     deadline = time.time() + 400
-    # Kill in the middle of the second epoch: one epoch checkpointed, some steps of the next lost.
     while time.time() < deadline and process.poll() is None:
-        if (killed / "state.json").exists() and steps_file.exists() and \
-                len(steps_file.read_text().splitlines()) >= 1 + 4 + 2:
+        if steps_file.exists() and len(steps_file.read_text().splitlines()) >= 1 + 5:
+            time.sleep(1.0)
             break
-        time.sleep(0.05)
+        time.sleep(0.1)
     assert process.poll() is None, "training ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -408,3 +408,14 @@ class Pipeline:
         stream = self.stream(data_split, mode, seed, count)
         return self.tf_dataset(stream, self.neighbor_limits, with_meta, seed, start_batch, augment,
                                 parallel_calls)
+
+    def distributed_dataset(self, strategy, split: str = "train", **kwargs):
+        """The split for ``strategy`` (``tf.distribute``): every input pipeline builds its own stream,
+        seeded apart, and each replica receives whole stacked batches of its own."""
+        base_seed = self.config.train.seed if kwargs.get("seed") is None else int(kwargs["seed"])
+        kwargs = {k: v for k, v in kwargs.items() if k != "seed"}
+
+        def make(context: tf.distribute.InputContext):
+            return self.dataset(split, seed=base_seed + 100003 * context.input_pipeline_id, **kwargs)
+
+        return strategy.distribute_datasets_from_function(make)

@@ -81,6 +81,8 @@ class RunLogger(keras.callbacks.Callback):
         self.metadata = _scalar_metadata()
         self.epoch_start = time.time()
         self.stopped_for_time = False
+        # Test hook: hang after this many steps (in total) so a test can kill a run mid-epoch.
+        self.stall_at_step = int(os.environ.get("KPCONV_TF_STALL_AT_STEP", "-1"))
         self.nan = False
         self.steps_text = open(run_dir / "training.txt", "a")
         if self.steps_text.tell() == 0:
@@ -100,6 +102,9 @@ class RunLogger(keras.callbacks.Callback):
         self.steps_text.write(f"{self.state['epochs']} {self.state['steps']} {logs.get('output_loss', 0.0):.3f} "
                               f"{logs.get('offsets_loss', 0.0):.3f} {logs.get('accuracy', 0.0):.3f} "
                               f"{time.time() - self.state['start_time']:.3f}\n")
+        if self.state["steps"] == self.stall_at_step:
+            self.steps_text.flush()
+            time.sleep(3600)  # interruption tests kill the process here, mid-epoch
         if self.deadline is not None and time.time() > self.deadline:
             self.stopped_for_time = True
             self.model.stop_training = True

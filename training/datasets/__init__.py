@@ -17,7 +17,7 @@ REGISTRY = {
     "NPM3D": "training.datasets.npm3d:from_config",
     "EmbeddedShapes": "training.datasets.embedded_shapes:shapes_from_config",
     "EmbeddedParts": "training.datasets.embedded_shapes:parts_from_config",
-    "EmbeddedRooms": "training.datasets.embedded_rooms:from_config",
+    "EmbeddedRooms": "training.datasets.embedded_rooms:EmbeddedRooms.from_config",
 }
 
 
@@ -26,8 +26,11 @@ def load_dataset(config):
     name = config.dataset.name
     if name not in REGISTRY:
         raise ValueError(f"dataset.name {name!r} is unknown; known: {sorted(REGISTRY)}")
-    module, function = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), function)(config)
+    module, attribute = REGISTRY[name].split(":")
+    factory = importlib.import_module(module)
+    for part in attribute.split("."):
+        factory = getattr(factory, part)
+    return factory(config)
 
 
 def configure(config, dataset):

@@ -325,7 +325,8 @@ def sample_shape(name: str, rng: np.random.Generator, points_range=(1500, 4000),
     along = points @ direction
     weight = 1.0 + rng.uniform(0.0, 0.8) * (along - along.min()) / max(np.ptp(along), 1e-9)
     keep = rng.random(len(points)) < weight / weight.max()
-    keep_idx = np.flatnonzero(keep)[:n_total]
+    # A random subset: the points are grouped by part, so a prefix would drop the last parts.
+    keep_idx = np.sort(rng.permutation(np.flatnonzero(keep))[:n_total])
     points, normals, roles = points[keep_idx], normals[keep_idx], roles[keep_idx]
     tilt_axis = _rot_z(rng.uniform(0, 2 * np.pi))
     rotation = _rot_z(rng.uniform(0, 2 * np.pi)) @ tilt_axis @ _rot_x(rng.uniform(0, max_tilt)) @ tilt_axis.T
@@ -337,7 +338,7 @@ def sample_shape(name: str, rng: np.random.Generator, points_range=(1500, 4000),
 class _EmbeddedObjects(ObjectDataset):
     """Shared generation and caching of the embedded object datasets."""
 
-    version = 2
+    version = 3
 
     def __init__(self, first_subsampling_dl=0.04, shapes_per_class=(60, 20), seed=0, classes=None):
         if first_subsampling_dl <= 0:
