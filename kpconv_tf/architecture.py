@@ -51,6 +51,12 @@ def split_layers(architecture: List[str]) -> Tuple[List[List[str]], List[str]]:
     return layers, []
 
 
+def needs_upsamples(model: ModelConfig) -> bool:
+    """True when a decoder block reads ``upsamples_l`` (segmentation networks). Classification
+    inputs skip them, as the original's classification pipeline does: they are the widest search."""
+    return any("upsample" in name for name in split_layers(model.architecture)[1])
+
+
 def layer_specs(model: ModelConfig) -> List[LayerSpec]:
     """Per-layer radii exactly as the original input pipeline derives them."""
     encoder, _ = split_layers(model.architecture)

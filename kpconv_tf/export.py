@@ -23,6 +23,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from kpconv_tf.architecture import needs_upsamples
 from kpconv_tf.config import Config
 from kpconv_tf.pyramid import build_pyramid
 
@@ -37,7 +38,8 @@ def _input_signature(config: Config):
         spec[f"lengths_{l}"] = tf.TensorSpec([None], tf.int32)
         if l < num_layers - 1:
             spec[f"pools_{l}"] = tf.TensorSpec([None, None], tf.int32)
-            spec[f"upsamples_{l}"] = tf.TensorSpec([None, None], tf.int32)
+            if needs_upsamples(config.model):
+                spec[f"upsamples_{l}"] = tf.TensorSpec([None, None], tf.int32)
     return spec
 
 

@@ -2,7 +2,7 @@
 
 ``build_pyramid(points, lengths, features, model_config, neighbor_limits=None)`` computes, for each
 layer l, the convolution neighbours, the subsampled points of layer l+1 and the pooling and
-upsampling neighbours between them, with the radii of ``kpconv_tf.architecture.layer_specs`` (the
+upsampling neighbours between them (upsampling only for networks with a decoder), with the radii of ``kpconv_tf.architecture.layer_specs`` (the
 original pipeline's rules). ``neighbor_limits[l]`` > 0 crops the three neighbour matrices of layer l
 to their nearest entries, as the original's calibrated limits do. Runs eagerly, in ``tf.function``
 and in ``tf.data`` maps (the compiled ops are CPU ops).
@@ -13,13 +13,14 @@ from __future__ import annotations
 import tensorflow as tf
 
 import tf_custom_ops as ops
-from kpconv_tf.architecture import layer_specs
+from kpconv_tf.architecture import layer_specs, needs_upsamples
 from kpconv_tf.config import ModelConfig
 
 
 def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor_limits=None):
     """Returns the input dict for stacked float32 points [N, 3], int32 lengths [B], features [N, D]."""
     specs = layer_specs(model_config)
+    with_upsamples = needs_upsamples(model_config)
     if neighbor_limits is not None and len(neighbor_limits) < len(specs):
         raise ValueError(f"neighbor_limits needs {len(specs)} entries, got {len(neighbor_limits)}")
     points = tf.convert_to_tensor(points, tf.float32)
@@ -37,7 +38,8 @@ def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor
         sub_points, sub_lengths = ops.batch_grid_subsampling(points, lengths, spec.next_dl)
         inputs[f"pools_{l}"] = ops.batch_neighbors(sub_points, points, sub_lengths, lengths,
                                                    spec.pool_radius, limit)
-        inputs[f"upsamples_{l}"] = ops.batch_neighbors(points, sub_points, lengths, sub_lengths,
-                                                       spec.upsample_radius, limit)
+        if with_upsamples:
+            inputs[f"upsamples_{l}"] = ops.batch_neighbors(points, sub_points, lengths, sub_lengths,
+                                                           spec.upsample_radius, limit)
         points, lengths = sub_points, sub_lengths
     return inputs

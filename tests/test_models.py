@@ -132,7 +132,7 @@ def test_every_block_runs_and_clouds_are_independent(name):
 
 
 def test_upsampling_blocks_run():
-    config = _config(["simple", "resnetb_strided", "resnetb", "global_average"], first_features_dim=8,
+    config = _config(["simple", "resnetb_strided", "resnetb", "nearest_upsample", "unary"], first_features_dim=8,
                      first_subsampling_dl=0.05)
     inputs = _batch(_two_clouds(), config)
     for name in ("nearest_upsample", "simple_upsample", "resnetb_upsample"):
