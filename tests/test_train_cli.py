@@ -189,3 +189,24 @@ def test_scene_training_and_test_write_predictions(tmp_path, env, monkeypatch):
     preds = np.asarray(data["preds"]) if isinstance(data, dict) else data["preds"]
     assert len(preds) == len(scene.full_points())
     assert preds.min() >= 0 and preds.max() < 8
+
+
+@pytest.mark.slow
+def test_part_segmentation_training_and_voting(tmp_path, env):
+    run_dir = tmp_path / "parts"
+    parts = [
+        "dataset.name=EmbeddedParts", "dataset.in_features_dim=4", "dataset.validation_size=1",
+        f"dataset.extra={{train_per_class: 3, test_per_class: 1, seed: 1, classes: {SHAPES}}}",
+        "model.first_subsampling_dl=0.15", "model.first_features_dim=8", "model.density_parameter=3.0",
+        "model.architecture=[simple, resnetb_strided, resnetb, nearest_upsample, unary]",
+        "train.batch_num=3", "train.epoch_steps=2", "train.max_epoch=1", "train.learning_rate=0.002",
+    ]
+    result = run_cli("training.train", ["--config", "embedded_parts", "--run-dir", str(run_dir), "--verbose", "0",
+                                        *sets(parts)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("training.test", [str(run_dir), "--votes", "2"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
+    assert set(metrics["per_category_miou"]) == set(SHAPES)
+    assert 0 <= metrics["class_miou"] <= 1 and 0 <= metrics["instance_miou"] <= 1
+    assert metrics["class_miou"] == pytest.approx(np.mean(list(metrics["per_category_miou"].values())))
