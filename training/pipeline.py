@@ -68,10 +68,10 @@ def _stack(items, number, point_labels):
                  number=number)
 
 
-def _pack(items: Iterator, batch_limit: float, point_labels: bool, start_number=0) -> Iterator[Batch]:
+def _pack(items: Iterator, batch_limit: float, point_labels: bool) -> Iterator[Batch]:
     """Greedy stacking as the original: add items until the next one would pass ``batch_limit``
     points (a batch always holds at least one item)."""
-    current, total, number = [], 0, start_number
+    current, total, number = [], 0, 0
     for item in items:
         n = len(item[0])
         if current and total + n > batch_limit:
@@ -312,7 +312,7 @@ class Pipeline:
                 self._neighbor_limits = [int(v) for v in cached["neighbor_limits"]]
             else:
                 self._neighbor_limits = self.calibrate_neighbors()
-                self._save_cache({**self._load_cache(), "neighbor_limits": self._neighbor_limits})
+                self._save_cache({**cached, "neighbor_limits": self._neighbor_limits})
         return self._neighbor_limits
 
     def calibrate_neighbors(self, keep_ratio=0.8, samples_threshold=10000, max_batches=200) -> List[int]:
@@ -337,11 +337,10 @@ class Pipeline:
     # -- tf.data --------------------------------------------------------------------------------
     def _signature(self):
         extra = 6 if self.is_scene else 3
-        label_shape = [None]
         return Batch(points=tf.TensorSpec([None, 3], tf.float32),
                      extra=tf.TensorSpec([None, extra], tf.float32),
                      lengths=tf.TensorSpec([None], tf.int32),
-                     labels=tf.TensorSpec(label_shape, tf.int32),
+                     labels=tf.TensorSpec([None], tf.int32),
                      object_labels=tf.TensorSpec([None], tf.int32),
                      cloud_indices=tf.TensorSpec([None], tf.int32),
                      point_indices=tf.TensorSpec([None], tf.int32),

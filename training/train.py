@@ -67,16 +67,14 @@ def _scalar_metadata():
 
 
 class RunLogger(keras.callbacks.Callback):
-    """Per-step ``training.txt`` (original columns), per-epoch CSV and TensorBoard scalars, learning
-    rate decay, checkpoints, time budget and non-finite-loss stop."""
+    """Per-step ``training.txt`` (original columns), TensorBoard scalars, the time budget and the
+    non-finite-loss stop; the epoch loop in ``train`` does the CSV, decay and checkpoints."""
 
-    def __init__(self, run_dir: Path, config: Config, state: dict, deadline=None, validation_key="val_accuracy"):
+    def __init__(self, run_dir: Path, state: dict, deadline=None):
         super().__init__()
         self.run_dir = run_dir
-        self.config = config
         self.state = state
         self.deadline = deadline
-        self.validation_key = validation_key
         self.writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
         self.metadata = _scalar_metadata()
         self.epoch_start = time.time()
@@ -237,7 +235,7 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
 
     validation_key = "val_mean_iou" if config.model.network_model == "segmentation" else "val_accuracy"
     deadline = start_time + 60 * max_minutes if max_minutes else None
-    logger = RunLogger(run_dir, config, state, deadline, validation_key)
+    logger = RunLogger(run_dir, state, deadline)
     validation = pipeline.dataset("validation")
     total_epochs = min(config.train.max_epoch, max_epochs) if max_epochs else config.train.max_epoch
     epoch_steps = config.train.epoch_steps or _steps_per_pass(pipeline)
