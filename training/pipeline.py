@@ -312,7 +312,8 @@ class Pipeline:
                 self._neighbor_limits = [int(v) for v in cached["neighbor_limits"]]
             else:
                 self._neighbor_limits = self.calibrate_neighbors()
-                self._save_cache({**cached, "neighbor_limits": self._neighbor_limits})
+                # Re-read: calibrating the neighbours may have just cached the batch limit.
+                self._save_cache({**self._load_cache(), "neighbor_limits": self._neighbor_limits})
         return self._neighbor_limits
 
     def calibrate_neighbors(self, keep_ratio=0.8, samples_threshold=10000, max_batches=200) -> List[int]:
