@@ -37,6 +37,9 @@ class KPConv(keras.layers.Layer):
         ``offset_mlp_weights`` [Din, 3(K-1) | 4(K-1)] + ``offset_mlp_bias`` of the *query* features;
         the first kernel point never moves and, if modulated, gets modulation 0 as in the original).
       kernel_seed: seeds the kernel rotation/jitter (None: random, as the original).
+      implementation: how the neighbour sums run (``kpconv_tf.ops``): 'auto' (default: the fused
+        CPU op for float32 when no GPU is visible, standard TF ops otherwise), 'fused' or
+        'standard' (standard TF ops only: any device, XLA).
 
     Variables carry the original's names: ``weights`` [K, Din, Dout], non-trainable
     ``kernel_points`` [K, 3] (saved with the weights, never regenerated on load).
@@ -44,7 +47,8 @@ class KPConv(keras.layers.Layer):
 
     def __init__(self, filters, kernel_size=15, extent=1.0, radius=None, influence="linear",
                  aggregation="sum", fixed="center", deformable=False, modulated=False,
-                 kernel_seed=None, kernel_initializer=None, offset_mode="kpconv", **kwargs):
+                 kernel_seed=None, kernel_initializer=None, offset_mode="kpconv", implementation="auto",
+                 **kwargs):
         super().__init__(**kwargs)
         if int(filters) < 1:
             raise ValueError(f"filters must be >= 1, got {filters}")
@@ -62,7 +66,10 @@ class KPConv(keras.layers.Layer):
             raise ValueError("modulated=True needs deformable=True")
         if offset_mode not in ("kpconv", "mlp"):
             raise ValueError(f"offset_mode must be 'kpconv' or 'mlp', got {offset_mode!r}")
+        if implementation not in ops.IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {ops.IMPLEMENTATIONS}, got {implementation!r}")
         self.offset_mode = offset_mode
+        self.implementation = implementation
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
         self.extent = float(extent)
@@ -124,7 +131,7 @@ class KPConv(keras.layers.Layer):
             return raw, offsets, modulations
         raw = ops.kpconv(query_points, support_points, neighbors, features, self.kernel_points,
                          self.offset_conv_weights, self.extent, self.influence,
-                         self.aggregation) + self.offset_conv_bias
+                         self.aggregation, self.implementation) + self.offset_conv_bias
         offsets = tf.reshape(raw[:, :3 * k], [-1, k, 3]) * self.extent
         modulations = 2.0 * tf.sigmoid(raw[:, 3 * k:]) if self.modulated else None
         return raw, offsets, modulations
@@ -134,11 +141,13 @@ class KPConv(keras.layers.Layer):
             if return_deformed:
                 raise ValueError("return_deformed=True needs a deformable KPConv")
             return ops.kpconv(query_points, support_points, neighbors, features, self.kernel_points,
-                              self.kernel, self.extent, self.influence, self.aggregation)
+                              self.kernel, self.extent, self.influence, self.aggregation,
+                              implementation=self.implementation)
         _, offsets, modulations = self.offsets(query_points, support_points, neighbors, features)
         out = ops.kpconv_deformable(query_points, support_points, neighbors, features,
                                     self.kernel_points, offsets, self.kernel, self.extent,
-                                    self.influence, self.aggregation, modulations)
+                                    self.influence, self.aggregation, modulations,
+                                    implementation=self.implementation)
         if return_deformed:
             return out, self.kernel_points[None] + offsets
         return out
@@ -152,5 +161,6 @@ class KPConv(keras.layers.Layer):
                       radius=self.radius, influence=self.influence, aggregation=self.aggregation,
                       fixed=self.fixed, deformable=self.deformable, modulated=self.modulated,
                       kernel_seed=self.kernel_seed, offset_mode=self.offset_mode,
+                      implementation=self.implementation,
                       kernel_initializer=keras.initializers.serialize(self.kernel_initializer))
         return config

@@ -16,14 +16,24 @@ Both functions reproduce the original release's numerics, shadow conventions inc
 
 The [N, H, K, 3] difference tensor that the original tiles is never built: squared distances come
 from |y|^2 - 2 y.k + |k|^2 on query-centred coordinates, which keeps memory at [N, H, K].
+
+``implementation`` chooses how the neighbour sums are computed: ``"standard"`` (default) uses only
+standard TF ops, so it runs on any device and under XLA; ``"fused"`` uses the compiled CPU op
+``tf_custom_ops.kernel_aggregate`` (float32 only; no [N, H, *] tensor, only non-zero influences are
+accumulated); ``"auto"`` takes the fused op for float32 on a machine without a visible GPU and the
+standard ops otherwise. Do not use the fused op inside ``jit_compile=True`` functions (it has no
+XLA kernel).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import tensorflow as tf
 
 INFLUENCES = ("constant", "linear", "gaussian")
 AGGREGATIONS = ("sum", "closest")
+IMPLEMENTATIONS = ("standard", "fused", "auto")
 
 _RIGID_SHADOW = 1e6
 _DEFORM_SHADOW = 1000.0
@@ -34,6 +44,38 @@ def _check_modes(influence: str, aggregation: str) -> None:
         raise ValueError(f"influence must be one of {INFLUENCES}, got {influence!r}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+_FUSED_UNAVAILABLE = []  # the reason, once the compiled ops failed to load
+
+
+def _fused_ops():
+    """The compiled ops module, or None (with the reason recorded) when it cannot be built."""
+    if _FUSED_UNAVAILABLE:
+        return None
+    try:
+        import tf_custom_ops
+    except Exception as error:  # a missing compiler or a failed build: fall back, say why once
+        _FUSED_UNAVAILABLE.append(str(error))
+        warnings.warn(f"kpconv_tf: the fused KPConv op is unavailable, using standard TF ops ({error})")
+        return None
+    return tf_custom_ops
+
+
+def resolve_implementation(implementation: str, dtype=tf.float32) -> str:
+    """``"standard"`` or ``"fused"`` for an ``implementation`` choice and the features' dtype."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "standard":
+        return "standard"
+    if implementation == "fused":
+        if tf.as_dtype(dtype) != tf.float32:
+            raise TypeError(f"implementation='fused' needs float32 features, got {tf.as_dtype(dtype).name}")
+        if _fused_ops() is None:
+            raise RuntimeError(f"implementation='fused' needs the compiled ops: {_FUSED_UNAVAILABLE[0]}")
+        return "fused"
+    usable = tf.as_dtype(dtype) == tf.float32 and not tf.config.list_logical_devices("GPU")
+    return "fused" if usable and _fused_ops() is not None else "standard"
 
 
 def centred_neighbors(query_points, support_points, neighbors, shadow_value):
@@ -86,11 +128,13 @@ def influence_weights(d2, extent, influence, aggregation, deformable=False):
     return weights
 
 
-def _aggregate(weights, neighbor_features, kernel_weights, modulations=None):
-    """sum_k (sum_h w[n,h,k] f[n,h,:]) @ W_k -> [Nq, Dout]."""
-    per_kernel = tf.einsum("nhk,nhd->nkd", weights, neighbor_features)  # [Nq, K, Din]
-    if modulations is not None:
-        per_kernel = per_kernel * modulations[:, :, None]
+def _neighbor_sums(weights, neighbor_features):
+    """sum_h w[n,h,k] f[n,h,:] -> [Nq, K, Din]."""
+    return tf.einsum("nhk,nhd->nkd", weights, neighbor_features)
+
+
+def _project(per_kernel, kernel_weights):
+    """sum_k per_kernel[n,k,:] @ W_k -> [Nq, Dout]."""
     k = tf.shape(kernel_weights)[0]
     d_in = tf.shape(kernel_weights)[1]
     flat = tf.reshape(per_kernel, [-1, k * d_in])
@@ -111,7 +155,7 @@ def _gather_features(features, neighbors):
 
 
 def kpconv(query_points, support_points, neighbors, features, kernel_points, weights, extent,
-           influence="linear", aggregation="sum"):
+           influence="linear", aggregation="sum", implementation="standard"):
     """Rigid KPConv.
 
     Args:
@@ -119,6 +163,7 @@ def kpconv(query_points, support_points, neighbors, features, kernel_points, wei
       neighbors: int32 [Nq, H], indices into the supports, shadow index Ns.
       features: float32 [Ns, Din]. kernel_points: float32 [K, 3] (already scaled, ~1.5 * extent).
       weights: float32 [K, Din, Dout]. extent: influence distance (points' units).
+      implementation: "standard", "fused" or "auto" (see the module docstring).
     Returns:
       float32 [Nq, Dout].
     """
@@ -126,20 +171,26 @@ def kpconv(query_points, support_points, neighbors, features, kernel_points, wei
     features, query_points, support_points, kernel_points, weights = _as_tensors(
         features, query_points, support_points, kernel_points, weights)
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
-    centred = centred_neighbors(query_points, support_points, neighbors, _RIGID_SHADOW)
-    d2 = squared_distances(centred, kernel_points)
-    w = influence_weights(d2, extent, influence, aggregation)
-    return _aggregate(w, _gather_features(features, neighbors), weights)
+    if resolve_implementation(implementation, features.dtype) == "fused":
+        sums = _fused_ops().kernel_aggregate(query_points, support_points, neighbors, features,
+                                             kernel_points, extent, influence, aggregation)
+    else:
+        centred = centred_neighbors(query_points, support_points, neighbors, _RIGID_SHADOW)
+        d2 = squared_distances(centred, kernel_points)
+        w = influence_weights(d2, extent, influence, aggregation)
+        sums = _neighbor_sums(w, _gather_features(features, neighbors))
+    return _project(sums, weights)
 
 
 def kpconv_deformable(query_points, support_points, neighbors, features, kernel_points, offsets,
-                      weights, extent, influence="linear", aggregation="sum", modulations=None):
+                      weights, extent, influence="linear", aggregation="sum", modulations=None,
+                      implementation="standard"):
     """Deformable KPConv with given offsets.
 
     Args:
       offsets: float32 [Nq, K, 3] in the points' units (already multiplied by extent).
       modulations: float32 [Nq, K] or None.
-      Other arguments as in ``kpconv``.
+      Other arguments (``implementation`` included) as in ``kpconv``.
     Returns:
       float32 [Nq, Dout].
     """
@@ -149,13 +200,20 @@ def kpconv_deformable(query_points, support_points, neighbors, features, kernel_
     if modulations is not None:
         modulations = tf.cast(modulations, features.dtype)
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
-    centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
     deformed = kernel_points[None] + offsets
-    d2 = squared_distances(centred, deformed)
-    in_range = tf.reduce_any(d2 < tf.square(tf.cast(extent, d2.dtype)), axis=-1)  # [Nq, H]
-    w = influence_weights(d2, extent, influence, aggregation, deformable=True)
-    w = w * tf.cast(in_range, w.dtype)[:, :, None]
-    return _aggregate(w, _gather_features(features, neighbors), weights, modulations)
+    if resolve_implementation(implementation, features.dtype) == "fused":
+        sums = _fused_ops().kernel_aggregate(query_points, support_points, neighbors, features,
+                                             deformed, extent, influence, aggregation)
+    else:
+        centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
+        d2 = squared_distances(centred, deformed)
+        in_range = tf.reduce_any(d2 < tf.square(tf.cast(extent, d2.dtype)), axis=-1)  # [Nq, H]
+        w = influence_weights(d2, extent, influence, aggregation, deformable=True)
+        w = w * tf.cast(in_range, w.dtype)[:, :, None]
+        sums = _neighbor_sums(w, _gather_features(features, neighbors))
+    if modulations is not None:
+        sums = sums * modulations[:, :, None]
+    return _project(sums, weights)
 
 
 def in_range_compaction(query_points, support_points, neighbors, deformed_kernel_points, extent):

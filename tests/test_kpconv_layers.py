@@ -13,10 +13,11 @@ from kpconv_reference import kpconv_reference, random_problem
 from test_kpconv_ops import FIXTURES, rel_err
 
 
-def _deformable_layer_from_fixture(d):
+def _deformable_layer_from_fixture(d, implementation="auto"):
     layer = KPConv(int(d["K_values"].shape[2]), 15, extent=float(d["KP_extent"]),
                    influence=str(d["influence"]), aggregation=str(d["aggregation"]),
-                   deformable=True, modulated=bool(d["modulated"]), kernel_seed=0)
+                   deformable=True, modulated=bool(d["modulated"]), kernel_seed=0,
+                   implementation=implementation)
     layer(d["query_points"], d["support_points"], d["neighbors"], d["features"])
     layer.kernel_points.assign(d["K_points"])
     layer.kernel.assign(d["K_values"])
@@ -25,11 +26,12 @@ def _deformable_layer_from_fixture(d):
     return layer
 
 
+@pytest.mark.parametrize("implementation", ["standard", "fused"])
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(FIXTURES, "kpconv_deform_*.npz"))),
                          ids=os.path.basename)
-def test_deformable_layer_matches_original(path):
+def test_deformable_layer_matches_original(path, implementation):
     d = np.load(path)
-    layer = _deformable_layer_from_fixture(d)
+    layer = _deformable_layer_from_fixture(d, implementation)
     x = tf.constant(d["features"])
     args = (d["query_points"], d["support_points"], d["neighbors"])
     with tf.GradientTape() as tape:
@@ -131,22 +133,30 @@ def test_bad_arguments():
         KPConv(4, extent=0.0)
     with pytest.raises(ValueError, match="fixed"):
         KPConv(4, fixed="corners")
+    with pytest.raises(ValueError, match="implementation"):
+        KPConv(4, implementation="gpu")
 
 
-def test_mlp_offsets_keep_the_first_kernel_point():
-    rng = np.random.default_rng(6)
-    q, s, n, f, _, _ = random_problem(rng, nq=90, ns=90, d_in=4)
-    q = s  # the original applies the offset map to the support features: queries == supports
-    n = np.argsort(np.linalg.norm(s[:, None] - s[None], axis=-1), axis=1)[:, :8].astype(np.int32)
-    layer = KPConv(5, 15, extent=0.3, deformable=True, modulated=True, offset_mode="mlp", kernel_seed=2)
-    layer(q, s, n, f)
-    assert layer.offset_mlp_weights.shape == (4, 56) and layer.offset_mlp_bias.shape == (56,)
-    layer.offset_mlp_weights.assign(rng.normal(size=(4, 56)) * 0.1)
-    _, offsets, modulations = layer.offsets(q, s, n, f)
-    assert np.all(offsets.numpy()[:, 0] == 0) and np.any(offsets.numpy()[:, 1:] != 0)
-    assert np.all(modulations.numpy()[:, 0] == 0)
-    out = layer(q, s, n, f).numpy()
-    ref = kpconv_reference(q, s, n, f, layer.kernel_points.numpy(), layer.kernel.numpy(), 0.3, "linear", "sum",
-                           offsets.numpy(), modulations.numpy())
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
-    assert [v.path.split("/")[-1] for v in layer.offset_variables] == ["offset_mlp_weights", "offset_mlp_bias"]
+@pytest.mark.parametrize("deformable", [False, True])
+def test_fused_and_standard_layers_agree(deformable):
+    rng = np.random.default_rng(8)
+    q, s, n, f, _, _ = random_problem(rng, d_in=4)
+    standard, fused = (KPConv(5, 15, extent=0.3, deformable=deformable, modulated=deformable,
+                              kernel_seed=1, implementation=impl) for impl in ("standard", "fused"))
+    x = tf.constant(f)
+    standard(q, s, n, x)
+    fused(q, s, n, x)
+    if deformable:  # non-zero offsets, so the offset gradients are exercised
+        standard.offset_conv_weights.assign(rng.normal(size=standard.offset_conv_weights.shape) * 0.05)
+    fused.set_weights(standard.get_weights())
+    results = []
+    for layer in (standard, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(q, s, n, x)))
+        grads = tape.gradient(loss, [x] + layer.trainable_variables)
+        results.append([loss] + [tf.convert_to_tensor(g) for g in grads])
+    assert fused.get_config()["implementation"] == "fused"
+    assert len(results[1]) == (5 if deformable else 3)  # loss, x, kernel (+ offset weights, bias)
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-5

@@ -12,6 +12,7 @@ from kpconv_reference import kpconv_reference, random_problem
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "original_tf", "public")
 MODES = [(i, a) for i in ops.INFLUENCES for a in ops.AGGREGATIONS]
+IMPLEMENTATIONS = ["standard", "fused"]
 
 
 def rel_err(a, b):
@@ -20,15 +21,17 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(FIXTURES, "kpconv_rigid_*.npz"))),
                          ids=os.path.basename)
-def test_rigid_matches_original(path):
+def test_rigid_matches_original(path, implementation):
     d = np.load(path)
     x, kp, kv = (tf.constant(d[k]) for k in ("features", "K_points", "K_values"))
     with tf.GradientTape() as tape:
         tape.watch([x, kp, kv])
         out = ops.kpconv(d["query_points"], d["support_points"], d["neighbors"], x, kp, kv,
-                         float(d["KP_extent"]), str(d["influence"]), str(d["aggregation"]))
+                         float(d["KP_extent"]), str(d["influence"]), str(d["aggregation"]),
+                         implementation=implementation)
         loss = tf.reduce_sum(out * d["R"])
     gx, gkp, gkv = tape.gradient(loss, [x, kp, kv])
     assert rel_err(out, d["output"]) < 1e-5
@@ -40,38 +43,43 @@ def test_rigid_matches_original(path):
         assert gkp is None or np.all(tf.convert_to_tensor(gkp).numpy() == 0)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("influence,aggregation", MODES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rigid_matches_float64_reference(influence, aggregation, seed):
+def test_rigid_matches_float64_reference(influence, aggregation, seed, implementation):
     rng = np.random.default_rng(seed)
     q, s, n, f, kp, w = random_problem(rng)
-    out = ops.kpconv(q, s, n, f, kp, w, 0.3, influence, aggregation).numpy()
+    out = ops.kpconv(q, s, n, f, kp, w, 0.3, influence, aggregation, implementation).numpy()
     ref = kpconv_reference(q, s, n, f, kp, w, 0.3, influence, aggregation)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     # Queries without neighbours (the last rows) output exactly zero.
     assert np.all(out[-3:] == 0)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("influence,aggregation", MODES)
 @pytest.mark.parametrize("modulated", [False, True])
-def test_deformable_matches_float64_reference(influence, aggregation, modulated):
+def test_deformable_matches_float64_reference(influence, aggregation, modulated, implementation):
     rng = np.random.default_rng(7)
     q, s, n, f, kp, w = random_problem(rng)
     offsets = (rng.normal(size=(q.shape[0], kp.shape[0], 3)) * 0.1).astype(np.float32)
     mods = rng.uniform(0, 2, (q.shape[0], kp.shape[0])).astype(np.float32) if modulated else None
-    out = ops.kpconv_deformable(q, s, n, f, kp, offsets, w, 0.3, influence, aggregation, mods).numpy()
+    out = ops.kpconv_deformable(q, s, n, f, kp, offsets, w, 0.3, influence, aggregation, mods,
+                                implementation).numpy()
     ref = kpconv_reference(q, s, n, f, kp, w, 0.3, influence, aggregation, offsets, mods)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def test_sum_is_invariant_to_neighbor_order():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_sum_is_invariant_to_neighbor_order(implementation):
     rng = np.random.default_rng(3)
     q, s, n, f, kp, w = random_problem(rng)
     perm = np.stack([rng.permutation(n.shape[1]) for _ in range(n.shape[0])])
     shuffled = np.take_along_axis(n, perm, 1)
-    for fn in (lambda nn: ops.kpconv(q, s, nn, f, kp, w, 0.3),
-               lambda nn: ops.kpconv_deformable(q, s, nn, f, kp, np.zeros((q.shape[0], 15, 3), np.float32),
-                                                w, 0.3)):
+    offsets = np.zeros((q.shape[0], 15, 3), np.float32)
+    for fn in (lambda nn: ops.kpconv(q, s, nn, f, kp, w, 0.3, implementation=implementation),
+               lambda nn: ops.kpconv_deformable(q, s, nn, f, kp, offsets, w, 0.3,
+                                                implementation=implementation)):
         np.testing.assert_allclose(fn(n).numpy(), fn(shuffled).numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -134,3 +142,17 @@ def test_bad_modes_raise():
     with pytest.raises(ValueError, match="aggregation"):
         ops.kpconv(np.zeros((1, 3)), np.zeros((1, 3)), [[0]], np.zeros((1, 1)), np.zeros((1, 3)),
                    np.zeros((1, 1, 1)), 1.0, aggregation="max")
+    with pytest.raises(ValueError, match="implementation"):
+        ops.kpconv(np.zeros((1, 3)), np.zeros((1, 3)), [[0]], np.zeros((1, 1)), np.zeros((1, 3)),
+                   np.zeros((1, 1, 1)), 1.0, implementation="cuda")
+    with pytest.raises(TypeError, match="float32"):
+        ops.kpconv(np.zeros((1, 3)), np.zeros((1, 3)), [[0]], np.zeros((1, 1)), np.zeros((1, 3)),
+                   np.zeros((1, 1, 1)), 1.0, implementation="fused")  # float64 features
+
+
+def test_implementation_resolution():
+    assert ops.resolve_implementation("standard") == "standard"
+    assert ops.resolve_implementation("fused") == "fused"
+    assert ops.resolve_implementation("auto", tf.float64) == "standard"
+    expected = "standard" if tf.config.list_logical_devices("GPU") else "fused"
+    assert ops.resolve_implementation("auto", tf.float32) == expected

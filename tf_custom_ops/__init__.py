@@ -1,9 +1,11 @@
-"""Compiled CPU ops for KPConv input pyramids: radius neighbours and grid subsampling.
+"""Compiled CPU ops: radius neighbours and grid subsampling for input pyramids, and the fused
+neighbour sum of a kernel point convolution (``kernel_aggregate``, differentiable).
 
 Importing this package compiles the ops on first use (see ``tf_custom_ops.build``) and loads them.
 Points are float32 ``[N, 3]`` (float64 input is converted to float32); a batch is a stack of
 clouds described by int32 per-cloud lengths ``[B]``. The ops are not differentiable and run
-eagerly, inside ``tf.function`` and inside ``tf.data`` maps.
+eagerly, inside ``tf.function`` and inside ``tf.data`` maps; ``kernel_aggregate`` has a registered
+gradient.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import tensorflow as tf
 
 from tf_custom_ops._build import BuildError, build as _build_library
 
-__all__ = ["batch_neighbors", "batch_grid_subsampling", "neighbors", "grid_subsampling", "BuildError"]
+__all__ = ["batch_neighbors", "batch_grid_subsampling", "neighbors", "grid_subsampling", "kernel_aggregate",
+           "BuildError"]
 
 _ops = tf.load_op_library(str(_build_library()))
 tf.no_gradient("KpconvBatchNeighbors")
@@ -132,3 +135,57 @@ def grid_subsampling(points, sample_dl, features=None, labels=None):
     out = batch_grid_subsampling(points, tf.shape(points)[:1], sample_dl, features, labels)
     rest = out[2:]
     return out[0] if not rest else (out[0],) + tuple(rest)
+
+
+def kernel_aggregate(query_points, support_points, neighbors, features, kernel_points, extent,
+                     influence="linear", aggregation="sum"):
+    """Fused neighbour sums of a kernel point convolution (CPU), with a registered gradient.
+
+    Computes ``sum_h w[n, h, k] * features[neighbors[n, h]]`` with the influences of
+    ``kpconv_tf.ops`` (``influence`` constant / linear / gaussian, ``aggregation`` sum / closest);
+    multiplying the result, reshaped to [Nq, K * Din], by the [K * Din, Dout] weights gives the
+    convolution. Shadow neighbours (index Ns) contribute nothing.
+
+    Args:
+      query_points: float32 [Nq, 3]. support_points: float32 [Ns, 3].
+      neighbors: int32 [Nq, H], indices into the supports in [0, Ns] (Ns = shadow).
+      features: float32 [Ns, Din].
+      kernel_points: float32 [K, 3] (rigid) or [Nq, K, 3] (deformable: kernel points plus offsets;
+        a neighbour outside every influence sphere (d >= extent) is dropped).
+      extent: float > 0, the influence distance in the points' units.
+    Returns:
+      float32 [Nq, K, Din]. Gradients flow to all float inputs but ``extent``.
+    """
+    if influence not in ("constant", "linear", "gaussian"):
+        raise ValueError(f"influence must be 'constant', 'linear' or 'gaussian', got {influence!r}")
+    if aggregation not in ("sum", "closest"):
+        raise ValueError(f"aggregation must be 'sum' or 'closest', got {aggregation!r}")
+    kernel_points = tf.convert_to_tensor(kernel_points, tf.float32)
+    if kernel_points.shape.rank not in (2, 3):
+        raise ValueError(f"kernel_points must have shape [K, 3] or [Nq, K, 3], got {kernel_points.shape}")
+    features = tf.convert_to_tensor(features)
+    if features.dtype != tf.float32:
+        raise TypeError(f"features must be float32, got {features.dtype.name}")
+    if features.shape.rank is not None and features.shape.rank != 2:
+        raise ValueError(f"features must have shape [Ns, Din], got {features.shape}")
+    neighbors = tf.convert_to_tensor(neighbors)
+    if neighbors.dtype != tf.int32:
+        raise TypeError(f"neighbors must be int32, got {neighbors.dtype.name}")
+    return _ops.kpconv_kernel_aggregate(
+        _points(query_points, "query_points"), _points(support_points, "support_points"), neighbors,
+        features, kernel_points, _positive_scalar(extent, "extent"), influence=influence,
+        aggregation=aggregation, deformable=kernel_points.shape.rank == 3)
+
+
+@tf.RegisterGradient("KpconvKernelAggregate")
+def _kernel_aggregate_grad(op, grad):
+    attrs = {name: op.get_attr(name) for name in ("influence", "aggregation", "deformable")}
+    attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+    query_points, support_points, neighbors = op.inputs[0], op.inputs[1], op.inputs[2]
+    grad_features, grad_kernel_points, grad_centred = _ops.kpconv_kernel_aggregate_grad(
+        *op.inputs, grad, **attrs)
+    # Centred neighbours are support - query: fold their gradient back onto both point sets.
+    num_supports = tf.shape(support_points)[0]
+    grad_supports = tf.math.unsorted_segment_sum(grad_centred, neighbors, num_supports + 1)[:num_supports]
+    grad_queries = -tf.reduce_sum(grad_centred, axis=1)
+    return [grad_queries, grad_supports, None, grad_features, grad_kernel_points, None]
