@@ -103,6 +103,44 @@ class BatchNeighborsTest(tf.test.TestCase):
         for i in rng.integers(0, len(points), 200):
             self.assertAllEqual(np.sort(got[i, :counts[i]]), np.sort(expected[i]))
 
+    def test_same_tensor_as_queries_and_supports(self):
+        # Convolution queries are the supports themselves; the op then reuses the support index's
+        # cell order for the queries.
+        rng = np.random.default_rng(6)
+        for duplicates in (False, True):
+            points, lengths = random_batch(rng, [0, 300, 1, 2, 700], duplicates=duplicates)
+            lattice = (rng.integers(0, 8, size=(500, 3)) * 0.01).astype(np.float32)
+            for pts, lens in ((points, lengths), (lattice, np.array([500], np.int32))):
+                shared = tf.constant(pts)
+                for radius in (1e-4, 0.02, 0.15, 2.0):
+                    got = ops.batch_neighbors(shared, shared, lens, lens, radius)
+                    self.assertAllEqual(got, brute_force(pts, pts, lens, lens, radius))
+
+    def test_portable_path_matches_the_vectorised_one(self):
+        # KPCONV_TF_NO_SIMD=1 makes a process take the scalar candidate loop.
+        import os
+        import subprocess
+        import sys
+        import tempfile
+        rng = np.random.default_rng(7)
+        points, lengths = random_batch(rng, [1200, 0, 3, 900], duplicates=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            np.savez(os.path.join(tmp, "in.npz"), points=points, lengths=lengths)
+            script = (
+                "import numpy as np, tf_custom_ops as ops, sys\n"
+                "d = np.load(sys.argv[1] + '/in.npz')\n"
+                "out = {f'r{i}': ops.batch_neighbors(d['points'], d['points'], d['lengths'], d['lengths'], r).numpy()\n"
+                "       for i, r in enumerate((0.01, 0.06, 0.3))}\n"
+                "np.savez(sys.argv[1] + '/out.npz', **out)\n")
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env = dict(os.environ, KPCONV_TF_NO_SIMD="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=root)
+            subprocess.run([sys.executable, "-c", script, tmp], check=True, env=env)
+            portable = np.load(os.path.join(tmp, "out.npz"))
+            for i, radius in enumerate((0.01, 0.06, 0.3)):
+                got = ops.batch_neighbors(points, points, lengths, lengths, radius)
+                self.assertAllEqual(portable[f"r{i}"], got)
+                self.assertAllEqual(got, brute_force(points, points, lengths, lengths, radius))
+
     def test_empty_inputs(self):
         empty = np.zeros((0, 3), np.float32)
         self.assertEqual(ops.batch_neighbors(empty, empty, [0], [0], 1.0).shape, (0, 0))
