@@ -31,6 +31,10 @@ import tf_custom_ops as ops
 from benchmarks.workloads import make_w1, make_w2, pyramid_radii
 
 
+# Per-layer neighbour limits the training pipeline calibrates for W1 (../shared/bench/README.md).
+CALIBRATED_LIMITS = {"W1": [16, 29, 35, 38, 37]}
+
+
 def median_ms(fn, repeats):
     fn()
     times = []
@@ -67,17 +71,19 @@ def kdtree_neighbors(queries, supports, q_lengths, s_lengths, radius, width):
     return np.concatenate(rows)
 
 
-def pyramid(points, lengths, radii):
-    """The input pyramid as the pipeline builds it: returns the list of produced tensors."""
+def pyramid(points, lengths, radii, limits=None):
+    """The input pyramid: returns the list of produced tensors. ``limits``: per-layer
+    ``max_neighbors`` (the pipeline's calibrated crop), or None for full rows."""
     out = []
-    for conv_r, next_dl, pool_r, up_r in radii:
-        out.append(ops.batch_neighbors(points, points, lengths, lengths, conv_r))
+    for layer, (conv_r, next_dl, pool_r, up_r) in enumerate(radii):
+        limit = limits[layer] if limits else 0
+        out.append(ops.batch_neighbors(points, points, lengths, lengths, conv_r, limit))
         if next_dl is None:
             break
         sub, sub_lengths = ops.batch_grid_subsampling(points, lengths, next_dl)
-        out.append(ops.batch_neighbors(sub, points, sub_lengths, lengths, pool_r))
+        out.append(ops.batch_neighbors(sub, points, sub_lengths, lengths, pool_r, limit))
         if up_r is not None:
-            out.append(ops.batch_neighbors(points, sub, lengths, sub_lengths, up_r))
+            out.append(ops.batch_neighbors(points, sub, lengths, sub_lengths, up_r, limit))
         points, lengths = sub, sub_lengths
     return out
 
@@ -115,6 +121,11 @@ def bench_workload(name, points, lengths, repeats, with_kdtree, kdtree_layers=No
     ms = median_ms(lambda: whole(tf.constant(points), tf.constant(lengths)), repeats)
     rows.append(dict(workload=name, layer=-1, op="whole pyramid (tf.function)", n_queries=len(points),
                      n_supports=len(points), radius=0.0, width=0, ms=ms))
+    if name in CALIBRATED_LIMITS:
+        cropped = tf.function(lambda p, l: pyramid(p, l, radii, CALIBRATED_LIMITS[name]))
+        ms = median_ms(lambda: cropped(tf.constant(points), tf.constant(lengths)), repeats)
+        rows.append(dict(workload=name, layer=-1, op="pyramid, calibrated limits", n_queries=len(points),
+                         n_supports=len(points), radius=0.0, width=0, ms=ms))
     return rows
 
 

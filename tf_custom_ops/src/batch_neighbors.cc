@@ -252,6 +252,7 @@ struct Scratch {
   std::vector<int32_t> cid, hit;       // candidates' support indices, positions of the hits
   std::vector<int32_t> keys, ranked;   // hits as (truncated float distance bits | hit number) keys
   std::vector<int32_t> sorted;         // candidate positions of the hits in distance order
+  std::vector<int64_t> wide;           // keys of rows too long for 32-bit keys
   void Reserve(int64_t n) {
     if (static_cast<int64_t>(cx.size()) >= n) return;
     const int64_t m = 2 * n;
@@ -335,9 +336,23 @@ void SearchUnit(const float* q, const CellIndex& idx, const int32_t* order, cons
           if (f - h > 1) std::sort(sorted + h, sorted + f, exact_less);
           h = f;
         }
-      } else {
-        std::copy(hit, hit + m, sorted);
-        std::sort(sorted, sorted + m, exact_less);
+      } else {  // long rows: sort 64-bit (float bits, hit number) keys, then equal-float runs exactly
+        std::vector<int64_t>& wide = sc->wide;
+        wide.resize(m);
+        for (int64_t h = 0; h < m; ++h) {
+          const float f = static_cast<float>(d2[hit[h]]);
+          int32_t bits;
+          std::memcpy(&bits, &f, sizeof(bits));
+          wide[h] = (static_cast<int64_t>(bits) << 32) | h;
+        }
+        std::sort(wide.begin(), wide.end());
+        for (int64_t h = 0; h < m; ++h) sorted[h] = hit[static_cast<int32_t>(wide[h])];
+        for (int64_t h = 0; h < m;) {
+          int64_t f = h + 1;
+          while (f < m && (wide[f] >> 32) == (wide[h] >> 32)) ++f;
+          if (f - h > 1) std::sort(sorted + h, sorted + f, exact_less);
+          h = f;
+        }
       }
       const int64_t keep = max_neighbors > 0 ? std::min<int64_t>(m, max_neighbors) : m;
       placed->count[qi] = static_cast<int32_t>(keep);
