@@ -136,6 +136,7 @@ class KernelAggregateTest(tf.test.TestCase):
             (dict(query_points=q[:, :2]), "query_points"),
             (dict(support_points=s[:, :2]), "support_points"),
             (dict(kernel_points=kp[:, :2]), "kernel_points"),
+            (dict(kernel_points=kp[:0]), "kernel_points"),
             (dict(extent=0.0), "extent"),
             (dict(extent=float("nan")), "extent"),
         ]

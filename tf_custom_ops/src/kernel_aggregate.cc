@@ -244,10 +244,10 @@ class AggregateBase : public OpKernel {
     const bool kp_ok = deformable_
                            ? (kp.dims() == 3 && kp.dim_size(0) == q.dim_size(0) && kp.dim_size(2) == 3)
                            : (kp.dims() == 2 && kp.dim_size(1) == 3);
-    if (!kp_ok)
+    if (!kp_ok || kp.dim_size(kp.dims() - 2) < 1)
       return fail(errors::InvalidArgument(
           "kernel_points must have shape ", deformable_ ? "[Nq, K, 3] (deformable)" : "[K, 3]",
-          ", got ", kp.shape().DebugString()));
+          " with K >= 1, got ", kp.shape().DebugString()));
     if (!TensorShapeUtils::IsScalar(extent.shape()))
       return fail(errors::InvalidArgument("extent must be a scalar, got ",
                                           extent.shape().DebugString()));
