@@ -150,9 +150,28 @@ def test_bad_modes_raise():
                    np.zeros((1, 1, 1)), 1.0, implementation="fused")  # float64 features
 
 
-def test_implementation_resolution():
+def test_implementation_resolution(monkeypatch):
     assert ops.resolve_implementation("standard") == "standard"
     assert ops.resolve_implementation("fused") == "fused"
     assert ops.resolve_implementation("auto", tf.float64) == "standard"
     expected = "standard" if tf.config.list_logical_devices("GPU") else "fused"
     assert ops.resolve_implementation("auto", tf.float32) == expected
+    # With a GPU visible, "auto" keeps the network on standard ops (the fused op is CPU-only).
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    assert ops.resolve_implementation("auto", tf.float32) == "standard"
+
+
+def test_auto_falls_back_when_the_compiled_ops_are_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(ops, "_FUSED_UNAVAILABLE", [])
+    monkeypatch.setitem(sys.modules, "tf_custom_ops", None)  # makes `import tf_custom_ops` fail
+    with pytest.warns(UserWarning, match="fused KPConv op is unavailable"):
+        assert ops.resolve_implementation("auto", tf.float32) == "standard"
+    with pytest.raises(RuntimeError, match="compiled ops"):
+        ops.resolve_implementation("fused", tf.float32)
+    rng = np.random.default_rng(12)
+    q, s, n, f, kp, w = random_problem(rng)
+    np.testing.assert_allclose(ops.kpconv(q, s, n, f, kp, w, 0.3, implementation="auto").numpy(),
+                               kpconv_reference(q, s, n, f, kp, w, 0.3, "linear", "sum"), rtol=1e-4, atol=1e-4)
