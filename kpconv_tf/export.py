@@ -71,20 +71,21 @@ def export_saved_model(model, config: Config, path, neighbor_limits=None):
     return path
 
 
-LOADING_NOTE = """This SavedModel uses the compiled ops of kpconv-tf (KpconvBatchNeighbors,
-KpconvBatchGridSubsampling) in its serving_default signature. Register them before loading:
+LOADING_NOTE = """This SavedModel uses the compiled ops of kpconv-tf: KpconvBatchNeighbors and
+KpconvBatchGridSubsampling in its serving_default signature and, when it was exported on a machine
+without a visible GPU, KpconvKernelAggregate in both signatures. Register them before loading:
 
     import tf_custom_ops            # from the kpconv-tf repository (built on first import)
     model = tf.saved_model.load(PATH)
 
 or use kpconv_tf.export.load_exported(PATH). Without them TensorFlow stops with
-"Op type not registered 'KpconvBatchNeighbors'".
+"Op type not registered 'Kpconv...'".
 """
 
 
 def load_exported(path):
     """Loads an exported SavedModel, registering the compiled ops first."""
-    import tf_custom_ops  # noqa: F401  (registers KpconvBatchNeighbors / KpconvBatchGridSubsampling)
+    import tf_custom_ops  # noqa: F401  (registers the Kpconv* ops)
 
     return tf.saved_model.load(str(path))
 

@@ -128,9 +128,25 @@ def influence_weights(d2, extent, influence, aggregation, deformable=False):
     return weights
 
 
-def _neighbor_sums(weights, neighbor_features):
-    """sum_h w[n,h,k] f[n,h,:] -> [Nq, K, Din]."""
-    return tf.einsum("nhk,nhd->nkd", weights, neighbor_features)
+def _kernel_sums(query_points, support_points, neighbors, features, kernel_points, extent, influence,
+                 aggregation, implementation):
+    """sum_h w[n,h,k] f[neighbors[n,h],:] -> [Nq, K, Din].
+
+    ``kernel_points`` [K, 3] is the rigid form; [Nq, K, 3] (kernel points plus offsets) the
+    deformable one, which drops neighbours outside every influence sphere.
+    """
+    if resolve_implementation(implementation, features.dtype) == "fused":
+        return _fused_ops().kernel_aggregate(query_points, support_points, neighbors, features,
+                                             kernel_points, extent, influence, aggregation)
+    deformable = kernel_points.shape.rank == 3
+    centred = centred_neighbors(query_points, support_points, neighbors,
+                                _DEFORM_SHADOW if deformable else _RIGID_SHADOW)
+    d2 = squared_distances(centred, kernel_points)
+    w = influence_weights(d2, extent, influence, aggregation, deformable=deformable)
+    if deformable:
+        in_range = tf.reduce_any(d2 < tf.square(tf.cast(extent, d2.dtype)), axis=-1)  # [Nq, H]
+        w = w * tf.cast(in_range, w.dtype)[:, :, None]
+    return tf.einsum("nhk,nhd->nkd", w, _gather_features(features, neighbors))
 
 
 def _project(per_kernel, kernel_weights):
@@ -171,14 +187,8 @@ def kpconv(query_points, support_points, neighbors, features, kernel_points, wei
     features, query_points, support_points, kernel_points, weights = _as_tensors(
         features, query_points, support_points, kernel_points, weights)
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
-    if resolve_implementation(implementation, features.dtype) == "fused":
-        sums = _fused_ops().kernel_aggregate(query_points, support_points, neighbors, features,
-                                             kernel_points, extent, influence, aggregation)
-    else:
-        centred = centred_neighbors(query_points, support_points, neighbors, _RIGID_SHADOW)
-        d2 = squared_distances(centred, kernel_points)
-        w = influence_weights(d2, extent, influence, aggregation)
-        sums = _neighbor_sums(w, _gather_features(features, neighbors))
+    sums = _kernel_sums(query_points, support_points, neighbors, features, kernel_points, extent,
+                        influence, aggregation, implementation)
     return _project(sums, weights)
 
 
@@ -200,17 +210,8 @@ def kpconv_deformable(query_points, support_points, neighbors, features, kernel_
     if modulations is not None:
         modulations = tf.cast(modulations, features.dtype)
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
-    deformed = kernel_points[None] + offsets
-    if resolve_implementation(implementation, features.dtype) == "fused":
-        sums = _fused_ops().kernel_aggregate(query_points, support_points, neighbors, features,
-                                             deformed, extent, influence, aggregation)
-    else:
-        centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
-        d2 = squared_distances(centred, deformed)
-        in_range = tf.reduce_any(d2 < tf.square(tf.cast(extent, d2.dtype)), axis=-1)  # [Nq, H]
-        w = influence_weights(d2, extent, influence, aggregation, deformable=True)
-        w = w * tf.cast(in_range, w.dtype)[:, :, None]
-        sums = _neighbor_sums(w, _gather_features(features, neighbors))
+    sums = _kernel_sums(query_points, support_points, neighbors, features, kernel_points[None] + offsets,
+                        extent, influence, aggregation, implementation)
     if modulations is not None:
         sums = sums * modulations[:, :, None]
     return _project(sums, weights)

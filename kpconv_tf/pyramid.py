@@ -2,10 +2,10 @@
 
 ``build_pyramid(points, lengths, features, model_config, neighbor_limits=None)`` computes, for each
 layer l, the convolution neighbours, the subsampled points of layer l+1 and the pooling and
-upsampling neighbours between them (upsampling only for networks with a decoder), with the radii of ``kpconv_tf.architecture.layer_specs`` (the
-original pipeline's rules). ``neighbor_limits[l]`` > 0 crops the three neighbour matrices of layer l
-to their nearest entries, as the original's calibrated limits do. Runs eagerly, in ``tf.function``
-and in ``tf.data`` maps (the compiled ops are CPU ops).
+upsampling neighbours between them (upsampling only for networks with a decoder), with the radii
+of ``kpconv_tf.architecture.layer_specs`` (the original pipeline's rules). ``neighbor_limits[l]``
+> 0 crops the neighbour matrices of layer l to their nearest entries, as the original's calibrated
+limits do. Runs eagerly, in ``tf.function`` and in ``tf.data`` maps (the compiled ops are CPU ops).
 """
 
 from __future__ import annotations

@@ -370,12 +370,7 @@ void SearchUnit(const float* q, const CellIndex& idx, const int32_t* order, cons
 // per-axis counts representable (then more candidates are scanned, results are unchanged).
 Grid SearchGrid(const float* pts, int64_t n, double radius) {
   double lo[3], hi[3];
-  for (int a = 0; a < 3; ++a) lo[a] = hi[a] = n ? pts[a] : 0.0;
-  for (int64_t i = 0; i < n; ++i)
-    for (int a = 0; a < 3; ++a) {
-      lo[a] = std::min<double>(lo[a], pts[3 * i + a]);
-      hi[a] = std::max<double>(hi[a], pts[3 * i + a]);
-    }
+  BoundingBox(pts, n, lo, hi);
   for (double cell = radius / kCellsPerRadius;; cell *= 4.0) {
     Grid g;
     g.cell = cell;

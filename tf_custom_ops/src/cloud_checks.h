@@ -75,6 +75,18 @@ inline bool CheckPositiveScalar(OpKernelContext* ctx, const Tensor& t, const cha
   return true;
 }
 
+// Per-axis min and max of n points (zeros when n = 0).
+inline void BoundingBox(const float* points, int64_t n, double lo[3], double hi[3]) {
+  for (int a = 0; a < 3; ++a) lo[a] = hi[a] = n ? points[a] : 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int a = 0; a < 3; ++a) {
+      const double x = points[3 * i + a];
+      lo[a] = x < lo[a] ? x : lo[a];
+      hi[a] = x > hi[a] ? x : hi[a];
+    }
+  }
+}
+
 // Integer cell coordinates of a cloud on a grid of size `cell` anchored at floor(min / cell) * cell.
 // Fails (naming `dl_name`) when the grid would have too many cells per axis for 64-bit keys.
 struct Grid {
@@ -99,18 +111,8 @@ struct Grid {
 
 inline bool MakeGrid(OpKernelContext* ctx, const float* points, int64_t n, double cell,
                      const char* dl_name, Grid* grid) {
-  double lo[3] = {0, 0, 0}, hi[3] = {0, 0, 0};
-  for (int a = 0; a < 3; ++a) {
-    lo[a] = n ? points[a] : 0.0;
-    hi[a] = lo[a];
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    for (int a = 0; a < 3; ++a) {
-      const double x = points[3 * i + a];
-      lo[a] = x < lo[a] ? x : lo[a];
-      hi[a] = x > hi[a] ? x : hi[a];
-    }
-  }
+  double lo[3], hi[3];
+  BoundingBox(points, n, lo, hi);
   grid->cell = cell;
   double cells = 1.0;
   for (int a = 0; a < 3; ++a) {

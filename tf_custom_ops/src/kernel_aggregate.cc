@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "cloud_checks.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -29,14 +30,10 @@ namespace {
 using ::tensorflow::DEVICE_CPU;
 using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
-using ::tensorflow::TensorShapeUtils;
 using ::tensorflow::shape_inference::DimensionHandle;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
-namespace errors = ::tensorflow::errors;
 
 // Shape checks shared by both ops' shape functions; returns K and Din.
 absl::Status AggregateShapes(InferenceContext* c, DimensionHandle* nq, DimensionHandle* k,
@@ -112,10 +109,36 @@ struct Params {
   int64_t k;
 };
 
-// The kernel points of one query in structure-of-arrays form, with per-neighbour scratch.
+// Validated inputs of either op.
+struct Inputs {
+  const float* q;
+  const float* s;
+  const int32_t* nb;
+  const float* f;
+  const float* kp;
+  int64_t nq, ns, h, d;
+  Params p;
+  const float* KernelPoints(int64_t n) const { return p.deformable ? kp + n * p.k * 3 : kp; }
+  // Support s relative to query n.
+  void Centre(int64_t n, int64_t s_index, float c[3]) const {
+    for (int a = 0; a < 3; ++a) c[a] = s[3 * s_index + a] - q[3 * n + a];
+  }
+};
+
+// The kernel points of the current query in structure-of-arrays form, with per-neighbour scratch.
+// Rigid kernel points are loaded once; deformable ones by Query(n).
 struct Kernel {
+  const Inputs& in;
   std::vector<float> x, y, z, d2, w, dw;
-  explicit Kernel(int64_t k) : x(k), y(k), z(k), d2(k), w(k), dw(k) {}
+  explicit Kernel(const Inputs& inputs)
+      : in(inputs), x(in.p.k), y(in.p.k), z(in.p.k), d2(in.p.k), w(in.p.k), dw(in.p.k) {
+    if (!in.p.deformable) Load(in.kp);
+  }
+  void Query(int64_t n) {
+    if (in.p.deformable) Load(in.KernelPoints(n));
+  }
+
+ private:
   void Load(const float* kp) {
     for (size_t k = 0; k < x.size(); ++k) {
       x[k] = kp[3 * k];
@@ -191,17 +214,6 @@ float Dot(const float* __restrict x, const float* __restrict y, int64_t n) {
   return s;
 }
 
-// Validated inputs of either op.
-struct Inputs {
-  const float* q;
-  const float* s;
-  const int32_t* nb;
-  const float* f;
-  const float* kp;
-  int64_t nq, ns, h, d;
-  Params p;
-  const float* KernelPoints(int64_t n) const { return p.deformable ? kp + n * p.k * 3 : kp; }
-};
 
 class AggregateBase : public OpKernel {
  public:
@@ -248,12 +260,9 @@ class AggregateBase : public OpKernel {
       return fail(errors::InvalidArgument(
           "kernel_points must have shape ", deformable_ ? "[Nq, K, 3] (deformable)" : "[K, 3]",
           " with K >= 1, got ", kp.shape().DebugString()));
-    if (!TensorShapeUtils::IsScalar(extent.shape()))
-      return fail(errors::InvalidArgument("extent must be a scalar, got ",
-                                          extent.shape().DebugString()));
-    const float e = extent.scalar<float>()();
-    if (!(std::isfinite(e) && e > 0))
-      return fail(errors::InvalidArgument("extent must be finite and > 0, got ", e));
+    double extent_value;
+    if (!CheckPositiveScalar(ctx, extent, "extent", &extent_value)) return false;
+    const float e = static_cast<float>(extent_value);  // exact: it was read from a float
     in->q = q.flat<float>().data();
     in->s = s.flat<float>().data();
     in->nb = nb.flat<int32_t>().data();
@@ -305,18 +314,17 @@ class KernelAggregateOp : public AggregateBase {
     float* out = out_t->flat<float>().data();
     const int64_t cost = in.h * (kn * 12 + 2 * in.d) + kn * in.d;
     ParallelFor(ctx, in.nq, cost, [&](int64_t begin, int64_t end) {
-      Kernel kernel(kn);
-      if (!in.p.deformable) kernel.Load(in.kp);
+      Kernel kernel(in);
       const float* w = kernel.w.data();
       for (int64_t n = begin; n < end; ++n) {
         float* agg = out + n * kn * in.d;
         std::fill(agg, agg + kn * in.d, 0.0f);
-        if (in.p.deformable) kernel.Load(in.KernelPoints(n));
-        const float* qn = in.q + 3 * n;
+        kernel.Query(n);
         for (int64_t j = 0; j < in.h; ++j) {
           const int64_t s = in.nb[n * in.h + j];
           if (s == in.ns) continue;
-          const float c[3] = {in.s[3 * s] - qn[0], in.s[3 * s + 1] - qn[1], in.s[3 * s + 2] - qn[2]};
+          float c[3];
+          in.Centre(n, s, c);
           if (!Influences(c, in.p, false, &kernel)) continue;
           for (int64_t k = 0; k < kn; ++k)
             if (w[k] != 0.0f) Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
@@ -356,14 +364,12 @@ class KernelAggregateGradOp : public AggregateBase {
     std::vector<double> kp_partial(in.p.deformable ? 0 : num_blocks * kn * 3, 0.0);
     const int64_t cost = block * in.h * (kn * 16 + 2 * in.d);
     ParallelFor(ctx, num_blocks, cost, [&](int64_t b0, int64_t b1) {
-      Kernel kernel(kn);
-      if (!in.p.deformable) kernel.Load(in.kp);
+      Kernel kernel(in);
       const float* dw = kernel.dw.data();
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t n = b * block; n < std::min(in.nq, (b + 1) * block); ++n) {
           const float* kp = in.KernelPoints(n);
-          if (in.p.deformable) kernel.Load(kp);
-          const float* qn = in.q + 3 * n;
+          kernel.Query(n);
           float* gkp = in.p.deformable ? gk + n * kn * 3 : nullptr;
           if (gkp) std::fill(gkp, gkp + kn * 3, 0.0f);
           double* gshared = in.p.deformable ? nullptr : kp_partial.data() + b * kn * 3;
@@ -372,7 +378,8 @@ class KernelAggregateGradOp : public AggregateBase {
             gy[0] = gy[1] = gy[2] = 0.0f;
             const int64_t s = in.nb[n * in.h + j];
             if (s == in.ns) continue;
-            const float c[3] = {in.s[3 * s] - qn[0], in.s[3 * s + 1] - qn[1], in.s[3 * s + 2] - qn[2]};
+            float c[3];
+            in.Centre(n, s, c);
             if (!Influences(c, in.p, true, &kernel)) continue;
             for (int64_t k = 0; k < kn; ++k) {
               if (dw[k] == 0.0f) continue;
@@ -407,17 +414,16 @@ class KernelAggregateGradOp : public AggregateBase {
     for (int64_t i = 0; i < total; ++i) entries[fill[in.nb[i]]++] = i;
     const int64_t per_support = in.ns ? total / in.ns + 1 : 1;
     ParallelFor(ctx, in.ns, per_support * (kn * 12 + 2 * in.d), [&](int64_t s0, int64_t s1) {
-      Kernel kernel(kn);
-      if (!in.p.deformable) kernel.Load(in.kp);
+      Kernel kernel(in);
       const float* w = kernel.w.data();
       for (int64_t s = s0; s < s1; ++s) {
         float* row = gf + s * in.d;
         std::fill(row, row + in.d, 0.0f);
         for (int64_t e = start[s]; e < start[s + 1]; ++e) {
           const int64_t n = entries[e] / in.h;
-          const float* qn = in.q + 3 * n;
-          const float c[3] = {in.s[3 * s] - qn[0], in.s[3 * s + 1] - qn[1], in.s[3 * s + 2] - qn[2]};
-          if (in.p.deformable) kernel.Load(in.KernelPoints(n));
+          float c[3];
+          in.Centre(n, s, c);
+          kernel.Query(n);
           if (!Influences(c, in.p, false, &kernel)) continue;
           for (int64_t k = 0; k < kn; ++k)
             if (w[k] != 0.0f) Axpy(w[k], grad + (n * kn + k) * in.d, row, in.d);
