@@ -60,9 +60,10 @@ class BatchNeighborsTest(tf.test.TestCase):
             jitter = rng.integers(-1, 2, size=base.shape) * 1e-7
             points = (base + jitter * (seed > 0)).astype(np.float32)
             lengths = np.array([1800, 0, 1, 1199], np.int32)
-            for radius in (0.01, 0.025):
-                got = ops.batch_neighbors(points, points, lengths, lengths, radius)
-                self.assertAllEqual(got, brute_force(points, points, lengths, lengths, radius))
+            # 0.035 gives rows longer than 128 hits (the 64-bit key path); a limit cuts tie runs.
+            for radius, max_n in ((0.01, 0), (0.025, 0), (0.025, 7), (0.035, 0), (0.035, 40)):
+                got = ops.batch_neighbors(points, points, lengths, lengths, radius, max_n)
+                self.assertAllEqual(got, brute_force(points, points, lengths, lengths, radius, max_n))
 
     def test_distances_equal_in_float32_are_ordered_in_float64(self):
         # |(0.3, 0.4)|^2 = 0.2500000119 in float64 but rounds to 0.25 in float32, like |(0.5, 0)|^2.
@@ -117,26 +118,30 @@ class BatchNeighborsTest(tf.test.TestCase):
                     self.assertAllEqual(got, brute_force(pts, pts, lens, lens, radius))
 
     def test_portable_path_matches_the_vectorised_one(self):
-        # KPCONV_TF_NO_SIMD=1 makes a process take the scalar candidate loop.
+        # KPCONV_TF_NO_SIMD=1 makes a process take the scalar hit search and rank sort.
         import os
         import subprocess
         import sys
         import tempfile
         rng = np.random.default_rng(7)
         points, lengths = random_batch(rng, [1200, 0, 3, 900], duplicates=True)
+        # Plus a lattice cloud: runs of equal distances, rows of fewer and more than 128 hits.
+        lattice = (rng.integers(0, 10, size=(1500, 3)) * 0.01).astype(np.float32)
+        points = np.concatenate([points, lattice])
+        lengths = np.append(lengths, len(lattice)).astype(np.int32)
         with tempfile.TemporaryDirectory() as tmp:
             np.savez(os.path.join(tmp, "in.npz"), points=points, lengths=lengths)
             script = (
                 "import numpy as np, tf_custom_ops as ops, sys\n"
                 "d = np.load(sys.argv[1] + '/in.npz')\n"
                 "out = {f'r{i}': ops.batch_neighbors(d['points'], d['points'], d['lengths'], d['lengths'], r).numpy()\n"
-                "       for i, r in enumerate((0.01, 0.06, 0.3))}\n"
+                "       for i, r in enumerate((0.01, 0.025, 0.06, 0.3))}\n"
                 "np.savez(sys.argv[1] + '/out.npz', **out)\n")
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, KPCONV_TF_NO_SIMD="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=root)
             subprocess.run([sys.executable, "-c", script, tmp], check=True, env=env)
             portable = np.load(os.path.join(tmp, "out.npz"))
-            for i, radius in enumerate((0.01, 0.06, 0.3)):
+            for i, radius in enumerate((0.01, 0.025, 0.06, 0.3)):
                 got = ops.batch_neighbors(points, points, lengths, lengths, radius)
                 self.assertAllEqual(portable[f"r{i}"], got)
                 self.assertAllEqual(got, brute_force(points, points, lengths, lengths, radius))
