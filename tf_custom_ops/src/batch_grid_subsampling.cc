@@ -1,9 +1,10 @@
 // KpconvBatchGridSubsampling: one barycentre per non-empty grid cell, per cloud of a stack.
 //
 // Per cloud, the grid origin is floor(min_corner / dl) * dl (as the original). Points are sorted
-// by cell key, so each output point is a contiguous run: sums are accumulated in double, features
-// averaged, labels decided by majority (ties to the smaller label). Outputs come in ascending
-// cell-key order per cloud, which makes them deterministic (the original used hash-map order).
+// by cell key (stable radix sort), so each output point is a contiguous run: sums are accumulated
+// in double, features averaged, labels decided by majority (ties to the smaller label). Outputs
+// come in ascending cell-key order per cloud, which makes them deterministic (the original used
+// hash-map order).
 
 #include <algorithm>
 #include <cstdint>
@@ -50,6 +51,32 @@ REGISTER_OP("KpconvBatchGridSubsampling")
     })
     .Doc("Barycentric grid subsampling per cloud of stacked clouds (features averaged, labels voted).");
 
+// Sorts (cell key, point index) pairs by key, keeping the index order within a key: a least
+// significant digit radix sort on 11-bit digits, with only as many passes as the largest key needs
+// (two for the grids of object-sized clouds). The whole op measured 1.8x faster on W1 layer 0 than
+// with std::sort of the pairs (3.6 -> 2.0 ms, 2 cores, interleaved medians).
+void SortByKey(std::vector<std::pair<int64_t, int64_t>>* keyed,
+               std::vector<std::pair<int64_t, int64_t>>* buffer) {
+  constexpr int kBits = 11;
+  constexpr int64_t kBuckets = int64_t{1} << kBits;
+  int64_t largest = 0;
+  for (const auto& e : *keyed) largest = std::max(largest, e.first);
+  buffer->resize(keyed->size());
+  std::vector<int64_t> count(kBuckets);
+  for (int shift = 0; shift < 63 && (largest >> shift) > 0; shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (const auto& e : *keyed) ++count[(e.first >> shift) & (kBuckets - 1)];
+    int64_t offset = 0;
+    for (int64_t d = 0; d < kBuckets; ++d) {
+      const int64_t c = count[d];
+      count[d] = offset;
+      offset += c;
+    }
+    for (const auto& e : *keyed) (*buffer)[count[(e.first >> shift) & (kBuckets - 1)]++] = e;
+    keyed->swap(*buffer);
+  }
+}
+
 struct CloudResult {
   std::vector<float> points, features;
   std::vector<int32_t> labels;
@@ -89,14 +116,14 @@ class BatchGridSubsamplingOp : public OpKernel {
     }
     std::vector<CloudResult> results(num_clouds);
     auto subsample = [&](int64_t begin, int64_t end) {
-      std::vector<std::pair<int64_t, int64_t>> keyed;
+      std::vector<std::pair<int64_t, int64_t>> keyed, buffer;
       std::vector<double> sums(3 + dim);
       std::vector<int32_t> cell_labels;
       for (int64_t b = begin; b < end; ++b) {
         const Grid& g = grids[b];
         keyed.clear();
         for (int64_t i = starts[b]; i < starts[b + 1]; ++i) keyed.emplace_back(g.KeyOf(p + 3 * i), i);
-        std::sort(keyed.begin(), keyed.end());
+        SortByKey(&keyed, &buffer);
         CloudResult& out = results[b];
         for (size_t r = 0; r < keyed.size();) {
           size_t e = r;
