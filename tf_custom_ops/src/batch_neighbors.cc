@@ -175,12 +175,13 @@ inline int32_t HitKey(double d2, int64_t h) {
 }
 
 // For one query p and n gathered candidates: the hits (squared distance <= r2), compacted in
-// candidate order from position m on, as sort keys (HitKey), support indices and squared
-// distances; returns the new hit count. Outputs need 4 slots of slack. The distance test is
+// candidate order, as sort keys (HitKey), support indices and squared distances; returns their
+// number. Outputs need 4 slots of slack. The distance test is
 // unpredictable, hence the branch-free compaction.
 int64_t HitsScalar(const double* xs, const double* ys, const double* zs, const int32_t* cids,
-                   int64_t n, double px, double py, double pz, double r2, int64_t m, int32_t* keys,
+                   int64_t n, double px, double py, double pz, double r2, int32_t* keys,
                    int32_t* ids, double* d2) {
+  int64_t m = 0;
   for (int64_t c = 0; c < n; ++c) {
     const double dx = xs[c] - px, dy = ys[c] - py, dz = zs[c] - pz;
     const double d = dx * dx + dy * dy + dz * dz;
@@ -192,15 +193,16 @@ int64_t HitsScalar(const double* xs, const double* ys, const double* zs, const i
   return m;
 }
 
-// Sorts the m unique keys (m <= 128) by counting each one's rank, writing them in order to
-// `ranked`; returns whether two consecutive sorted keys agree above the hit-number bits (a run
-// that needs the exact order). `keys` is padded with INT32_MAX to a multiple of 8.
+// Whether two consecutive sorted keys agree above the hit-number bits (a run that needs the
+// exact order).
 bool HasTies(const int32_t* ranked, int64_t m) {
   for (int64_t h = 0; h + 1 < m; ++h)
     if (((ranked[h] ^ ranked[h + 1]) >> 7) == 0) return true;
   return false;
 }
 
+// Sorts the m unique keys (m <= 128) by counting each one's rank, writing them in order to
+// `ranked`; returns HasTies of the result. `keys` is padded with INT32_MAX to a multiple of 8.
 bool RankSortScalar(const int32_t* __restrict keys, int64_t m, int32_t* __restrict ranked) {
   for (int64_t i = 0; i < m; ++i) {
     const int32_t ki = keys[i];
@@ -237,12 +239,13 @@ const CompressTable kCompress;
 // up to a multiple of 4.
 __attribute__((target("avx2,popcnt")))
 int64_t HitsAvx2(const double* xs, const double* ys, const double* zs, const int32_t* cids,
-                 int64_t n, double px, double py, double pz, double r2, int64_t m, int32_t* keys,
+                 int64_t n, double px, double py, double pz, double r2, int32_t* keys,
                  int32_t* ids, double* d2) {
   const __m256d vx = _mm256_set1_pd(px), vy = _mm256_set1_pd(py), vz = _mm256_set1_pd(pz);
   const __m256d vr2 = _mm256_set1_pd(r2);
   const __m128i high = _mm_set1_epi32(~0x7F), low = _mm_set1_epi32(0x7F);
   const __m128i step = _mm_setr_epi32(0, 1, 2, 3);
+  int64_t m = 0;
   for (int64_t c = 0; c < n; c += 4) {
     const __m256d dx = _mm256_sub_pd(_mm256_loadu_pd(xs + c), vx);
     const __m256d dy = _mm256_sub_pd(_mm256_loadu_pd(ys + c), vy);
@@ -304,7 +307,7 @@ bool RankSortAvx2(const int32_t* __restrict keys, int64_t m, int32_t* __restrict
 // check that the portable path gives identical rows).
 struct RowKernels {
   int64_t (*hits)(const double*, const double*, const double*, const int32_t*, int64_t, double,
-                  double, double, double, int64_t, int32_t*, int32_t*, double*);
+                  double, double, double, int32_t*, int32_t*, double*);
   bool (*rank_sort)(const int32_t*, int64_t, int32_t*);
 };
 
@@ -365,6 +368,16 @@ void WriteRow(Scratch* sc, int64_t m, bool ties, int64_t keep, int32_t* row) {
     return d2[u] < d2[v] || (d2[u] == d2[v] && ids[u] < ids[v]);
   };
   int32_t* order = sc->hit_order.data();
+  // Orders exactly the runs of sorted positions whose keys agree (same(f, h)) that start before
+  // `keep`.
+  const auto order_runs = [&](auto same) {
+    for (int64_t h = 0; h < keep;) {
+      int64_t f = h + 1;
+      while (f < m && same(f, h)) ++f;
+      if (f - h > 1) std::sort(order + h, order + f, exact_less);
+      h = f;
+    }
+  };
   if (m <= kRankSortMax) {
     const int32_t* ranked = sc->ranked.data();
     if (!ties) {
@@ -372,24 +385,14 @@ void WriteRow(Scratch* sc, int64_t m, bool ties, int64_t keep, int32_t* row) {
       return;
     }
     for (int64_t h = 0; h < m; ++h) order[h] = ranked[h] & 0x7F;
-    for (int64_t h = 0; h < keep;) {
-      int64_t f = h + 1;
-      while (f < m && ((ranked[f] ^ ranked[h]) >> 7) == 0) ++f;
-      if (f - h > 1) std::sort(order + h, order + f, exact_less);
-      h = f;
-    }
+    order_runs([&](int64_t f, int64_t h) { return ((ranked[f] ^ ranked[h]) >> 7) == 0; });
   } else {  // 64-bit keys: (float bits of d2, hit number)
     std::vector<int64_t>& wide = sc->wide;
     wide.resize(m);
     for (int64_t h = 0; h < m; ++h) wide[h] = (static_cast<int64_t>(HitKey(d2[h], 0)) << 32) | h;
     std::sort(wide.begin(), wide.end());
     for (int64_t h = 0; h < m; ++h) order[h] = static_cast<int32_t>(wide[h]);
-    for (int64_t h = 0; h < keep;) {
-      int64_t f = h + 1;
-      while (f < m && (wide[f] >> 32) == (wide[h] >> 32)) ++f;
-      if (f - h > 1) std::sort(order + h, order + f, exact_less);
-      h = f;
-    }
+    order_runs([&](int64_t f, int64_t h) { return (wide[f] >> 32) == (wide[h] >> 32); });
   }
   for (int64_t h = 0; h < keep; ++h) row[h] = ids[order[h]];
 }
@@ -436,7 +439,7 @@ void SearchUnit(const float* q, const CellIndex& idx, const int32_t* order, cons
     for (int64_t t = a; t < e; ++t) {
       const float* p = q + 3 * order[t];
       const int64_t m = kernels.hits(sc->cx.data(), sc->cy.data(), sc->cz.data(), sc->cid.data(), nc,
-                                     p[0], p[1], p[2], r2, 0, sc->keys.data(), sc->ids.data(),
+                                     p[0], p[1], p[2], r2, sc->keys.data(), sc->ids.data(),
                                      sc->d2.data());
       bool ties = true;
       if (m <= kRankSortMax) {
