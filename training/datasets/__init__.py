@@ -18,6 +18,7 @@ REGISTRY = {
     "EmbeddedShapes": "training.datasets.embedded_shapes:shapes_from_config",
     "EmbeddedParts": "training.datasets.embedded_shapes:parts_from_config",
     "EmbeddedRooms": "training.datasets.embedded_rooms:EmbeddedRooms.from_config",
+    "EmbeddedLidarObjects": "training.datasets.embedded_lidar:from_config",
 }
 
 
