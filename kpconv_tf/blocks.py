@@ -116,7 +116,8 @@ class Block(keras.layers.Layer):
         self.fdim = int(fdim)
         self.model_config = model_config
         self.extent = model_config.kp_extent * self.radius / model_config.density_parameter
-        self.deformed = []  # (deformed kernel points, queries, supports, neighbors) of the last call
+        # (deformed kernel points, queries, supports, neighbors, KPConv) of the last call
+        self.deformed = []
 
     def kpconv(self, filters, deformable=False, name="conv", offset_mode="kpconv"):
         m = self.model_config
@@ -124,7 +125,7 @@ class Block(keras.layers.Layer):
         return KPConv(filters, m.num_kernel_points, extent=self.extent, radius=self.radius,
                       influence=m.kp_influence, aggregation=m.convolution_mode, fixed=m.fixed_kernel_points,
                       deformable=deformable, modulated=m.modulated and deformable, kernel_seed=seed,
-                      offset_mode=offset_mode, name=name)
+                      offset_mode=offset_mode, offset_bound=m.offset_bound if deformable else 0.0, name=name)
 
     def run_kpconv(self, conv, features, inputs, strided=False, upsample=False, layer=None):
         l = self.layer_index if layer is None else layer
@@ -138,7 +139,7 @@ class Block(keras.layers.Layer):
             neighbors = inputs[f"neighbors_{l}"]
         if conv.deformable:
             out, deformed = conv(query, support, neighbors, features, return_deformed=True)
-            self.deformed.append((deformed, query, support, neighbors))
+            self.deformed.append((deformed, query, support, neighbors, conv))
             return out
         return conv(query, support, neighbors, features)
 

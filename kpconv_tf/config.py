@@ -21,6 +21,11 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 
+# Offset regularisations of deformable KPConv (kpconv_tf.losses): the original's two and the later
+# point-to-point definition of KPConv-PyTorch.
+OFFSETS_LOSSES = ("permissive", "fitting", "point2point")
+
+
 class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type or an invalid value."""
 
@@ -61,6 +66,8 @@ class ModelConfig:
     fixed_kernel_points: str = "center"  # center | verticals | none
     trainable_positions: bool = False  # deprecated in the original
     modulated: bool = False
+    # Deformable offsets are bounded to this many extents by a tanh (0: unbounded, the original).
+    offset_bound: float = 0.0
     dropout: float = 0.5  # drop rate of the KP-CNN head (original feeds keep_prob 0.5)
     kernel_seed: Optional[int] = None  # seeds the per-layer kernel rotations (None: random, as the original)
 
@@ -82,8 +89,10 @@ class TrainConfig:
     batch_averaged_loss: bool = False
     points_loss: str = ""  # deprecated in the original
     points_decay: float = 1e-2
-    offsets_loss: str = "permissive"  # permissive | fitting
+    offsets_loss: str = "permissive"  # permissive | fitting | point2point (kpconv_tf.losses)
     offsets_decay: float = 1e-2
+    repulse_extent: float = 1.2  # point2point: repulsion threshold between kernel points (extents)
+    offset_lr_factor: float = 0.1  # offset variables learn at this factor of the learning rate
     batch_num: int = 10
     max_epoch: int = 1000
     epoch_steps: Optional[int] = 1000  # None: one pass over the training split
@@ -169,7 +178,7 @@ class Config:
         _choice("model.convolution_mode", m.convolution_mode, ("closest", "sum"))
         _choice("model.fixed_kernel_points", m.fixed_kernel_points, ("center", "verticals", "none"))
         _choice("train.semantics", t.semantics, ("original", "paper"))
-        _choice("train.offsets_loss", t.offsets_loss, ("permissive", "fitting"))
+        _choice("train.offsets_loss", t.offsets_loss, OFFSETS_LOSSES)
         _choice("augment.rotation", a.rotation, ("vertical", "all", "none"))
         for key, value in (("model.first_subsampling_dl", m.first_subsampling_dl),
                            ("model.kp_extent", m.kp_extent),
@@ -177,6 +186,10 @@ class Config:
                            ("train.learning_rate", t.learning_rate)):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
+        if m.offset_bound < 0:
+            raise ConfigError(f"model.offset_bound must be >= 0 (0: unbounded), got {m.offset_bound}")
+        if not t.offset_lr_factor >= 0:
+            raise ConfigError(f"train.offset_lr_factor must be >= 0, got {t.offset_lr_factor}")
         if m.num_kernel_points < 1:
             raise ConfigError(f"model.num_kernel_points must be >= 1, got {m.num_kernel_points}")
         if not 0.0 <= m.dropout < 1.0:

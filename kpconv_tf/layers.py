@@ -36,6 +36,9 @@ class KPConv(keras.layers.Layer):
         ``KPConv_deformable_v2``, used by its inception blocks: a pointwise linear map
         ``offset_mlp_weights`` [Din, 3(K-1) | 4(K-1)] + ``offset_mlp_bias`` of the *query* features;
         the first kernel point never moves and, if modulated, gets modulation 0 as in the original).
+      offset_bound: deformable only; > 0 bounds every offset coordinate to this many extents with
+        ``bound * tanh(raw / bound)`` (slope 1 at zero, so small offsets are unchanged); 0 leaves
+        them unbounded, as the original.
       kernel_seed: seeds the kernel rotation/jitter (None: random, as the original).
       implementation: how the neighbour sums run (``kpconv_tf.ops``): 'auto' (default: the fused
         CPU op for float32 when no GPU is visible, standard TF ops otherwise), 'fused' or
@@ -48,7 +51,7 @@ class KPConv(keras.layers.Layer):
     def __init__(self, filters, kernel_size=15, extent=1.0, radius=None, influence="linear",
                  aggregation="sum", fixed="center", deformable=False, modulated=False,
                  kernel_seed=None, kernel_initializer=None, offset_mode="kpconv", implementation="auto",
-                 **kwargs):
+                 offset_bound=0.0, **kwargs):
         super().__init__(**kwargs)
         if int(filters) < 1:
             raise ValueError(f"filters must be >= 1, got {filters}")
@@ -68,6 +71,9 @@ class KPConv(keras.layers.Layer):
             raise ValueError(f"offset_mode must be 'kpconv' or 'mlp', got {offset_mode!r}")
         if implementation not in ops.IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {ops.IMPLEMENTATIONS}, got {implementation!r}")
+        if not float(offset_bound) >= 0:
+            raise ValueError(f"offset_bound must be >= 0 (0: unbounded), got {offset_bound}")
+        self.offset_bound = float(offset_bound)
         self.offset_mode = offset_mode
         self.implementation = implementation
         self.filters = int(filters)
@@ -122,7 +128,7 @@ class KPConv(keras.layers.Layer):
             # Query features: the original applies the map to the features it is given, which are
             # the queries' only when queries == supports (its inception blocks).
             raw = tf.matmul(features, self.offset_mlp_weights) + self.offset_mlp_bias
-            moved = tf.reshape(raw[:, :3 * (k - 1)], [-1, k - 1, 3])
+            moved = self._bounded(tf.reshape(raw[:, :3 * (k - 1)], [-1, k - 1, 3]))
             offsets = tf.concat([tf.zeros_like(moved[:, :1]), moved], axis=1) * self.extent
             modulations = None
             if self.modulated:
@@ -132,9 +138,15 @@ class KPConv(keras.layers.Layer):
         raw = ops.kpconv(query_points, support_points, neighbors, features, self.kernel_points,
                          self.offset_conv_weights, self.extent, self.influence,
                          self.aggregation, self.implementation) + self.offset_conv_bias
-        offsets = tf.reshape(raw[:, :3 * k], [-1, k, 3]) * self.extent
+        offsets = self._bounded(tf.reshape(raw[:, :3 * k], [-1, k, 3])) * self.extent
         modulations = 2.0 * tf.sigmoid(raw[:, 3 * k:]) if self.modulated else None
         return raw, offsets, modulations
+
+    def _bounded(self, offsets):
+        """Offsets in extent units, squashed into [-offset_bound, offset_bound] when bounded."""
+        if not self.offset_bound:
+            return offsets
+        return self.offset_bound * tf.tanh(offsets / self.offset_bound)
 
     def call(self, query_points, support_points, neighbors, features, return_deformed=False):
         if not self.deformable:
@@ -160,7 +172,7 @@ class KPConv(keras.layers.Layer):
         config.update(filters=self.filters, kernel_size=self.kernel_size, extent=self.extent,
                       radius=self.radius, influence=self.influence, aggregation=self.aggregation,
                       fixed=self.fixed, deformable=self.deformable, modulated=self.modulated,
-                      kernel_seed=self.kernel_seed, offset_mode=self.offset_mode,
+                      kernel_seed=self.kernel_seed, offset_mode=self.offset_mode, offset_bound=self.offset_bound,
                       implementation=self.implementation,
                       kernel_initializer=keras.initializers.serialize(self.kernel_initializer))
         return config

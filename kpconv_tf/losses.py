@@ -7,30 +7,59 @@ The normaliser differs between the original networks (fixture README section 7):
 * KP-FCNN: fitting + repulsive terms, normalised by the layer's extent
   ``first_subsampling_dl * KP_extent * 2**layer``.
 * 'permissive' (both): mean distance of the deformed kernel points outside the conv radius.
+* 'point2point' (both networks; the later definition of KPConv-PyTorch, our stable default): twice
+  the fitting term plus the repulsive term with threshold ``repulse_extent`` averaged over the K
+  kernel points, both normalised by the layer's extent.
 
 The model-level loss is ``offsets_decay * sum`` of these terms over the deformable layers.
+``deformation_statistics`` gives what a user watches while training: the mean offset norm in extent
+units and the share of "lost" kernel points (no input point within the extent).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from kpconv_tf.config import OFFSETS_LOSSES
 from kpconv_tf.ops import _DEFORM_SHADOW, _as_tensors, centred_neighbors, squared_distances
 
 
-def offset_fitting_loss(deformed_kernel_points, query_points, support_points, neighbors, normalizer):
-    """Mean over queries and kernel points of (min_h |y_h - k'|^2) / normalizer^2.
+def nearest_squared_distances(deformed_kernel_points, query_points, support_points, neighbors):
+    """min_h |y_h - k'|^2 per query and deformed kernel point: [Nq, K].
 
     The minimum runs over every column of ``neighbors`` (shadows included, at the deformable
     op's shadow position), as the original does. Shapes: deformed [Nq, K, 3], queries [Nq, 3],
-    supports [Ns, 3], neighbors int32 [Nq, H]. Returns a scalar.
+    supports [Ns, 3], neighbors int32 [Nq, H].
     """
     deformed_kernel_points, query_points, support_points = _as_tensors(
         deformed_kernel_points, query_points, support_points)
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
     centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
-    d2 = squared_distances(centred, deformed_kernel_points)  # [Nq, H, K]
-    return tf.reduce_mean(tf.reduce_min(d2, axis=1)) / (normalizer ** 2)
+    return tf.reduce_min(squared_distances(centred, deformed_kernel_points), axis=1)
+
+
+def offset_fitting_loss(deformed_kernel_points, query_points, support_points, neighbors, normalizer,
+                        nearest_d2=None):
+    """Mean over queries and kernel points of (min_h |y_h - k'|^2) / normalizer^2 (a scalar).
+
+    Shapes as in ``nearest_squared_distances``; pass its result as ``nearest_d2`` to reuse it.
+    """
+    if nearest_d2 is None:
+        nearest_d2 = nearest_squared_distances(deformed_kernel_points, query_points, support_points, neighbors)
+    return tf.reduce_mean(nearest_d2) / (normalizer ** 2)
+
+
+def deformation_statistics(deformed_kernel_points, kernel_points, nearest_d2, extent):
+    """(mean |offset| / extent, share of lost kernel points), float32 scalars.
+
+    ``deformed_kernel_points`` [Nq, K, 3], the rigid ``kernel_points`` [K, 3], ``nearest_d2`` [Nq, K]
+    from ``nearest_squared_distances``. A deformed kernel point is lost when no input point lies
+    within ``extent`` of it: it then sees nothing and gets no gradient from the task loss.
+    """
+    offsets = tf.convert_to_tensor(deformed_kernel_points) - tf.cast(kernel_points, deformed_kernel_points.dtype)
+    offset_norm = tf.reduce_mean(tf.norm(offsets, axis=-1)) / extent
+    lost = tf.reduce_mean(tf.cast(nearest_d2 >= extent ** 2, tf.float32))
+    return tf.cast(offset_norm, tf.float32), lost
 
 
 def offset_repulsive_loss(deformed_kernel_points, normalizer, threshold=1.5):
@@ -56,19 +85,23 @@ def offset_permissive_loss(deformed_kernel_points, conv_radius):
 
 def deformable_layer_offsets_loss(kind, network, deformed_kernel_points, query_points,
                                   support_points, neighbors, layer, first_subsampling_dl,
-                                  density_parameter, kp_extent):
-    """One deformable layer's term for ``network`` 'kpcnn' or 'kpfcnn' and ``kind``
-    'fitting' or 'permissive' (before ``offsets_decay``)."""
+                                  density_parameter, kp_extent, repulse_extent=1.2, nearest_d2=None):
+    """One deformable layer's term for ``network`` 'kpcnn' or 'kpfcnn' and ``kind`` one of
+    ``OFFSETS_LOSSES`` (before ``offsets_decay``); ``nearest_d2`` as in ``offset_fitting_loss``."""
     conv_radius = first_subsampling_dl * density_parameter * 2 ** layer
+    extent = first_subsampling_dl * kp_extent * 2 ** layer
+    if kind not in OFFSETS_LOSSES:
+        raise ValueError(f"kind must be one of {OFFSETS_LOSSES}, got {kind!r}")
+    if network not in ("kpcnn", "kpfcnn"):
+        raise ValueError(f"network must be 'kpcnn' or 'kpfcnn', got {network!r}")
     if kind == "permissive":
         return offset_permissive_loss(deformed_kernel_points, conv_radius)
-    if kind != "fitting":
-        raise ValueError(f"kind must be 'fitting' or 'permissive', got {kind!r}")
+    fitting_args = (deformed_kernel_points, query_points, support_points, neighbors)
+    if kind == "point2point":
+        repulsive = offset_repulsive_loss(deformed_kernel_points, extent, repulse_extent)
+        k = tf.cast(tf.shape(deformed_kernel_points)[1], repulsive.dtype)
+        return 2.0 * offset_fitting_loss(*fitting_args, extent, nearest_d2) + repulsive / k
     if network == "kpcnn":
-        return offset_fitting_loss(deformed_kernel_points, query_points, support_points, neighbors,
-                                   conv_radius)
-    if network != "kpfcnn":
-        raise ValueError(f"network must be 'kpcnn' or 'kpfcnn', got {network!r}")
-    extent = first_subsampling_dl * kp_extent * 2 ** layer
-    return (offset_fitting_loss(deformed_kernel_points, query_points, support_points, neighbors, extent)
+        return offset_fitting_loss(*fitting_args, conv_radius, nearest_d2)
+    return (offset_fitting_loss(*fitting_args, extent, nearest_d2)
             + offset_repulsive_loss(deformed_kernel_points, extent))

@@ -24,7 +24,7 @@ import tensorflow as tf
 from kpconv_tf.architecture import is_pooling_block
 from kpconv_tf.blocks import UnaryConv, leaky_relu, make_block, normalization, unit_variables
 from kpconv_tf.config import Config
-from kpconv_tf.losses import deformable_layer_offsets_loss
+from kpconv_tf.losses import deformable_layer_offsets_loss, deformation_statistics, nearest_squared_distances
 
 
 def build_encoder(config: Config):
@@ -74,6 +74,11 @@ class _ConfiguredNetwork(keras.Model):
     def offsets_loss(self):
         """Offset regularisation of the last forward pass (x offsets_decay); 0 before any call."""
         return self._offsets_loss if self._offsets_loss is not None else tf.constant(0.0, tf.float32)
+
+    def deformation_statistics(self):
+        """{layer key: (mean offset norm in extents, share of lost kernel points)} of the last
+        forward pass, one entry per deformable KPConv (keys: ``deformable_keys``); {} before any call."""
+        return dict(getattr(self, "_deformation_statistics", {}))
 
     def _encoder_decoder_variables(self):
         return {f"KernelPointNetwork/{scope}/{name}": variable
@@ -127,7 +132,7 @@ class KPCNN(_ConfiguredNetwork):
         if self.classifier_bias is None:
             self.build()
         outputs = self.encode(inputs, training=training)
-        self._offsets_loss = _offset_terms(self.encoder, self.config, "kpcnn")
+        self._offsets_loss, self._deformation_statistics = _offset_terms(self.encoder, self.config, "kpcnn")
         x = leaky_relu(self.fc_norm(self.fc(outputs[-1]), training=training))
         rate = self.dropout_rate
         if training and rate > 0:
@@ -160,14 +165,33 @@ def run_encoder(blocks, inputs, training):
 
 
 def _offset_terms(blocks, config, network):
+    """(offsets loss x offsets_decay, {layer key: (mean offset norm in extents, lost share)}) of the
+    deformable KPConvs run by ``blocks`` in the last forward pass; keys like ``l3_0`` (encoder layer
+    3, block 0 of that layer) or ``u2_0`` (decoder)."""
     t, m = config.train, config.model
-    terms = [deformable_layer_offsets_loss(t.offsets_loss, network, deformed, query, support, neighbors,
-                                           block.layer_index, m.first_subsampling_dl, m.density_parameter,
-                                           m.kp_extent)
-             for block in blocks for deformed, query, support, neighbors in block.deformed]
+    terms, statistics = [], {}
+    for block in blocks:
+        for deformed, query, support, neighbors, conv in block.deformed:
+            nearest_d2 = nearest_squared_distances(deformed, query, support, neighbors)
+            terms.append(deformable_layer_offsets_loss(
+                t.offsets_loss, network, deformed, query, support, neighbors, block.layer_index,
+                m.first_subsampling_dl, m.density_parameter, m.kp_extent, t.repulse_extent, nearest_d2))
+            side = "u" if block.name.startswith("uplayer") else "l"
+            key = f"{side}{block.layer_index}_{block.name.rsplit('_', 1)[1]}"
+            statistics[key] = deformation_statistics(deformed, conv.kernel_points, nearest_d2, conv.extent)
     if not terms:
-        return tf.constant(0.0, tf.float32)
-    return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms)
+        return tf.constant(0.0, tf.float32), statistics
+    return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms), statistics
+
+
+def deformable_keys(network):
+    """The keys of ``network.deformation_statistics()``, known before any forward pass."""
+    keys = []
+    for block in getattr(network, "encoder", []) + getattr(network, "decoder", []):
+        if any(getattr(layer, "deformable", False) for layer in vars(block).values()):
+            side = "u" if block.name.startswith("uplayer") else "l"
+            keys.append(f"{side}{block.layer_index}_{block.name.rsplit('_', 1)[1]}")
+    return keys
 
 
 @keras.saving.register_keras_serializable(package="kpconv_tf")
@@ -247,7 +271,8 @@ class KPFCNN(_ConfiguredNetwork):
             features = block(features, inputs, training=training)
             if skip_layer is not None:
                 features = tf.concat([features, skips[skip_layer]], axis=1)
-        self._offsets_loss = _offset_terms(self.encoder + self.decoder, self.config, "kpfcnn")
+        self._offsets_loss, self._deformation_statistics = _offset_terms(
+            self.encoder + self.decoder, self.config, "kpfcnn")
         x = leaky_relu(self.head_norm(self.head(features), training=training))
         if self.multi_head:
             return self._multi_head_logits(x, inputs)

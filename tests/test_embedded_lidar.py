@@ -79,3 +79,14 @@ def test_modelnet40_layout_reads_back(tmp_path):
         assert len(cloud.points) <= len(raw)
         # The written text keeps 6 decimals; subsampling keeps every point inside the raw cloud's box.
         assert np.all(cloud.points >= raw.min(0) - 1e-5) and np.all(cloud.points <= raw.max(0) + 1e-5)
+
+
+def test_lidar_configs_differ_only_in_the_deformable_blocks():
+    from training.config import load_config
+
+    deformable, rigid = load_config("embedded_lidar"), load_config("embedded_lidar_rigid")
+    assert deformable.dataset == rigid.dataset and deformable.augment == rigid.augment
+    assert [b.replace("_deformable", "") for b in deformable.model.architecture] == rigid.model.architecture
+    assert sum("deformable" in b for b in deformable.model.architecture) == 3
+    assert deformable.model.offset_bound == 1.0 and deformable.train.offsets_loss == "point2point"
+    assert deformable.train.learning_rate == rigid.train.learning_rate

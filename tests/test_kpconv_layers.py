@@ -160,3 +160,28 @@ def test_fused_and_standard_layers_agree(deformable):
     assert len(results[1]) == (5 if deformable else 3)  # loss, x, kernel (+ offset weights, bias)
     for a, b in zip(*results):
         assert rel_err(a, b) < 1e-5
+
+
+def test_offset_bound_squashes_offsets_and_round_trips():
+    rng = np.random.default_rng(5)
+    q, s, n, f, _, _ = random_problem(rng, d_in=4)
+    free = KPConv(6, 15, extent=0.3, deformable=True, kernel_seed=1)
+    bounded = KPConv(6, 15, extent=0.3, deformable=True, kernel_seed=1, offset_bound=1.0)
+    for layer in (free, bounded):
+        layer(q, s, n, f)
+    bounded.set_weights(free.get_weights())
+    for scale in (1e-4, 30.0):
+        weights = rng.normal(size=free.offset_conv_weights.shape) * scale
+        free.offset_conv_weights.assign(weights)
+        bounded.offset_conv_weights.assign(weights)
+        _, free_offsets, _ = free.offsets(q, s, n, f)
+        _, bounded_offsets, _ = bounded.offsets(q, s, n, f)
+        assert np.abs(bounded_offsets.numpy()).max() <= 0.3 * 1.0 + 1e-7  # one extent per coordinate
+        if scale < 1:  # tanh has slope 1 at 0: small offsets are unchanged
+            np.testing.assert_allclose(bounded_offsets, free_offsets, rtol=1e-5, atol=1e-12)
+        else:
+            assert np.abs(free_offsets.numpy()).max() > 10 * 0.3
+    clone = KPConv.from_config(bounded.get_config())
+    assert clone.offset_bound == 1.0
+    with pytest.raises(ValueError, match="offset_bound"):
+        KPConv(6, deformable=True, offset_bound=-1.0)

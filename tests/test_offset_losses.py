@@ -82,3 +82,46 @@ def test_repulsive_gradient_treats_other_points_as_constants():
 def test_bad_kind():
     with pytest.raises(ValueError, match="kind"):
         losses.deformable_layer_offsets_loss("elastic", "kpcnn", None, None, None, None, 0, 1, 1, 1)
+
+
+def test_point2point_against_float64():
+    rng = np.random.default_rng(3)
+    deformed = rng.normal(size=(6, 4, 3)) * 0.3
+    q = rng.normal(size=(6, 3)) * 0.1
+    s = rng.normal(size=(10, 3)) * 0.5
+    n = np.concatenate([rng.integers(0, 10, (6, 5)), np.full((6, 1), 10)], axis=1).astype(np.int32)
+    dl, kp_extent, layer = 0.05, 1.2, 2
+    extent = dl * kp_extent * 2 ** layer
+    pad = np.concatenate([s, np.full((1, 3), 1000.0)])
+    y = pad[n] - q[:, None]
+    fit = np.mean(np.sum((y[:, :, None] - deformed[:, None]) ** 2, -1).min(axis=1)) / extent ** 2
+    p = deformed / extent
+    dist = np.linalg.norm(p[:, :, None] - p[:, None], axis=-1)
+    rep = np.maximum(0, 1.2 - dist) ** 2
+    rep[:, np.arange(4), np.arange(4)] = 0
+    expected = 2 * fit + np.sum(np.mean(np.sum(rep, axis=2), axis=0)) / 4
+    for network in ("kpcnn", "kpfcnn"):  # the same definition for both networks
+        value = losses.deformable_layer_offsets_loss("point2point", network, deformed, q, s, n, layer, dl, 5.0,
+                                                     kp_extent, repulse_extent=1.2)
+        assert float(value) == pytest.approx(expected, rel=1e-9)
+
+
+def test_deformation_statistics_lost_share_and_offset_norm():
+    rng = np.random.default_rng(4)
+    extent = 0.1
+    support = rng.uniform(-0.3, 0.3, (4000, 3))  # dense: every rigid kernel point has a point within the extent
+    query = np.zeros((5, 3))
+    neighbors = np.tile(np.arange(4000, dtype=np.int32), (5, 1))
+    kernel = rng.normal(size=(15, 3))
+    kernel = 1.5 * extent * kernel / np.linalg.norm(kernel, axis=1, keepdims=True)
+    rigid = np.tile(kernel[None], (5, 1, 1))
+    d2 = losses.nearest_squared_distances(rigid, query, support, neighbors)
+    norm, lost = losses.deformation_statistics(rigid, kernel, d2, extent)
+    assert float(norm) == 0.0 and float(lost) == 0.0
+    pushed = rigid + np.array([10.0, 0.0, 0.0]) * extent  # 10 extents: far outside the cloud
+    d2 = losses.nearest_squared_distances(pushed, query, support, neighbors)
+    norm, lost = losses.deformation_statistics(pushed, kernel, d2, extent)
+    assert float(norm) == pytest.approx(10.0, rel=1e-6) and float(lost) == 1.0
+    half = np.concatenate([rigid[:, :7], pushed[:, 7:]], axis=1)
+    d2 = losses.nearest_squared_distances(half, query, support, neighbors)
+    assert float(losses.deformation_statistics(half, kernel, d2, extent)[1]) == pytest.approx(8 / 15)

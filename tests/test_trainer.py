@@ -294,3 +294,28 @@ def test_mlp_offset_variables_get_one_scaled_entry():
         assert [sum(1 for i, _ in entries if i == k) for k in (0, 1)] == counts
         first_mlp = [u for i, u in entries if i == 0][0]
         np.testing.assert_allclose(first_mlp.numpy(), 0.2)
+
+
+def test_deformation_diagnostics_logged_and_divergence_warned(tmp_path, capsys):
+    from training.train import OFFSETS_GROWTH_STEPS, RunLogger, append_csv
+
+    logger = RunLogger(tmp_path, {"steps": 0, "epochs": 0, "start_time": 0.0})
+    # Keras hands the callback epoch running means; a steady per-step value gives no warning...
+    for batch in range(2 * OFFSETS_GROWTH_STEPS):
+        logger._watch_offsets(batch, 0.5)
+    assert "warning" not in capsys.readouterr().err
+    # ...while per-step values growing 20x over 50 steps do (the means are recomputed from them).
+    values = np.geomspace(0.01, 0.2, OFFSETS_GROWTH_STEPS + 1)
+    means = np.cumsum(values) / np.arange(1, len(values) + 1)
+    for batch, mean in enumerate(means):
+        logger._watch_offsets(batch, float(mean))
+    err = capsys.readouterr().err
+    assert "offsets loss grew from 0.01 to 0.2" in err and "lost_share_" in err
+    logger.close()
+    row = {"epoch": 1, "loss": 1.0, "offset_norm_l3_0": 0.4, "lost_share_l3_0": 0.2, "val_lost_share_l3_0": 0.3,
+           "val_output_loss": 2.0}
+    append_csv(tmp_path / "log.csv", row)
+    with open(tmp_path / "log.csv") as f:
+        header = f.readline().strip().split(",")
+    assert {"offset_norm_l3_0", "lost_share_l3_0", "val_lost_share_l3_0"} <= set(header)
+    assert "val_output_loss" not in header

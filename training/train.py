@@ -15,6 +15,7 @@ ends with the weights an uninterrupted run would have.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import json
 import math
@@ -38,6 +39,10 @@ LOG_COLUMNS = ("epoch", "steps", "loss", "output_loss", "regularization_loss", "
                "val_loss", "val_accuracy", "val_mean_iou", "learning_rate", "seconds")
 
 
+# A warning is printed when the per-step offsets loss grows this much over this many steps.
+OFFSETS_GROWTH, OFFSETS_GROWTH_STEPS = 10.0, 50
+
+
 class TrainingInterrupted(RuntimeError):
     """Training stopped on a non-finite loss; the last good checkpoint is kept."""
 
@@ -58,14 +63,6 @@ def checkpoint_for(training_model):
     return tf.train.Checkpoint(model=training_model, network_variables=list(training_model.network.variables))
 
 
-def _scalar_metadata():
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata()
-    metadata.plugin_data.plugin_name = "scalars"
-    return metadata
-
-
 class RunLogger(keras.callbacks.Callback):
     """Per-step ``training.txt`` (original columns), TensorBoard scalars, the time budget and the
     non-finite-loss stop; the epoch loop in ``train`` does the CSV, decay and checkpoints."""
@@ -76,12 +73,12 @@ class RunLogger(keras.callbacks.Callback):
         self.state = state
         self.deadline = deadline
         self.writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-        self.metadata = _scalar_metadata()
         self.epoch_start = time.time()
         self.stopped_for_time = False
         # Test hook: hang after this many steps (in total) so a test can kill a run mid-epoch.
         self.stall_at_step = int(os.environ.get("KPCONV_TF_STALL_AT_STEP", "-1"))
         self.nan = False
+        self.offsets_history = collections.deque(maxlen=OFFSETS_GROWTH_STEPS + 1)
         self.steps_text = open(run_dir / "training.txt", "a")
         if self.steps_text.tell() == 0:
             self.steps_text.write("epochs steps out_loss offset_loss train_accuracy time\n")
@@ -93,6 +90,7 @@ class RunLogger(keras.callbacks.Callback):
         logs = logs or {}
         loss = float(logs.get("loss", 0.0))
         self.state["steps"] += 1
+        self._watch_offsets(batch, float(logs.get("offsets_loss", 0.0)))
         if not math.isfinite(loss):
             self.nan = True
             self.model.stop_training = True
@@ -107,13 +105,30 @@ class RunLogger(keras.callbacks.Callback):
             self.stopped_for_time = True
             self.model.stop_training = True
 
-    def write_scalars(self, values: dict, step: int):
-        from tensorflow.python.ops import summary_ops_v2
+    def _watch_offsets(self, batch, running_mean):
+        """Warns when the step's offsets loss is ``OFFSETS_GROWTH``x what it was 50 steps before
+        (deformable kernels diverging). Keras logs epoch running means; the step's own value is
+        recovered from two consecutive means."""
+        if batch == 0:
+            self._previous_mean = 0.0
+        value = (batch + 1) * running_mean - batch * self._previous_mean
+        self._previous_mean = running_mean
+        self.offsets_history.append(value)
+        first = self.offsets_history[0]
+        if (len(self.offsets_history) > OFFSETS_GROWTH_STEPS and first > 1e-4
+                and value > OFFSETS_GROWTH * first):
+            print(f"\nwarning: the offsets loss grew from {first:.3g} to {value:.3g} over the last "
+                  f"{OFFSETS_GROWTH_STEPS} steps (step {self.state['steps']}): the deformable kernel points are "
+                  "drifting away from the points (see offset_norm_* / lost_share_* in training_log.csv); "
+                  "the stable definition is in README, \"Deformable KPConv\"",
+                  file=sys.stderr, flush=True)
+            self.offsets_history.clear()
 
+    def write_scalars(self, values: dict, step: int):
         with self.writer.as_default():
             for name, value in values.items():
                 if value is not None and name not in ("epoch", "steps"):
-                    summary_ops_v2.write(name, tf.constant(float(value)), step=step, metadata=self.metadata)
+                    tf.summary.scalar(name, float(value), step=step)
         self.writer.flush()
 
     def close(self):
@@ -121,13 +136,18 @@ class RunLogger(keras.callbacks.Callback):
         self.writer.close()
 
 
+DEFORMATION_PREFIXES = ("offset_norm_", "lost_share_", "val_offset_norm_", "val_lost_share_")
+
+
 def append_csv(path: Path, row: dict):
+    """Appends one epoch row: the ``LOG_COLUMNS`` and the deformation diagnostics of the run."""
     new = not path.exists()
+    columns = list(LOG_COLUMNS) + [k for k in row if k.startswith(DEFORMATION_PREFIXES)]
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in LOG_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
 
 
 def save_state(run_dir: Path, state: dict):

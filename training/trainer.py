@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from kpconv_tf.metrics import ConfusionMeanIoU
+from kpconv_tf.models import deformable_keys
 
 OFFSET_GRADIENT_SCALE = 0.1
 SEMANTICS = ("original", "paper")
@@ -40,7 +41,8 @@ def _variable_path(variable):
     return path.split(":")[0]  # tf.Variable names end with ":0"
 
 
-def update_entries(gradients, variables, semantics="original", clip_norm=100.0):
+def update_entries(gradients, variables, semantics="original", clip_norm=100.0,
+                   offset_scale=OFFSET_GRADIENT_SCALE):
     """Turns raw gradients into the ordered list of momentum updates of one step.
 
     Args:
@@ -50,6 +52,7 @@ def update_entries(gradients, variables, semantics="original", clip_norm=100.0):
         semantics: ``"original"`` or ``"paper"`` (module docstring).
         clip_norm: per-entry clipping norm; ``<= 0`` disables clipping. As in the original
             trainer, ``original`` semantics without clipping apply the raw gradients once.
+        offset_scale: the factor of the offset variables' scaled entries (``train.offset_lr_factor``).
 
     Returns:
         list of ``(variable_index, update)`` in application order, each update clipped on its own
@@ -60,7 +63,7 @@ def update_entries(gradients, variables, semantics="original", clip_norm=100.0):
     if len(gradients) != len(variables):
         raise ValueError(f"gradients and variables differ in length: {len(gradients)} != {len(variables)}")
     clip = clip_norm is not None and clip_norm > 0
-    scale = tf.constant(OFFSET_GRADIENT_SCALE, tf.float32)
+    scale = tf.constant(offset_scale, tf.float32)
     entries = []
     for index, (grad, variable) in enumerate(zip(gradients, variables)):
         if grad is None:
@@ -186,8 +189,13 @@ class TrainStep:
         offsets_loss = self.network.offsets_loss()
         gaussian_loss = tf.constant(0.0, tf.float32)  # the original has no 'kernel_extents' variables
         total_loss = ((offsets_loss + gaussian_loss) + regularization_loss) + output_loss
-        return {"output_loss": output_loss, "regularization_loss": regularization_loss,
-                "offsets_loss": offsets_loss, "gaussian_loss": gaussian_loss, "total_loss": total_loss}
+        result = {"output_loss": output_loss, "regularization_loss": regularization_loss,
+                  "offsets_loss": offsets_loss, "gaussian_loss": gaussian_loss, "total_loss": total_loss}
+        statistics = getattr(self.network, "deformation_statistics", dict)()  # optional in the protocol
+        for key, (offset_norm, lost_share) in statistics.items():
+            result[f"offset_norm_{key}"] = offset_norm
+            result[f"lost_share_{key}"] = lost_share
+        return result
 
     def forward(self, inputs, training, dropout_uniform=None):
         if dropout_uniform is None:
@@ -200,7 +208,8 @@ class TrainStep:
             logits = self.forward(inputs, True, dropout_uniform)
             result = self.losses(inputs, labels, logits)
         gradients = tape.gradient(result["total_loss"], self.variables)
-        entries = update_entries(gradients, self.variables, self.semantics, self.config.train.grad_clip_norm)
+        entries = update_entries(gradients, self.variables, self.semantics, self.config.train.grad_clip_norm,
+                                 self.config.train.offset_lr_factor)
         result["learning_rate"] = self.optimizer.learning_rate.read_value()
         self.optimizer.apply(entries, self.variables)
         result["accuracy"] = accuracy(labels, logits)
@@ -233,6 +242,12 @@ def accuracy(labels, logits):
                                  tf.reduce_sum(tf.cast(valid, tf.float32)))
 
 
+def deformation_metric_names(network):
+    """Per deformable KPConv: ``offset_norm_<key>`` (mean offset norm in extents) and
+    ``lost_share_<key>`` (share of kernel points with no input point within the extent)."""
+    return [f"{kind}_{key}" for key in deformable_keys(network) for kind in ("offset_norm", "lost_share")]
+
+
 def make_train_step(network, config, optimizer=None):
     """Returns ``step(inputs, labels, dropout_uniform=None) -> dict`` for one training step.
 
@@ -252,7 +267,8 @@ class TrainingModel(keras.Model):
     runs ``TrainStep.run`` (weights updated by ``OriginalMomentum``, not by a Keras optimizer);
     ``test_step`` computes the same losses in inference mode and the accuracy. Logged metrics are
     epoch means: ``loss`` (total), ``output_loss``, ``regularization_loss``, ``offsets_loss``,
-    ``accuracy``, plus ``learning_rate`` (last value). Compile with ``compile()`` (no arguments).
+    ``accuracy``, the deformation diagnostics (``deformation_metric_names``), plus
+    ``learning_rate`` (last value). Compile with ``compile()`` (no arguments).
     ``training_model.learning_rate`` is the variable callbacks decay; ``training.train.checkpoint_for``
     saves the network variables, the slots, the learning rate and the iteration count (exact resume).
     """
@@ -263,8 +279,9 @@ class TrainingModel(keras.Model):
         self.config = config
         self.step = make_train_step(network, config)
         self.momentum_optimizer = self.step.optimizer
-        self._trackers = {name: keras.metrics.Mean(name=name) for name in
-                          ("loss", "output_loss", "regularization_loss", "offsets_loss", "accuracy")}
+        names = ["loss", "output_loss", "regularization_loss", "offsets_loss", "accuracy"]
+        names += deformation_metric_names(network)
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
         num_classes = config.dataset.num_classes
         # Validation mIoU of single-head segmentation (multi-head logits differ in width per object).
         self._miou = (ConfusionMeanIoU(num_classes) if config.model.network_model == "segmentation"
@@ -287,9 +304,8 @@ class TrainingModel(keras.Model):
         return self.network(inputs, training=training)
 
     def _log(self, result):
-        self._trackers["loss"].update_state(result["total_loss"])
-        for name in ("output_loss", "regularization_loss", "offsets_loss", "accuracy"):
-            self._trackers[name].update_state(result[name])
+        for name, tracker in self._trackers.items():
+            tracker.update_state(result["total_loss" if name == "loss" else name])
         logs = {name: tracker.result() for name, tracker in self._trackers.items()}
         logs["learning_rate"] = self.learning_rate.read_value()
         return logs
