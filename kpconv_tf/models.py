@@ -24,6 +24,7 @@ import tensorflow as tf
 from kpconv_tf.architecture import is_pooling_block
 from kpconv_tf.blocks import UnaryConv, leaky_relu, make_block, normalization, unit_variables
 from kpconv_tf.config import Config
+from kpconv_tf.layers import KPConv
 from kpconv_tf.losses import deformable_layer_offsets_loss, deformation_statistics, nearest_squared_distances
 
 
@@ -176,22 +177,25 @@ def _offset_terms(blocks, config, network):
             terms.append(deformable_layer_offsets_loss(
                 t.offsets_loss, network, deformed, query, support, neighbors, block.layer_index,
                 m.first_subsampling_dl, m.density_parameter, m.kp_extent, t.repulse_extent, nearest_d2))
-            side = "u" if block.name.startswith("uplayer") else "l"
-            key = f"{side}{block.layer_index}_{block.name.rsplit('_', 1)[1]}"
-            statistics[key] = deformation_statistics(deformed, conv.kernel_points, nearest_d2, conv.extent)
+            statistics[block_key(block)] = deformation_statistics(deformed, conv.kernel_points,
+                                                                        nearest_d2, conv.extent)
     if not terms:
         return tf.constant(0.0, tf.float32), statistics
     return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms), statistics
 
 
+def block_key(block):
+    """``l3_0``: encoder layer 3, block 0 of that layer; ``u2_0`` for a decoder block (the names of the
+    per-layer diagnostics and of ``utils.visualize --layer``)."""
+    side = "u" if block.name.startswith("uplayer") else "l"
+    return f"{side}{block.layer_index}_{block.name.rsplit('_', 1)[1]}"
+
+
 def deformable_keys(network):
-    """The keys of ``network.deformation_statistics()``, known before any forward pass."""
-    keys = []
-    for block in getattr(network, "encoder", []) + getattr(network, "decoder", []):
-        if any(getattr(layer, "deformable", False) for layer in vars(block).values()):
-            side = "u" if block.name.startswith("uplayer") else "l"
-            keys.append(f"{side}{block.layer_index}_{block.name.rsplit('_', 1)[1]}")
-    return keys
+    """The keys of ``network.deformation_statistics()`` of a built network, in call order."""
+    return [block_key(block)
+            for block in getattr(network, "encoder", []) + getattr(network, "decoder", [])
+            if any(isinstance(layer, KPConv) and layer.deformable for layer in vars(block).values())]
 
 
 @keras.saving.register_keras_serializable(package="kpconv_tf")
