@@ -79,7 +79,7 @@ class RunLogger(keras.callbacks.Callback):
         self.stall_at_step = int(os.environ.get("KPCONV_TF_STALL_AT_STEP", "-1"))
         self.nan = False
         self.offsets_history = collections.deque(maxlen=OFFSETS_GROWTH_STEPS + 1)
-        self.steps_text = open(run_dir / "training.txt", "a")
+        self.steps_text = open(run_dir / "training.txt", "a", buffering=1)  # line-buffered: a killed run keeps its steps
         if self.steps_text.tell() == 0:
             self.steps_text.write("epochs steps out_loss offset_loss train_accuracy time\n")
 
