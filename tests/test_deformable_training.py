@@ -19,8 +19,10 @@ from training.trainer import TrainingModel
 
 # The shipped ModelNet40 recipe (lr 1e-3, momentum 0.98, BN 0.98, dropout 0.5, deformable layers
 # 3-4), on a coarser grid so that a test can afford 60 steps.
-SMALL = ["dataset.name=EmbeddedLidarObjects", "dataset.extra={train_per_class: 12, test_per_class: 2, seed: 2}",
+SMALL = ["dataset.name=EmbeddedLidarObjects", "dataset.extra={train_per_class: 12, test_per_class: 10, seed: 2}",
          "model.first_subsampling_dl=0.05", "train.epoch_steps=20", "train.seed=1", "model.kernel_seed=1"]
+RIGID = ["model.architecture=[simple, resnetb, resnetb_strided, resnetb, resnetb_strided, resnetb, resnetb_strided, "
+         "resnetb, resnetb_strided, resnetb, global_average]"]
 ORIGINAL_DEFINITION = ["model.offset_bound=0", "train.offsets_loss=fitting", "train.offsets_decay=0.1",
                        "train.semantics=original"]
 
@@ -36,7 +38,8 @@ def cache(tmp_path_factory):
         os.environ["KPCONV_TF_CACHE"] = previous
 
 
-def _train(overrides, epochs=3):
+def _train(overrides, epochs):
+    """Trains ``epochs`` x 20 steps; returns (mean lost share per epoch, history, test accuracy)."""
     config = load_config("modelnet40", SMALL + overrides)
     keras.utils.set_random_seed(1)
     dataset = load_dataset(config)
@@ -45,24 +48,39 @@ def _train(overrides, epochs=3):
     model = TrainingModel(build_network(config), config)
     model.compile()
     history = model.fit(pipeline.dataset("train").repeat(), steps_per_epoch=config.train.epoch_steps,
-                        epochs=epochs, verbose=0)
-    lost = [np.mean([history.history[k][e] for k in history.history if k.startswith("lost_share_")])
-            for e in range(epochs)]
-    return lost, history.history
+                        epochs=epochs, verbose=0, shuffle=False).history
+    lost = [np.mean([history[k][e] for k in history if k.startswith("lost_share_")]) for e in range(epochs)]
+    test = model.evaluate(pipeline.dataset("test", augment=False), verbose=0, return_dict=True)
+    return lost, history, float(test["accuracy"])
+
+
+@pytest.fixture(scope="module")
+def stable():
+    return _train([], epochs=5)
 
 
 @pytest.mark.slow
-def test_shipped_deformable_recipe_keeps_its_kernel_points_on_the_points():
-    lost, history = _train([])
+def test_shipped_deformable_recipe_keeps_its_kernel_points_on_the_points(stable):
+    lost, history, _ = stable
     assert lost[-1] < 0.45, lost  # rigid kernels: 0.2-0.35
     assert max(history["offsets_loss"]) < 3 * history["offsets_loss"][0] + 1.0, history["offsets_loss"]
     assert np.all(np.isfinite(history["loss"]))
 
 
 @pytest.mark.slow
+def test_shipped_deformable_recipe_learns_like_the_rigid_network(stable):
+    """100 steps of the ModelNet40 recipe on 72 objects (6 classes, chance 0.17): measured 0.59 for
+    the deformable network and 0.52 for the rigid one on 60 test objects."""
+    _, _, rigid_accuracy = _train(RIGID, epochs=5)
+    deformable_accuracy = stable[2]
+    assert deformable_accuracy > 0.4
+    assert deformable_accuracy >= rigid_accuracy - 0.1, (deformable_accuracy, rigid_accuracy)
+
+
+@pytest.mark.slow
 def test_original_definition_loses_its_kernel_points():
     """The same run with the original's definition: the offsets fly away (the cause of the
-    divergence, also measured with the original code). Keeps the test above meaningful."""
-    lost, history = _train(ORIGINAL_DEFINITION)
+    divergence, also measured with the original code). Keeps the tests above meaningful."""
+    lost, history, _ = _train(ORIGINAL_DEFINITION, epochs=3)
     assert lost[-1] > 0.6, lost
     assert history["offsets_loss"][-1] > 3 * history["offsets_loss"][0], history["offsets_loss"]

@@ -266,8 +266,9 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
             remaining = epoch_steps - done_in_epoch
             train_data = pipeline.dataset("train", start_batch=state["steps"])
             t0 = time.time()
+            # shuffle=False: the stream is already shuffled (Keras would warn that it ignores the flag).
             history = model.fit(train_data, steps_per_epoch=remaining, epochs=epoch + 1, initial_epoch=epoch,
-                                validation_data=validation, callbacks=[logger], verbose=verbose)
+                                shuffle=False, validation_data=validation, callbacks=[logger], verbose=verbose)
             if logger.nan:
                 raise TrainingInterrupted(
                     f"non-finite loss at step {state['steps']} (epoch {epoch}); training stopped, the last good "

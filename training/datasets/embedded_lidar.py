@@ -19,14 +19,12 @@ writes the same objects (full resolution) in the ModelNet40 layout, for ``--conf
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
-from training.datasets.base import ObjectCloud, ObjectDataset, cache_root
+from training.datasets.embedded_shapes import EmbeddedObjectDataset
 
 # ------------------------------------------------------------------------------------------------
 # samplers: each returns (points [n, 3], normals [n, 3]); zero normals mark porous volumes
@@ -368,65 +366,22 @@ def generate(classes, per_class: int, seed: int, split: str):
             yield label, points, roles
 
 
-class EmbeddedLidarObjects(ObjectDataset):
-    """Procedural lidar object classification (6 classes by default), splits "train" and "test"."""
+class EmbeddedLidarObjects(EmbeddedObjectDataset):
+    """Procedural lidar object classification (6 classes by default), splits "train" and "test";
+    clouds have zero normals."""
 
     name = "EmbeddedLidarObjects"
     task = "classification"
     version = 1
-
-    def __init__(self, first_subsampling_dl=0.02, objects_per_class=(60, 20), seed=0, classes=None):
-        if first_subsampling_dl <= 0:
-            raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
-        self.dl = float(first_subsampling_dl)
-        self.per_class = {"train": int(objects_per_class[0]), "test": int(objects_per_class[1])}
-        self.seed = int(seed)
-        self.classes = list(classes or OBJECTS)
-        unknown = [c for c in self.classes if c not in OBJECTS]
-        if unknown:
-            raise ValueError(f"classes: unknown object names {unknown}; known: {sorted(OBJECTS)}")
-        self._clouds = {}
+    catalogue = OBJECTS
 
     @property
     def label_names(self):
         return list(self.classes)
 
-    def cache_identity(self):
-        return {"per_class": self.per_class, "seed": self.seed, "classes": self.classes, "version": self.version}
-
-    def clouds(self, split: str) -> List[ObjectCloud]:
-        if split not in self.per_class:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if split not in self._clouds:
-            self._clouds[split] = self._load_or_generate(split)
-        return self._clouds[split]
-
-    def _load_or_generate(self, split):
-        spec = json.dumps([self.name, self.version, self.dl, self.per_class[split], self.seed, self.classes, split])
-        path = cache_root() / self.name / f"{split}_{hashlib.sha1(spec.encode()).hexdigest()[:16]}.npz"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **self._generate(split))
-            tmp.replace(path)
-        with np.load(path) as archive:
-            data = {key: archive[key] for key in archive.files}
-        bounds = np.concatenate([[0], np.cumsum(data["lengths"])])
-        return [ObjectCloud(points=data["points"][a:b], normals=np.zeros((b - a, 3), np.float32),
-                            label=int(label), name=f"{split}_{i:05d}")
-                for i, (a, b, label) in enumerate(zip(bounds[:-1], bounds[1:], data["labels"]))]
-
-    def _generate(self, split):
-        import tf_custom_ops as ops
-
-        points, labels, lengths = [], [], []
-        for label, cloud, _ in generate(self.classes, self.per_class[split], self.seed, split):
-            sub = ops.grid_subsampling(cloud, self.dl).numpy()
-            points.append(sub)
-            labels.append(label)
-            lengths.append(len(sub))
-        return {"points": np.concatenate(points), "labels": np.array(labels, np.int32),
-                "lengths": np.array(lengths, np.int64)}
+    def samples(self, split):
+        for label, points, _ in generate(self.classes, self.per_class[split], self.seed, split):
+            yield label, points, None, None
 
 
 def from_config(config) -> EmbeddedLidarObjects:

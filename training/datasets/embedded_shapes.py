@@ -335,10 +335,15 @@ def sample_shape(name: str, rng: np.random.Generator, points_range=(1500, 4000),
     return points.astype(np.float32), normals.astype(np.float32), roles
 
 
-class _EmbeddedObjects(ObjectDataset):
-    """Shared generation and caching of the embedded object datasets."""
+class EmbeddedObjectDataset(ObjectDataset):
+    """Shared generation and caching of the embedded object datasets.
+
+    Subclasses set ``name``, ``version``, ``catalogue`` (class name -> (part names, builder)) and may
+    override ``samples``; clouds are grid-subsampled at ``first_subsampling_dl`` and cached.
+    """
 
     version = 3
+    catalogue = SHAPES
 
     def __init__(self, first_subsampling_dl=0.04, shapes_per_class=(60, 20), seed=0, classes=None):
         if first_subsampling_dl <= 0:
@@ -346,11 +351,15 @@ class _EmbeddedObjects(ObjectDataset):
         self.dl = float(first_subsampling_dl)
         self.per_class = {"train": int(shapes_per_class[0]), "test": int(shapes_per_class[1])}
         self.seed = int(seed)
-        self.classes = list(classes or SHAPES)
-        unknown = [c for c in self.classes if c not in SHAPES]
+        self.classes = list(classes or self.catalogue)
+        unknown = [c for c in self.classes if c not in self.catalogue]
         if unknown:
-            raise ValueError(f"classes: unknown shape names {unknown}; known: {sorted(SHAPES)}")
+            raise ValueError(f"classes: unknown names {unknown}; known: {sorted(self.catalogue)}")
         self._clouds = {}
+
+    def cache_identity(self):
+        """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
+        return {"per_class": self.per_class, "seed": self.seed, "classes": self.classes, "version": self.version}
 
     def _key(self, split):
         spec = json.dumps([self.name, self.version, self.dl, self.per_class[split], self.seed, self.classes, split])
@@ -374,32 +383,42 @@ class _EmbeddedObjects(ObjectDataset):
         with np.load(path) as archive:
             data = {key: archive[key] for key in archive.files}  # each archive[key] re-reads the file
         bounds = np.concatenate([[0], np.cumsum(data["lengths"])])
-        return [ObjectCloud(points=data["points"][a:b], normals=data["normals"][a:b],
-                            label=int(label), point_labels=data["roles"][a:b], name=f"{split}_{i:05d}")
+        return [ObjectCloud(points=data["points"][a:b],
+                            normals=data["normals"][a:b] if "normals" in data else np.zeros((b - a, 3), np.float32),
+                            label=int(label), point_labels=data["roles"][a:b] if "roles" in data else None,
+                            name=f"{split}_{i:05d}")
                 for i, (a, b, label) in enumerate(zip(bounds[:-1], bounds[1:], data["labels"]))]
+
+    def samples(self, split):
+        """Yields (label, points [n, 3], normals [n, 3] or None, part roles [n] or None) at full
+        resolution, ``per_class`` objects of every class interleaved by class."""
+        # Train and test draw from separate streams so that changing one size keeps the other.
+        rng = np.random.default_rng([self.seed, 0 if split == "train" else 1])
+        for _ in range(self.per_class[split]):
+            for label, name in enumerate(self.classes):
+                yield (label, *sample_shape(name, rng))
 
     def _generate(self, split):
         import tf_custom_ops as ops
 
-        # Train and test draw from separate streams so that changing one size keeps the other.
-        rng = np.random.default_rng([self.seed, 0 if split == "train" else 1])
-        points, normals, roles, labels, lengths = [], [], [], [], []
-        for _ in range(self.per_class[split]):
-            for label, name in enumerate(self.classes):
-                p, n, r = sample_shape(name, rng)
-                sub_p, sub_n, sub_r = ops.grid_subsampling(p, self.dl, features=n, labels=r)
-                sub_n = _unit(sub_n.numpy())
-                points.append(sub_p.numpy())
-                normals.append(sub_n.astype(np.float32))
-                roles.append(sub_r.numpy().astype(np.int32))
-                labels.append(label)
-                lengths.append(len(sub_p))
-        return {"points": np.concatenate(points), "normals": np.concatenate(normals),
-                "roles": np.concatenate(roles), "labels": np.array(labels, np.int32),
-                "lengths": np.array(lengths, np.int64)}
+        arrays = {"points": [], "normals": [], "roles": [], "labels": [], "lengths": []}
+        for label, points, normals, roles in self.samples(split):
+            extras = {key: value for key, value in (("features", normals), ("labels", roles)) if value is not None}
+            out = ops.grid_subsampling(points, self.dl, **extras)
+            out = out if isinstance(out, tuple) else (out,)
+            arrays["points"].append(out[0].numpy())
+            if normals is not None:
+                arrays["normals"].append(_unit(out[1].numpy()).astype(np.float32))
+            if roles is not None:
+                arrays["roles"].append(out[-1].numpy().astype(np.int32))
+            arrays["labels"].append(label)
+            arrays["lengths"].append(len(out[0]))
+        return {"points": np.concatenate(arrays["points"]), "labels": np.array(arrays["labels"], np.int32),
+                "lengths": np.array(arrays["lengths"], np.int64),
+                **{key: np.concatenate(arrays[key]) for key in ("normals", "roles") if arrays[key]}}
 
 
-class EmbeddedShapes(_EmbeddedObjects):
+class EmbeddedShapes(EmbeddedObjectDataset):
     """Procedural shape classification (12 classes by default)."""
 
     name = "EmbeddedShapes"
@@ -413,7 +432,7 @@ class EmbeddedShapes(_EmbeddedObjects):
         return [ObjectCloud(c.points, c.normals, c.label, None, c.name) for c in super().clouds(split)]
 
 
-class EmbeddedParts(_EmbeddedObjects):
+class EmbeddedParts(EmbeddedObjectDataset):
     """Procedural multi-category part segmentation: label = category, point_labels = part role."""
 
     name = "EmbeddedParts"
