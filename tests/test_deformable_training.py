@@ -49,7 +49,8 @@ def _train(overrides, epochs):
     model.compile()
     history = model.fit(pipeline.dataset("train").repeat(), steps_per_epoch=config.train.epoch_steps,
                         epochs=epochs, verbose=0, shuffle=False).history
-    lost = [np.mean([history[k][e] for k in history if k.startswith("lost_share_")]) for e in range(epochs)]
+    lost_keys = [k for k in history if k.startswith("lost_share_")]  # none for a rigid network
+    lost = [np.mean([history[k][e] for k in lost_keys]) for e in range(epochs)] if lost_keys else []
     test = model.evaluate(pipeline.dataset("test", augment=False), verbose=0, return_dict=True)
     return lost, history, float(test["accuracy"])
 
