@@ -3,5 +3,13 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))  # shared test helpers (references, fixture writers)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A fresh dataset / calibration cache (``KPCONV_TF_CACHE``) for one test."""
+    monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))

@@ -9,9 +9,7 @@ from training.datasets.embedded_lidar import OBJECTS, EmbeddedLidarObjects, gene
 from training.datasets.modelnet40 import ModelNet40
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_every_class_scans_into_the_unit_sphere():

@@ -6,9 +6,7 @@ import pytest
 from training.datasets.embedded_shapes import SHAPES, EmbeddedParts, EmbeddedShapes, sample_shape
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_at_least_ten_classes_and_every_shape_samples():
