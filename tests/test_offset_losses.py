@@ -45,6 +45,22 @@ def test_losses_and_gradients_match_original(path):
     assert rel_err(total, d["nonempty_loss_kpfcnn_offsets"]) < 1e-5
 
 
+def _repulsive_reference(deformed, norm, threshold):
+    """float64 sum_k mean_q sum_{l != k} max(0, threshold - |p_k - p_l|)^2, p = deformed / norm."""
+    p = deformed / norm
+    k = p.shape[1]
+    rep = np.maximum(0, threshold - np.linalg.norm(p[:, :, None] - p[:, None], axis=-1)) ** 2
+    rep[:, np.arange(k), np.arange(k)] = 0
+    return np.sum(np.mean(np.sum(rep, axis=2), axis=0))
+
+
+def _fitting_reference(deformed, q, s, n, norm):
+    """float64 mean over queries and kernel points of min_h |y_h - k'|^2 / norm^2 (shadows at 1000)."""
+    pad = np.concatenate([s, np.full((1, 3), 1000.0)])
+    y = pad[n] - q[:, None]
+    return np.mean(np.sum((y[:, :, None] - deformed[:, None]) ** 2, -1).min(axis=1)) / norm ** 2
+
+
 def test_repulsive_and_fitting_against_float64():
     rng = np.random.default_rng(0)
     deformed = rng.normal(size=(7, 5, 3)) * 0.4
@@ -52,16 +68,9 @@ def test_repulsive_and_fitting_against_float64():
     s = rng.normal(size=(12, 3)) * 0.5
     n = np.concatenate([rng.integers(0, 12, (7, 4)), np.full((7, 2), 12)], axis=1).astype(np.int32)
     norm = 0.3
-    p = deformed / norm
-    dist = np.linalg.norm(p[:, :, None] - p[:, None], axis=-1)
-    rep = np.maximum(0, 1.5 - dist) ** 2
-    rep[:, np.arange(5), np.arange(5)] = 0
-    expected_rep = np.sum(np.mean(np.sum(rep, axis=2), axis=0))
+    expected_rep = _repulsive_reference(deformed, norm, 1.5)
     assert float(losses.offset_repulsive_loss(deformed, norm)) == pytest.approx(expected_rep, rel=1e-9)
-    pad = np.concatenate([s, np.full((1, 3), 1000.0)])
-    y = pad[n] - q[:, None]
-    d2 = np.sum((y[:, :, None] - deformed[:, None]) ** 2, -1)
-    expected_fit = np.mean(d2.min(axis=1)) / norm ** 2
+    expected_fit = _fitting_reference(deformed, q, s, n, norm)
     assert float(losses.offset_fitting_loss(deformed, q, s, n, norm)) == pytest.approx(expected_fit, rel=1e-9)
     radius = 0.5
     expected_perm = np.mean(np.maximum(0, np.linalg.norm(deformed / radius, axis=-1) - 1))
@@ -92,14 +101,8 @@ def test_point2point_against_float64():
     n = np.concatenate([rng.integers(0, 10, (6, 5)), np.full((6, 1), 10)], axis=1).astype(np.int32)
     dl, kp_extent, layer = 0.05, 1.2, 2
     extent = dl * kp_extent * 2 ** layer
-    pad = np.concatenate([s, np.full((1, 3), 1000.0)])
-    y = pad[n] - q[:, None]
-    fit = np.mean(np.sum((y[:, :, None] - deformed[:, None]) ** 2, -1).min(axis=1)) / extent ** 2
-    p = deformed / extent
-    dist = np.linalg.norm(p[:, :, None] - p[:, None], axis=-1)
-    rep = np.maximum(0, 1.2 - dist) ** 2
-    rep[:, np.arange(4), np.arange(4)] = 0
-    expected = 2 * fit + np.sum(np.mean(np.sum(rep, axis=2), axis=0)) / 4
+    expected = (2 * _fitting_reference(deformed, q, s, n, extent)
+                + _repulsive_reference(deformed, extent, 1.2) / 4)
     for network in ("kpcnn", "kpfcnn"):  # the same definition for both networks
         value = losses.deformable_layer_offsets_loss("point2point", network, deformed, q, s, n, layer, dl, 5.0,
                                                      kp_extent, repulse_extent=1.2)
