@@ -24,6 +24,9 @@ import yaml
 # Offset regularisations of deformable KPConv (kpconv_tf.losses): the original's two and the later
 # point-to-point definition of KPConv-PyTorch.
 OFFSETS_LOSSES = ("permissive", "fitting", "point2point")
+# What the dataset readers do with an input file that is malformed or holds non-finite values: stop
+# with an error naming it, or skip it with a warning (counted per split).
+BAD_FILE_POLICIES = ("error", "skip")
 
 
 class ConfigError(ValueError):
@@ -43,6 +46,7 @@ class DatasetConfig:
     input_threads: int = 8
     validation_size: int = 100  # validation batches per epoch (scenes)
     split: str = ""  # dataset-specific split selector (e.g. ShapeNetPart category, S3DIS test area)
+    on_bad_file: str = "error"  # error | skip: a bad input file stops the run, or is skipped with a warning
     extra: Dict[str, Any] = field(default_factory=dict)  # dataset-specific options
 
 
@@ -173,7 +177,8 @@ class Config:
         setattr(section, key, _coerce(hints[key], yaml.safe_load(text), dotted))
 
     def validate(self) -> None:
-        m, t, a = self.model, self.train, self.augment
+        d, m, t, a = self.dataset, self.model, self.train, self.augment
+        _choice("dataset.on_bad_file", d.on_bad_file, BAD_FILE_POLICIES)
         _choice("model.kp_influence", m.kp_influence, ("constant", "linear", "gaussian"))
         _choice("model.convolution_mode", m.convolution_mode, ("closest", "sum"))
         _choice("model.fixed_kernel_points", m.fixed_kernel_points, ("center", "verticals", "none"))

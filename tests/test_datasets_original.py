@@ -553,8 +553,14 @@ def test_npm3d_bad_input(tmp_path):
 
 
 def write_mesh_ply(path, fields, faces):
-    """Binary PLY with vertices and a triangle face element (as the ScanNet meshes)."""
-    dtype = [(k, "<f4" if k in "xyz" else ("<u2" if k == "label" else "u1")) for k in fields]
+    """Binary PLY with vertices and a triangle face element (as the ScanNet meshes); x, y, z and
+    float arrays are written as floats, labels as ushort, the rest as uchar."""
+    def ply_type(k):
+        if k in "xyz" or np.issubdtype(np.asarray(fields[k]).dtype, np.floating):
+            return "<f4"
+        return "<u2" if k == "label" else "u1"
+
+    dtype = [(k, ply_type(k)) for k in fields]
     types = {"<f4": "float", "u1": "uchar", "<u2": "ushort"}
     vertices = np.empty(len(fields["x"]), dtype)
     for k in fields:

@@ -11,6 +11,7 @@ Caches live in ``cache_root() / <dataset> / ...``, never in the dataset or worki
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,13 @@ def cache_root() -> Path:
     """``$KPCONV_TF_CACHE/datasets`` (default ``~/.cache/kpconv_tf/datasets``)."""
     root = Path(os.environ.get("KPCONV_TF_CACHE", Path.home() / ".cache" / "kpconv_tf"))
     return root / "datasets"
+
+
+def discard_cache(path: Path, err: Exception) -> None:
+    """Deletes the unusable cache file ``path`` after a one-line warning on stderr naming it."""
+    print(f"warning: cannot use the cache file {path} ({type(err).__name__}: {err}); "
+          "deleting and rebuilding it", file=sys.stderr, flush=True)
+    Path(path).unlink(missing_ok=True)
 
 
 def require_dir(path, layout: str) -> Path:

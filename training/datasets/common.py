@@ -1,8 +1,9 @@
 """Helpers shared by the readers of the original on-disk datasets.
 
-Text tables are parsed in chunks with numpy's C parser (a malformed line is then located and named);
-clouds are grid-subsampled with the compiled op; subsampled clouds are cached as npz under
-``cache_root() / <dataset>``, keyed by the dataset root, split, grid size and options.
+Text tables are parsed in chunks with numpy's C parser (a malformed line or a non-finite value is then
+located and named); clouds are grid-subsampled with the compiled op; subsampled clouds are cached as
+npz under ``cache_root() / <dataset>``, keyed by the dataset root, split, grid size and options.
+Readers take each input file of a split through ``SplitReads``, which applies ``dataset.on_bad_file``.
 """
 
 from __future__ import annotations
@@ -11,27 +12,39 @@ import hashlib
 import itertools
 import json
 import os
+import sys
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn.neighbors import KDTree
 
-from training.datasets.base import DatasetError, Scene, cache_root
+from kpconv_tf.config import BAD_FILE_POLICIES
+from training.datasets.base import DatasetError, Scene, cache_root, discard_cache
 
 # The original builds every scene KD-tree with this leaf size.
 LEAF_SIZE = 50
 _CHUNK_LINES = 1 << 20
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# What reading a truncated, empty or overwritten npz / npy file raises (KeyError: an expected array is
+# missing).
+CACHE_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 
 
-def read_table(path, columns: int, delimiter: Optional[str] = None) -> np.ndarray:
+def read_table(path, columns: int, delimiter: Optional[str] = None,
+               names: Optional[Sequence[str]] = None) -> np.ndarray:
     """float32 [n, columns] from a text file of ``columns`` numbers per line (blank lines skipped).
 
-    Raises DatasetError naming the file (and the line, 1-based, when one is malformed).
+    Raises DatasetError naming the file and, for a malformed line or a value that is not a finite
+    float32 (NaN, +-Inf, beyond 3.4e38), the line (1-based, blank lines counted) and the column
+    (1-based, with its name from ``names``).
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"missing file {str(path)!r}")
+    if names is not None and len(names) != columns:
+        raise ValueError(f"names must give the {columns} column names, got {list(names)}")
     blocks = []
     with open(path, "r", errors="replace") as f:
         first_line = 1
@@ -45,10 +58,27 @@ def read_table(path, columns: int, delimiter: Optional[str] = None) -> np.ndarra
                     raise ValueError
             except ValueError:
                 _raise_bad_line(path, lines, first_line, columns, delimiter)
+            # NaN fails the comparison too.
+            finite = np.abs(block) <= _FLOAT32_MAX
+            if not finite.all():
+                _raise_non_finite(path, lines, first_line, np.argwhere(~finite)[0], delimiter, names)
             # float64 parsing then float32 keeps the nearest float32 of every written value.
             blocks.append(block.astype(np.float32).reshape(-1, columns))
             first_line += len(lines)
     return np.concatenate(blocks) if blocks else np.zeros((0, columns), np.float32)
+
+
+def _raise_non_finite(path, lines, first_line, where, delimiter, names):
+    """Names the line of data row ``where[0]`` of ``lines`` and the written value of column ``where[1]``."""
+    row, column = int(where[0]), int(where[1])
+    # np.loadtxt skips the lines that are blank once a '#' comment is cut off.
+    data_lines = (i for i, line in enumerate(lines) if line.split("#", 1)[0].strip())
+    offset = next(itertools.islice(data_lines, row, None))
+    word = lines[offset].split("#", 1)[0].split(delimiter)[column].strip()
+    beyond = " (beyond float32)" if np.isfinite(float(word)) else ""
+    name = f" ({names[column]})" if names is not None else ""
+    raise DatasetError(f"{path}: line {first_line + offset}: non-finite value in column {column + 1}{name}: "
+                       f"{word}{beyond}")
 
 
 def _parses(words, columns) -> bool:
@@ -72,7 +102,7 @@ def _raise_bad_line(path, lines, first_line, columns, delimiter):
 
 def read_ply_fields(path, fields: Sequence[str], optional: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     """The named vertex properties of a PLY file (and those of ``optional`` it has); DatasetError when
-    the file or a required property is missing."""
+    the file or a required property is missing or a value is not a finite float32 (``check_finite``)."""
     from utils.ply import PlyError, read_ply
 
     path = Path(path)
@@ -85,7 +115,25 @@ def read_ply_fields(path, fields: Sequence[str], optional: Sequence[str] = ()) -
     missing = [name for name in fields if name not in data.dtype.names]
     if missing:
         raise DatasetError(f"{path}: vertex properties {missing} are missing (has {list(data.dtype.names)})")
-    return {name: np.asarray(data[name]) for name in list(fields) + list(optional) if name in data.dtype.names}
+    out = {name: np.asarray(data[name]) for name in list(fields) + list(optional) if name in data.dtype.names}
+    check_finite(path, out)
+    return out
+
+
+def check_finite(path, properties: Dict[str, np.ndarray]) -> None:
+    """DatasetError naming ``path``, the first vertex (0-based index) and the property holding a value
+    that is not a finite float32 (NaN, +-Inf, beyond 3.4e38); properties: name -> values [n]."""
+    first = None
+    for name, values in properties.items():
+        if np.issubdtype(values.dtype, np.floating):
+            # NaN fails the comparison too.
+            bad = np.flatnonzero(~(np.abs(values) <= _FLOAT32_MAX))
+            if bad.size and (first is None or bad[0] < first[0]):
+                first = (int(bad[0]), name, values[bad[0]])
+    if first is not None:
+        index, name, value = first
+        beyond = " (beyond float32)" if np.isfinite(value) else ""
+        raise DatasetError(f"{path}: vertex {index}: non-finite value in property {name!r}: {value}{beyond}")
 
 
 def subsample(points, dl: float, features=None, labels=None):
@@ -149,16 +197,81 @@ def cache_file(dataset: str, split: str, dl: float, key: dict) -> Path:
     return cache_root() / dataset / f"{split}_{dl:.4f}_{digest}.npz"
 
 
-def load_or_build(path: Path, build: Callable[[], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """The arrays cached at ``path``, built (and written atomically) when absent."""
-    if not path.exists():
-        arrays = build()
+class SplitReads:
+    """Reads the input files of one split under a ``dataset.on_bad_file`` policy (BAD_FILE_POLICIES).
+
+    "error": a DatasetError of a file propagates. "skip": the file is reported on stderr (one line)
+    and left out; ``finish`` then reports the count and fails when nothing of the split is left.
+    ``unit`` names what one read is in these reports (files, scans, scenes).
+    """
+
+    def __init__(self, policy: str, split: str, unit: str = "files"):
+        check_bad_file_policy(policy)
+        self.policy, self.split, self.unit = policy, split, unit
+        self.count = 0
+        self.skipped: List[str] = []
+
+    def read(self, read: Callable, *args):
+        """``read(*args)``; None when it raised a DatasetError and the policy is "skip"."""
+        self.count += 1
+        try:
+            return read(*args)
+        except DatasetError as err:
+            if self.policy == "error":
+                raise
+            self.skipped.append(str(err))
+            print(f"warning: split {self.split!r}: skipped (dataset.on_bad_file: skip): {err}",
+                  file=sys.stderr, flush=True)
+            return None
+
+    def finish(self, kept: int) -> None:
+        """After a split is read: prints the count of skipped reads; DatasetError when some were
+        skipped and the split kept nothing (``kept`` clouds or scenes)."""
+        if not self.skipped:
+            return
+        skipped = f"{len(self.skipped)} of {self.count} {self.unit}"
+        print(f"warning: skipped {skipped} read for split {self.split!r} (dataset.on_bad_file: skip)",
+              file=sys.stderr, flush=True)
+        if kept == 0:
+            raise DatasetError(f"split {self.split!r} has nothing left: {skipped} read are bad; "
+                               f"the first: {self.skipped[0]}")
+
+
+def check_bad_file_policy(policy: str) -> None:
+    if policy not in BAD_FILE_POLICIES:
+        raise ValueError(f"on_bad_file must be one of {list(BAD_FILE_POLICIES)}, got {policy!r}")
+
+
+def load_or_build(path: Path, build: Callable[[], Dict[str, np.ndarray]], reads: Optional[SplitReads] = None,
+                  check: Optional[Callable[[Dict[str, np.ndarray]], None]] = None) -> Dict[str, np.ndarray]:
+    """The arrays cached at ``path``; built (and written atomically) when absent or unusable.
+
+    A cache that cannot be read (truncated, empty, overwritten) or fails ``check(arrays)`` (raising
+    one of CACHE_ERRORS) is reported on stderr, deleted and rebuilt. With ``reads``, a build that
+    skipped a bad file is returned but not written: caches hold complete reads only, so one cache
+    entry serves both ``on_bad_file`` policies, and a skipping run reports its bad files again (and
+    takes repaired ones) instead of silently reusing a partial split.
+    """
+    if path.exists():
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("not an npz archive")
+            with data:
+                arrays = {k: data[k] for k in data.files}
+            if check is not None:
+                check(arrays)
+            return arrays
+        except CACHE_ERRORS as err:
+            discard_cache(path, err)
+    skipped = len(reads.skipped) if reads is not None else 0
+    arrays = build()
+    if reads is None or len(reads.skipped) == skipped:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(path)
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return arrays
 
 
 def save_full_points(cache: Path, index: int, points: np.ndarray) -> str:
@@ -216,11 +329,32 @@ def scenes_from_arrays(arrays: Dict[str, np.ndarray], cache: Path) -> List[Scene
     return scenes
 
 
+def check_full_files(arrays: Dict[str, np.ndarray], cache: Path) -> None:
+    """ValueError naming the full-resolution cloud stored by ``scene_arrays`` beside ``cache`` that is
+    missing, unreadable or not float32 [k, 3] with k the scene's projection length."""
+    for key in arrays:
+        if key.startswith("full_file_"):
+            index = key[len("full_file_"):]
+            full_path = cache.with_name(str(arrays[key]))
+            if not full_path.is_file():
+                raise ValueError(f"{full_path} is missing")
+            try:
+                # A memory map reads the header and checks the size, not the points.
+                points = np.load(full_path, mmap_mode="r", allow_pickle=False)
+            except CACHE_ERRORS as err:
+                raise ValueError(f"{full_path} is unreadable ({err})") from err
+            expected = (len(arrays[f"projection_{index}"]), 3)
+            if points.dtype != np.float32 or points.shape != expected:
+                raise ValueError(f"{full_path} holds {points.dtype} {points.shape}, "
+                                 f"expected float32 {expected}")
+
+
 def cached_scenes(dataset: str, split: str, dl: float, key: dict, sources: Sequence,
-                  read: Callable, keep_full: bool) -> List[Scene]:
+                  read: Callable, keep_full: bool, reads: Optional[SplitReads] = None) -> List[Scene]:
     """Scenes of ``split`` from the cache, or read with ``read(source) -> (name, points, colors,
-    labels[, full])`` (see ``scene_arrays``), subsampled and cached. Empty clouds are skipped with a
-    warning."""
+    labels[, full])`` (see ``scene_arrays``) or None for a source skipped by ``reads`` (see
+    ``load_or_build``), subsampled and cached. Empty clouds are skipped with a warning; a cache whose
+    full-resolution clouds are gone or damaged is rebuilt."""
     from training.datasets.base import skip_empty
 
     path = cache_file(dataset, split, dl, key)
@@ -228,14 +362,18 @@ def cached_scenes(dataset: str, split: str, dl: float, key: dict, sources: Seque
     def build():
         arrays, index = {}, 0
         for source in sources:
-            name, points, colors, labels, *full = read(source)
+            scene = read(source)
+            if scene is None:
+                continue
+            name, points, colors, labels, *full = scene
             if skip_empty(name, points):
                 continue
             arrays.update(scene_arrays(index, name, points, colors, labels, dl, path, keep_full, *full))
             index += 1
         return arrays
 
-    return scenes_from_arrays(load_or_build(path, build), path)
+    arrays = load_or_build(path, build, reads, check=lambda arrays: check_full_files(arrays, path))
+    return scenes_from_arrays(arrays, path)
 
 
 def option(config, key: str, default=None):

@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.neighbors import KDTree
 
 from training.datasets.base import Scene, SceneDataset, cache_root
+from training.datasets.common import load_or_build
 
 CLASSES = ["ceiling", "floor", "wall", "column", "door", "table", "chair", "cabinet"]
 CEILING, FLOOR, WALL, COLUMN, DOOR, TABLE, CHAIR, CABINET = range(len(CLASSES))
@@ -259,13 +260,7 @@ class EmbeddedRooms(SceneDataset):
 
     def _load_or_generate(self, rooms):
         path = cache_root() / self.name / f"{rooms}_{self._key(rooms)}.npz"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.tmp.npz")
-            np.savez(tmp, **self._generate(rooms))
-            tmp.replace(path)
-        with np.load(path) as data:
-            arrays = {k: data[k] for k in data.files}
+        arrays = load_or_build(path, lambda: self._generate(rooms))
         scenes = []
         for i in range(self.counts[rooms]):
             points = arrays[f"points_{i}"]

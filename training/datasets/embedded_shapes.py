@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 
 from training.datasets.base import ObjectCloud, ObjectDataset, cache_root
+from training.datasets.common import load_or_build
 
 # ------------------------------------------------------------------------------------------------
 # surface primitives: each returns (points [n, 3], normals [n, 3]) in a local frame, and its area
@@ -374,14 +375,7 @@ class EmbeddedObjectDataset(ObjectDataset):
 
     def _load_or_generate(self, split):
         path = cache_root() / self.name / f"{split}_{self._key(split)}.npz"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            arrays = self._generate(split)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **arrays)
-            tmp.replace(path)
-        with np.load(path) as archive:
-            data = {key: archive[key] for key in archive.files}  # each archive[key] re-reads the file
+        data = load_or_build(path, lambda: self._generate(split))
         bounds = np.concatenate([[0], np.cumsum(data["lengths"])])
         return [ObjectCloud(points=data["points"][a:b],
                             normals=data["normals"][a:b] if "normals" in data else np.zeros((b - a, 3), np.float32),

@@ -6,7 +6,7 @@
 
 Class names come from the shape-names file, so any dataset laid out this way works. Every shape is
 grid-subsampled at ``first_subsampling_dl`` (normals averaged per cell, not renormalised, as the
-original) and the result cached.
+original) and the result cached. ``on_bad_file="skip"`` leaves out the shapes whose file is bad.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Dict, List
 import numpy as np
 
 from training.datasets.base import DatasetError, ObjectCloud, ObjectDataset, require_dir, skip_empty
-from training.datasets.common import cache_file, check_split, load_or_build, read_table, subsample
+from training.datasets.common import (SplitReads, cache_file, check_bad_file_policy, check_split,
+                                      load_or_build, read_table, subsample)
 
+COLUMNS = ("x", "y", "z", "normal_x", "normal_y", "normal_z")
 LAYOUT = ("<root>/modelnet40_shape_names.txt, <root>/modelnet40_{train,test}.txt listing shape ids "
           "(e.g. airplane_0001), <root>/<class>/<shape id>.txt with 'x,y,z,nx,ny,nz' lines")
 
@@ -37,9 +39,11 @@ class ModelNet40(ObjectDataset):
     task = "classification"
     version = 1
 
-    def __init__(self, root, first_subsampling_dl: float = 0.02):
+    def __init__(self, root, first_subsampling_dl: float = 0.02, on_bad_file: str = "error"):
         if not first_subsampling_dl > 0:
             raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
+        check_bad_file_policy(on_bad_file)
+        self.on_bad_file = on_bad_file
         self.root = require_dir(root, LAYOUT)
         self.dl = float(first_subsampling_dl)
         self.label_names = _read_lines(self.root / "modelnet40_shape_names.txt")
@@ -57,7 +61,9 @@ class ModelNet40(ObjectDataset):
         if split not in self._clouds:
             path = cache_file(self.name, split, self.dl, {"root": str(self.root.resolve()),
                                                           "classes": self.label_names, "version": self.version})
-            arrays = load_or_build(path, lambda: self._build(split))
+            reads = SplitReads(self.on_bad_file, split)
+            arrays = load_or_build(path, lambda: self._build(split, reads), reads)
+            reads.finish(len(arrays["labels"]))
             bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])
             self._clouds[split] = [
                 ObjectCloud(points=arrays["points"][a:b], normals=arrays["normals"][a:b], label=int(label),
@@ -65,18 +71,23 @@ class ModelNet40(ObjectDataset):
                 for a, b, label, name in zip(bounds[:-1], bounds[1:], arrays["labels"], arrays["names"])]
         return self._clouds[split]
 
-    def _build(self, split: str) -> Dict[str, np.ndarray]:
+    def _read_shape(self, list_file: Path, shape: str) -> np.ndarray:
+        """float32 [n, 6] (x, y, z, normal) of the shape ``shape`` listed in ``list_file``."""
+        class_name = shape.rsplit("_", 1)[0]
+        if class_name not in self.label_names:
+            raise DatasetError(f"{list_file}: shape {shape!r} has class {class_name!r}, which is not in "
+                               f"modelnet40_shape_names.txt")
+        return read_table(self.root / class_name / f"{shape}.txt", 6, delimiter=",", names=COLUMNS)
+
+    def _build(self, split: str, reads: SplitReads) -> Dict[str, np.ndarray]:
         list_file = self.root / f"modelnet40_{split}.txt"
         index = {name: i for i, name in enumerate(self.label_names)}
         points, normals, labels, names = [], [], [], []
         for shape in _read_lines(list_file):
-            class_name = shape.rsplit("_", 1)[0]
-            if class_name not in index:
-                raise DatasetError(f"{list_file}: shape {shape!r} has class {class_name!r}, which is not in "
-                                   f"modelnet40_shape_names.txt")
-            data = read_table(self.root / class_name / f"{shape}.txt", 6, delimiter=",")
-            if skip_empty(shape, data):
+            data = reads.read(self._read_shape, list_file, shape)
+            if data is None or skip_empty(shape, data):
                 continue
+            class_name = shape.rsplit("_", 1)[0]
             sub_points, sub_normals = subsample(data[:, :3], self.dl, features=data[:, 3:])
             points.append(sub_points)
             normals.append(sub_normals)
@@ -90,4 +101,4 @@ class ModelNet40(ObjectDataset):
 
 def from_config(config) -> ModelNet40:
     """ModelNet40 at ``config.dataset.path``, subsampled at ``config.model.first_subsampling_dl``."""
-    return ModelNet40(config.dataset.path, config.model.first_subsampling_dl)
+    return ModelNet40(config.dataset.path, config.model.first_subsampling_dl, config.dataset.on_bad_file)

@@ -7,6 +7,7 @@ As the original: the reflectance, clipped at 50 and divided by 50, is the per-po
 fills the three ``Scene.colors`` channels; scans without it get zeros); class 0 is ignored; the
 sorted training scan at index 1 (Lille1_2) is "validation", the others "train", and the test scans
 "test". Scans are grid-subsampled and cached; validation and test keep their projection.
+``on_bad_file="skip"`` leaves out the scans whose file is bad.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from training.datasets.base import DatasetError, Scene, SceneDataset, require_dir
-from training.datasets.common import cached_scenes, check_split, label_map, map_labels, option, read_ply_fields
+from training.datasets.common import (SplitReads, cached_scenes, check_bad_file_policy, check_split,
+                                      label_map, map_labels, option, read_ply_fields)
 
 CLASSES = ["ground", "buildings", "poles", "bollards", "trash_cans", "barriers", "pedestrians", "cars", "natural"]
 # Original class values: 0 is "unclassified" and ignored; 1..9 are CLASSES.
@@ -36,9 +38,12 @@ class NPM3D(SceneDataset):
     has_colors = True  # the reflectance, in every channel
     version = 1
 
-    def __init__(self, root, first_subsampling_dl: float = 0.08, validation_clouds: Sequence[str] = VALIDATION):
+    def __init__(self, root, first_subsampling_dl: float = 0.08,
+                 validation_clouds: Sequence[str] = VALIDATION, on_bad_file: str = "error"):
         if not first_subsampling_dl > 0:
             raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
+        check_bad_file_policy(on_bad_file)
+        self.on_bad_file = on_bad_file
         self.root = require_dir(root, LAYOUT)
         self.dl = float(first_subsampling_dl)
         train_dir = self.root / "training_points"
@@ -67,9 +72,11 @@ class NPM3D(SceneDataset):
                         "test": "test_points/*.ply"}[split]
                 raise DatasetError(f"no {split} scan in {str(self.root)!r}: the split takes {rule}")
             key = {"root": str(self.root.resolve()), "files": [f.name for f in files], "version": self.version}
+            reads = SplitReads(self.on_bad_file, split)
             self._scenes[split] = cached_scenes(self.name, split, self.dl, key, files,
-                                                lambda path: self._read(path, labelled=split != "test"),
-                                                keep_full=split != "train")
+                                                lambda path: reads.read(self._read, path, split != "test"),
+                                                keep_full=split != "train", reads=reads)
+            reads.finish(len(self._scenes[split]))
         return self._scenes[split]
 
     def _read(self, path: Path, labelled: bool):
@@ -84,4 +91,5 @@ class NPM3D(SceneDataset):
 def from_config(config) -> NPM3D:
     """NPM3D at ``config.dataset.path``; ``dataset.extra['validation_clouds']`` overrides Lille1_2."""
     return NPM3D(config.dataset.path, config.model.first_subsampling_dl,
-                 validation_clouds=option(config, "validation_clouds", VALIDATION))
+                 validation_clouds=option(config, "validation_clouds", VALIDATION),
+                 on_bad_file=config.dataset.on_bad_file)

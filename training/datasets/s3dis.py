@@ -7,6 +7,7 @@ original, every Area is one scene merged from the annotation files of its rooms 
 needed), the class is the file-name prefix ("stairs" counts as clutter), colours go to [0, 1], and
 the test area (default 5) is the "validation" and "test" split, the other areas "train". Scenes are
 grid-subsampled and cached with their KD-tree; the test area keeps the projection of its full cloud.
+``on_bad_file="skip"`` leaves out the annotation files that are bad (the rest of the area is kept).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import Dict, List
 import numpy as np
 
 from training.datasets.base import DatasetError, Scene, SceneDataset, require_dir
-from training.datasets.common import cached_scenes, check_split, option, read_table
+from training.datasets.common import (SplitReads, cached_scenes, check_bad_file_policy, check_split, option,
+                                      read_table)
 
 CLASSES = ["ceiling", "floor", "wall", "beam", "column", "window", "door", "chair", "table", "bookcase", "sofa",
            "board", "clutter"]
 # Annotation names the original folds into a class.
 ALIASES = {"stairs": "clutter"}
+COLUMNS = ("x", "y", "z", "red", "green", "blue")
 LAYOUT = "<root>/Area_N/<room>/Annotations/<class>_<k>.txt with 'x y z r g b' lines (root may hold Stanford3dDataset_v1.2*)"
 
 
@@ -55,9 +58,12 @@ class S3DIS(SceneDataset):
     has_colors = True
     version = 1
 
-    def __init__(self, root, first_subsampling_dl: float = 0.04, test_area: int = 5):
+    def __init__(self, root, first_subsampling_dl: float = 0.04, test_area: int = 5,
+                 on_bad_file: str = "error"):
         if not first_subsampling_dl > 0:
             raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
+        check_bad_file_policy(on_bad_file)
+        self.on_bad_file = on_bad_file
         self.root = require_dir(root, LAYOUT)
         self.dl = float(first_subsampling_dl)
         self.areas = _find_areas(self.root)
@@ -77,31 +83,41 @@ class S3DIS(SceneDataset):
         if held_out not in self._scenes:
             areas = [self.test_area] if held_out else [a for a in sorted(self.areas) if a != self.test_area]
             scenes = []
+            reads = SplitReads(self.on_bad_file, split)
             for area in areas:
                 key = {"root": str(self.areas[area].resolve()), "keep_full": held_out, "version": self.version}
-                scenes += cached_scenes(self.name, f"Area_{area}", self.dl, key, [area], self._read_area,
-                                        keep_full=held_out)
+                scenes += cached_scenes(self.name, f"Area_{area}", self.dl, key, [area],
+                                        lambda area: self._read_area(area, reads), keep_full=held_out,
+                                        reads=reads)
+            reads.finish(len(scenes))
             self._scenes[held_out] = scenes
         return self._scenes[held_out]
 
-    def _read_area(self, area: int):
+    @staticmethod
+    def _read_annotation(path: Path):
+        """(class index, float32 [n, 6] table) of one annotation file."""
+        prefix = path.stem.split("_")[0]
+        prefix = ALIASES.get(prefix, prefix)
+        if prefix not in CLASSES:
+            raise DatasetError(f"{path}: unknown class {prefix!r} in the file name; classes: {CLASSES}")
+        return CLASSES.index(prefix), read_table(path, 6, names=COLUMNS)
+
+    def _read_area(self, area: int, reads: SplitReads):
         folder = self.areas[area]
-        index = {name: i for i, name in enumerate(CLASSES)}
         points, colors, labels = [], [], []
         rooms = sorted(d for d in folder.iterdir() if (d / "Annotations").is_dir())
         if not rooms:
             warnings.warn(f"{folder} has no <room>/Annotations folder", stacklevel=2)
         for room in rooms:
             for path in sorted((room / "Annotations").glob("*.txt")):
-                prefix = path.stem.split("_")[0]
-                prefix = ALIASES.get(prefix, prefix)
-                if prefix not in index:
-                    raise DatasetError(f"{path}: unknown class {prefix!r} in the file name; classes: {CLASSES}")
-                data = read_table(path, 6)
+                read = reads.read(self._read_annotation, path)
+                if read is None:
+                    continue
+                label, data = read
                 points.append(data[:, :3])
                 # The original stores colours as uint8 before averaging them.
                 colors.append(np.clip(data[:, 3:6], 0, 255).astype(np.uint8).astype(np.float32) / 255)
-                labels.append(np.full(len(data), index[prefix], np.int32))
+                labels.append(np.full(len(data), label, np.int32))
         if not points:
             return folder.name, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), np.zeros(0, np.int32)
         return folder.name, np.concatenate(points), np.concatenate(colors), np.concatenate(labels)
@@ -116,4 +132,5 @@ def from_config(config) -> S3DIS:
         if not text.isdigit():
             raise ValueError(f"dataset.split must name the S3DIS test area (e.g. 'Area_5'), got {config.dataset.split!r}")
         area = int(text)
-    return S3DIS(config.dataset.path, config.model.first_subsampling_dl, test_area=5 if area is None else area)
+    return S3DIS(config.dataset.path, config.model.first_subsampling_dl,
+                 test_area=5 if area is None else area, on_bad_file=config.dataset.on_bad_file)

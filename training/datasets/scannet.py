@@ -16,7 +16,7 @@ As the original, the mesh faces are sampled densely (``mesh_sampling``, 3 mm) an
 gridded at 1 cm, every cell taking the colour and label of its most voted nearest mesh vertex, before
 the subsampling at ``first_subsampling_dl``; ``mesh_sampling=None`` (or a mesh without faces) uses the
 vertices alone. The full-resolution cloud (projection, full labels) is the mesh vertices, which the
-benchmark scores.
+benchmark scores. ``on_bad_file="skip"`` leaves out the scenes whose mesh, label or meta file is bad.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from training.datasets.base import DatasetError, Scene, SceneDataset, require_dir
-from training.datasets.common import cached_scenes, check_split, map_labels, option, read_ply_fields, subsample
+from training.datasets.common import (SplitReads, cached_scenes, check_bad_file_policy, check_finite,
+                                      check_split, map_labels, option, read_ply_fields, subsample)
 
 # nyu40 ids of the 20 ScanNet benchmark classes, in the original's order.
 CLASS_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39]
@@ -89,9 +90,13 @@ def _alignment(path: Path) -> Optional[np.ndarray]:
             words = line.replace("=", " ").split()
             if words and words[0] == "axisAlignment":
                 try:
-                    return np.array([float(w) for w in words[1:]], np.float64).reshape(4, 4)
+                    align = np.array([float(w) for w in words[1:]], np.float64).reshape(4, 4)
                 except ValueError as err:
                     raise DatasetError(f"{path}: line {number}: axisAlignment needs 16 numbers") from err
+                if not np.all(np.isfinite(align)):
+                    raise DatasetError(f"{path}: line {number}: non-finite value in axisAlignment: "
+                                       f"{align.ravel().tolist()}")
+                return align
     return None
 
 
@@ -103,9 +108,12 @@ class Scannet(SceneDataset):
     has_colors = True
     version = 1
 
-    def __init__(self, root, first_subsampling_dl: float = 0.04, mesh_sampling: Optional[float] = 0.003):
+    def __init__(self, root, first_subsampling_dl: float = 0.04, mesh_sampling: Optional[float] = 0.003,
+                 on_bad_file: str = "error"):
         if not first_subsampling_dl > 0:
             raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
+        check_bad_file_policy(on_bad_file)
+        self.on_bad_file = on_bad_file
         if mesh_sampling is not None and not mesh_sampling > 0:
             raise ValueError(f"mesh_sampling must be > 0 or None, got {mesh_sampling}")
         self.mesh_sampling = None if mesh_sampling is None else float(mesh_sampling)
@@ -145,9 +153,11 @@ class Scannet(SceneDataset):
                 raise DatasetError(f"no {split} scene in {str(self.root)!r}; expected layout: {LAYOUT}")
             key = {"root": str(self.root.resolve()), "scenes": self.splits[split], "mesh": self.mesh_sampling,
                    "version": self.version}
+            reads = SplitReads(self.on_bad_file, split, "scenes")
             self._scenes[split] = cached_scenes(self.name, split, self.dl, key, self.splits[split],
-                                                lambda scene: self._read(scene, labelled=split != "test"),
-                                                keep_full=split != "train")
+                                                lambda scene: reads.read(self._read, scene, split != "test"),
+                                                keep_full=split != "train", reads=reads)
+            reads.finish(len(self._scenes[split]))
         return self._scenes[split]
 
     def _read(self, scene: str, labelled: bool):
@@ -174,6 +184,7 @@ class Scannet(SceneDataset):
         missing = [k for k in ("x", "y", "z", "red", "green", "blue") if k not in data.dtype.names]
         if missing:
             raise DatasetError(f"{mesh}: vertex properties {missing} are missing")
+        check_finite(mesh, {k: data[k] for k in ("x", "y", "z", "red", "green", "blue")})
         if faces.size and (faces.min() < 0 or faces.max() >= len(data)):
             raise DatasetError(f"{mesh}: face vertex indices outside [0, {len(data)})")
         points = np.stack([data["x"], data["y"], data["z"]], 1).astype(np.float64)
@@ -195,4 +206,5 @@ def from_config(config) -> Scannet:
     """Scannet at ``config.dataset.path``; ``dataset.extra['mesh_sampling']`` (metres, or null for the
     vertices alone) overrides the original's 3 mm face sampling."""
     return Scannet(config.dataset.path, config.model.first_subsampling_dl,
-                   mesh_sampling=option(config, "mesh_sampling", 0.003))
+                   mesh_sampling=option(config, "mesh_sampling", 0.003),
+                   on_bad_file=config.dataset.on_bad_file)

@@ -20,13 +20,15 @@ from typing import Dict, List
 import numpy as np
 
 from training.datasets.base import DatasetError, ObjectCloud, ObjectDataset, require_dir, skip_empty
-from training.datasets.common import cache_file, check_split, load_or_build, read_table, subsample
+from training.datasets.common import (SplitReads, cache_file, check_bad_file_policy, check_split,
+                                      load_or_build, read_table, subsample)
 
 # The original's categories and part counts; the files number parts globally in this order.
 CATEGORIES = ["Airplane", "Bag", "Cap", "Car", "Chair", "Earphone", "Guitar", "Knife", "Lamp", "Laptop",
               "Motorbike", "Mug", "Pistol", "Rocket", "Skateboard", "Table"]
 NUM_PARTS = [4, 2, 2, 4, 4, 3, 3, 2, 4, 2, 6, 2, 3, 3, 3, 3]
 PART_OFFSETS = np.concatenate([[0], np.cumsum(NUM_PARTS)[:-1]]).astype(int)
+COLUMNS = ("x", "y", "z", "normal_x", "normal_y", "normal_z", "part")
 
 LAYOUT = ("<root>/synsetoffset2category.txt, <root>/train_test_split/shuffled_{train,val,test}_file_list.json, "
           "<root>/<synset>/<id>.txt with 'x y z nx ny nz part' lines")
@@ -39,9 +41,12 @@ class ShapeNetPart(ObjectDataset):
     name = "ShapeNetPart"
     version = 1
 
-    def __init__(self, root, first_subsampling_dl: float = 0.02, category: str = "multi"):
+    def __init__(self, root, first_subsampling_dl: float = 0.02, category: str = "multi",
+                 on_bad_file: str = "error"):
         if not first_subsampling_dl > 0:
             raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
+        check_bad_file_policy(on_bad_file)
+        self.on_bad_file = on_bad_file
         self.root = require_dir(root, LAYOUT)
         self.dl = float(first_subsampling_dl)
         by_lower = {c.lower(): c for c in CATEGORIES}
@@ -84,7 +89,9 @@ class ShapeNetPart(ObjectDataset):
         check_split(split, ("train", "test"))
         if split not in self._clouds:
             path = cache_file(self.name, split, self.dl, {"root": str(self.root.resolve()), "version": self.version})
-            arrays = load_or_build(path, lambda: self._build(split))
+            reads = SplitReads(self.on_bad_file, split)
+            arrays = load_or_build(path, lambda: self._build(split, reads), reads)
+            reads.finish(len(arrays["names"]))
             bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])
             clouds = []
             for a, b, category, name in zip(bounds[:-1], bounds[1:], arrays["categories"], arrays["names"]):
@@ -110,25 +117,33 @@ class ShapeNetPart(ObjectDataset):
         # Entries are "shape_data/<synset>/<id>": keep "<synset>/<id>".
         return ["/".join(e.split("/")[-2:]) for e in entries]
 
-    def _build(self, split: str) -> Dict[str, np.ndarray]:
+    def _read_shape(self, which: str, shape: str):
+        """(category index, float32 [n, 7] table with part indices within the category) of one shape."""
+        synset = shape.split("/")[0]
+        if synset not in self.synsets:
+            raise DatasetError(f"shape {shape!r} of shuffled_{which}_file_list.json has synset {synset!r}, "
+                               f"absent from synsetoffset2category.txt")
+        category = CATEGORIES.index(self.synsets[synset])
+        path = self.root / f"{shape}.txt"
+        data = read_table(path, 7, names=COLUMNS)
+        part = data[:, 6] - PART_OFFSETS[category]
+        if len(data) and (np.any(part != np.round(part)) or part.min() < 0
+                          or part.max() >= NUM_PARTS[category]):
+            raise DatasetError(f"{path}: part labels must be integers in [{PART_OFFSETS[category]}, "
+                               f"{PART_OFFSETS[category] + NUM_PARTS[category]}) for "
+                               f"{CATEGORIES[category]}")
+        data[:, 6] = part
+        return category, data
+
+    def _build(self, split: str, reads: SplitReads) -> Dict[str, np.ndarray]:
         points, normals, parts, categories, names = [], [], [], [], []
         for which in SPLIT_LISTS[split]:
             for shape in self._shape_list(which):
-                synset = shape.split("/")[0]
-                if synset not in self.synsets:
-                    raise DatasetError(f"shape {shape!r} of shuffled_{which}_file_list.json has synset {synset!r}, "
-                                       f"absent from synsetoffset2category.txt")
-                category = CATEGORIES.index(self.synsets[synset])
-                path = self.root / f"{shape}.txt"
-                data = read_table(path, 7)
-                if skip_empty(shape, data):
+                read = reads.read(self._read_shape, which, shape)
+                if read is None or skip_empty(shape, read[1]):
                     continue
-                part = data[:, 6].astype(np.int64) - PART_OFFSETS[category]
-                if np.any(data[:, 6] != np.round(data[:, 6])) or part.min() < 0 or \
-                        part.max() >= NUM_PARTS[category]:
-                    raise DatasetError(f"{path}: part labels must be integers in [{PART_OFFSETS[category]}, "
-                                       f"{PART_OFFSETS[category] + NUM_PARTS[category]}) for "
-                                       f"{CATEGORIES[category]}")
+                category, data = read
+                part = data[:, 6].astype(np.int64)
                 xyz = data[:, :3].astype(np.float64)
                 xyz -= (xyz.min(0) + xyz.max(0)) / 2
                 scale = np.max(np.linalg.norm(xyz, axis=1))
@@ -155,4 +170,5 @@ def from_config(config) -> ShapeNetPart:
     ``dataset.split`` (default "multi")."""
     extra = dict(config.dataset.extra or {})
     category = extra.get("category") or config.dataset.split or "multi"
-    return ShapeNetPart(config.dataset.path, config.model.first_subsampling_dl, category=category)
+    return ShapeNetPart(config.dataset.path, config.model.first_subsampling_dl, category=category,
+                        on_bad_file=config.dataset.on_bad_file)
