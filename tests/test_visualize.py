@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from matplotlib.image import imread
 
+from training.run_store import RunStore
 from utils import visualize, visualize_model, visualize_render as render
 from utils.ply import read_ply, write_ply
 
@@ -46,7 +47,7 @@ def _train(tmp_path_factory, config, overrides):
 
     run_dir = tmp_path_factory.mktemp(config) / "run"
     train(config, overrides, run_dir, verbose=0)
-    assert (run_dir / "checkpoints" / "last.index").exists()
+    assert Path(f"{RunStore(run_dir).prefix('last')}.index").exists()
     return run_dir
 
 

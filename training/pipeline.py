@@ -30,7 +30,7 @@ from kpconv_tf.architecture import layer_specs
 from kpconv_tf.config import Config
 from kpconv_tf.pyramid import build_pyramid
 from training.augment import augment_points, drop_colors
-from training.datasets.base import ObjectDataset, SceneDataset, cache_root
+from training.datasets.base import ObjectDataset, SceneDataset, cache_root, discard_cache
 
 OBJECT_TASKS = ("classification", "segmentation", "multi_segmentation")
 
@@ -93,7 +93,7 @@ class ObjectStream:
     """
 
     def __init__(self, dataset: ObjectDataset, split: str, batch_limit: float, mode: str, seed: int = 0,
-                 count: Optional[int] = None):
+                 count: Optional[int] = None, start_pass: Optional[int] = None):
         self.clouds = dataset.clouds(split)
         if not self.clouds:
             raise ValueError(f"dataset {dataset.name} has no clouds in split {split!r}")
@@ -103,6 +103,11 @@ class ObjectStream:
         self.seed = seed
         self.count = count
         self.potentials = np.random.default_rng([seed, 1]).random(len(self.clouds)) * 1e-3
+        # start_pass k: the potentials as k earlier passes left them (a resumed run validates as an
+        # uninterrupted one)
+        for _ in range((start_pass or 0) if mode == "potentials" else 0):
+            for _ in self._order():
+                pass
 
     def _item(self, index):
         cloud = self.clouds[index]
@@ -145,7 +150,7 @@ class SceneStream:
     """
 
     def __init__(self, dataset: SceneDataset, split: str, batch_limit: float, mode: str, in_radius: float,
-                 seed: int = 0, count: Optional[int] = None):
+                 seed: int = 0, count: Optional[int] = None, start_pass: Optional[int] = None):
         from training.scenes import SphereSampler
 
         self.scenes = dataset.scenes(split)
@@ -157,6 +162,9 @@ class SceneStream:
         self.seed = seed
         self.count = count
         self.sampler = SphereSampler(self.scenes, in_radius, mode=mode, seed=seed)
+        # start_pass k: pass k places its spheres from potentials seeded by (seed, k), so a resumed run
+        # validates as an uninterrupted one (replaying the earlier passes would cost as much as running them)
+        self.next_pass = start_pass
 
     def _items(self):
         while True:
@@ -169,6 +177,12 @@ class SceneStream:
             yield (crop.points, extra, labels, 0, crop.scene_index, crop.input_indices)
 
     def batches(self, start_batch=0) -> Iterator[Batch]:
+        if self.next_pass is not None:
+            from training.scenes import SphereSampler
+
+            self.sampler = SphereSampler(self.scenes, self.in_radius, mode=self.mode,
+                                         seed=[self.seed, self.next_pass])
+            self.next_pass += 1
         for batch in _pack(self._items(), self.batch_limit, True):
             if self.count is not None and batch.number >= self.count:
                 return
@@ -257,11 +271,13 @@ class Pipeline:
         self._neighbor_limits = None
 
     # -- streams --------------------------------------------------------------------------------
-    def stream(self, split: str, mode: str, seed: int = 0, count: Optional[int] = None, batch_limit=None):
+    def stream(self, split: str, mode: str, seed: int = 0, count: Optional[int] = None, batch_limit=None,
+               start_pass: Optional[int] = None):
         limit = batch_limit if batch_limit is not None else self.batch_limit
         if self.is_scene:
-            return SceneStream(self.data, split, limit, mode, self.config.dataset.in_radius, seed, count)
-        return ObjectStream(self.data, split, limit, mode, seed, count)
+            return SceneStream(self.data, split, limit, mode, self.config.dataset.in_radius, seed, count,
+                               start_pass)
+        return ObjectStream(self.data, split, limit, mode, seed, count, start_pass)
 
     # -- calibration ----------------------------------------------------------------------------
     def _cache_key(self) -> str:
@@ -277,11 +293,19 @@ class Pipeline:
         return cache_root() / "calibration" / f"{self.data.name}_{self._cache_key()}.json"
 
     def _load_cache(self):
+        """The cached calibration values; {} when absent or unreadable (then deleted, after a warning)."""
         path = self._cache_path()
-        if path.exists():
+        if not path.exists():
+            return {}
+        try:
             with open(path) as f:
-                return json.load(f)
-        return {}
+                values = json.load(f)
+            if not isinstance(values, dict):
+                raise ValueError(f"a JSON {type(values).__name__}, not an object")
+            return values
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            discard_cache(path, err)
+            return {}
 
     def _save_cache(self, values):
         path = self._cache_path()
@@ -390,12 +414,14 @@ class Pipeline:
 
     def dataset(self, split: str, *, with_meta=False, seed: Optional[int] = None, start_batch: int = 0,
                 augment: bool = True, parallel_calls=None, mode: Optional[str] = None,
-                count: Optional[int] = None):
+                count: Optional[int] = None, start_pass: int = 0):
         """A tf.data.Dataset of ``(inputs, labels)`` (plus ``meta`` when ``with_meta``).
 
         split "train": endless random batches (``start_batch`` skips the first batches of the stream,
         for exact resume); "validation" / "test": objects by potentials (validation) or in order
         (test), scenes by potentials. ``seed`` defaults to ``train.seed``; test votes pass their own.
+        Validation passes (one per iteration of the dataset) are numbered from ``start_pass``; pass k
+        depends on the seed and k only, so a resumed run passes its epoch count.
         """
         seed = self.config.train.seed if seed is None else int(seed)
         if mode is None:
@@ -405,7 +431,8 @@ class Pipeline:
             data_split = "test"  # object datasets validate on their test split, as the original
         if count is None and mode == "potentials":
             count = self.config.dataset.validation_size * (1 if self.is_scene else self.config.train.batch_num)
-        stream = self.stream(data_split, mode, seed, count)
+        passes = start_pass if split == "validation" else None
+        stream = self.stream(data_split, mode, seed, count, start_pass=passes)
         return self.tf_dataset(stream, self.neighbor_limits, with_meta, seed, start_batch, augment,
                                 parallel_calls)
 

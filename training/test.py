@@ -28,6 +28,7 @@ from kpconv_tf.config import Config
 from training.config import add_override_argument
 from training.datasets import configure, load_dataset
 from training.pipeline import Pipeline
+from training.run_store import CheckpointError, RunStore, read_checkpoint
 from training.train import build_network, checkpoint_for
 from training.trainer import TrainingModel
 
@@ -35,8 +36,9 @@ SUBMISSION_FORMATS = {"Semantic3D": ("ply", "semantic3d"), "NPM3D": ("ply", "npm
 
 
 def load_run(run_dir: Path, overrides=(), checkpoint="best"):
-    """(config, dataset, network) of a run directory, weights restored from ``checkpoints/<checkpoint>``
-    (falling back to ``last``) or from ``model.weights.h5`` (converted original runs)."""
+    """(config, dataset, network) of a run directory, weights restored from its checkpoint called
+    ``checkpoint`` (``best``, ``last``, ``epoch_NNNN``; ``best`` falls back to ``last``) or from
+    ``model.weights.h5`` (converted original runs)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir}/config.yaml not found: not a run directory")
@@ -47,12 +49,15 @@ def load_run(run_dir: Path, overrides=(), checkpoint="best"):
     if (run_dir / "model.weights.h5").exists() and not (run_dir / "checkpoints").exists():
         network.load_weights(run_dir / "model.weights.h5")
         return config, dataset, network
-    for name in (checkpoint, "last"):
-        prefix = run_dir / "checkpoints" / name
-        if Path(f"{prefix}.index").exists():
-            checkpoint_for(TrainingModel(network, config)).read(str(prefix)).expect_partial()
-            return config, dataset, network
-    raise FileNotFoundError(f"{run_dir}/checkpoints has neither {checkpoint} nor last")
+    store = RunStore(run_dir)
+    try:
+        prefix = store.prefix(checkpoint)
+    except CheckpointError:
+        if checkpoint != "best":
+            raise
+        prefix = store.prefix("last")  # a run without validation has no best
+    read_checkpoint(checkpoint_for(TrainingModel(network, config)), prefix, exact=False)
+    return config, dataset, network
 
 
 def _predictor(network):
@@ -196,7 +201,7 @@ def main(argv=None):
     parser.add_argument("--votes", type=float, default=None,
                         help="augmented passes (objects) or coverage (scenes); default train.votes")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--checkpoint", default="best", help="checkpoint name in RUN_DIR/checkpoints")
+    parser.add_argument("--checkpoint", default="best", help="best, last or epoch_NNNN (a snapshot)")
     parser.add_argument("--original-run", help="a log directory of the original release (converted first)")
     parser.add_argument("--out", help="output directory (default RUN_DIR/test, or a new directory)")
     add_override_argument(parser)

@@ -4,12 +4,13 @@
                              [--resume DIR] [--finetune RUN_DIR_OR_CHECKPOINT]
 
 A run directory holds ``config.yaml`` (the full tree used), ``training_log.csv`` (one row per epoch),
-``training.txt`` (the original's per-step columns), ``tensorboard/`` scalars, ``checkpoints/``
-(``last`` every epoch, ``best`` on the best validation score, ``epoch_NNNN`` every ``snapshot_gap``
-epochs; ``tf.train.Checkpoint`` of weights, momentum slots, learning rate and step count) and
-``state.json`` (epochs and steps done, best score). ``--resume`` continues from ``last`` with the
-same data stream (the pipeline rebuilds the batches from the step count), so an interrupted run
-ends with the weights an uninterrupted run would have.
+``training.txt`` (the original's per-step columns), ``tensorboard/`` scalars, ``checkpoints/`` (one
+committed save per epoch, see ``training.run_store``: weights, momentum slots, learning rate, step
+count, best score and log positions; ``last``, ``best`` and the ``epoch_NNNN`` snapshots every
+``snapshot_gap`` epochs resolve to saves) and ``state.json`` (a copy of the newest commit).
+``--resume`` continues from the newest save that loads, with the same data stream (the pipeline
+rebuilds the batches from the step count) and the logs cut back to that save, so a run killed at any
+moment ends with the weights and logs an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
-import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from kpconv_tf.models import KPCNN, KPFCNN
 from training.config import add_override_argument, load_config
 from training.datasets import configure, load_dataset
 from training.pipeline import Pipeline
+from training.run_store import CheckpointError, RunStore, latest_description, read_checkpoint, write_json_atomically
 from training.trainer import TrainingModel
 
 LOG_COLUMNS = ("epoch", "steps", "loss", "output_loss", "regularization_loss", "offsets_loss", "accuracy",
@@ -55,7 +58,6 @@ def build_network(config: Config):
     network(dummy_inputs(config), training=False)
     return network
 
-
 def checkpoint_for(training_model):
     """Checkpoint of everything a run needs to continue: every network variable (weights and
     batch-norm statistics, listed explicitly because the blocks sit in Python lists that TF's object
@@ -75,8 +77,6 @@ class RunLogger(keras.callbacks.Callback):
         self.writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
         self.epoch_start = time.time()
         self.stopped_for_time = False
-        # Test hook: hang after this many steps (in total) so a test can kill a run mid-epoch.
-        self.stall_at_step = int(os.environ.get("KPCONV_TF_STALL_AT_STEP", "-1"))
         self.nan = False
         self.offsets_history = collections.deque(maxlen=OFFSETS_GROWTH_STEPS + 1)
         self.steps_text = open(run_dir / "training.txt", "a", buffering=1)  # line-buffered: a killed run keeps its steps
@@ -98,9 +98,6 @@ class RunLogger(keras.callbacks.Callback):
         self.steps_text.write(f"{self.state['epochs']} {self.state['steps']} {logs.get('output_loss', 0.0):.3f} "
                               f"{logs.get('offsets_loss', 0.0):.3f} {logs.get('accuracy', 0.0):.3f} "
                               f"{time.time() - self.state['start_time']:.3f}\n")
-        if self.state["steps"] == self.stall_at_step:
-            self.steps_text.flush()
-            time.sleep(3600)  # interruption tests kill the process here, mid-epoch
         if self.deadline is not None and time.time() > self.deadline:
             self.stopped_for_time = True
             self.model.stop_training = True
@@ -141,27 +138,13 @@ DEFORMATION_PREFIXES = ("offset_norm_", "lost_share_", "val_offset_norm_", "val_
 
 def append_csv(path: Path, row: dict):
     """Appends one epoch row: the ``LOG_COLUMNS`` and the deformation diagnostics of the run."""
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0  # a resume may have cut it back to nothing
     columns = list(LOG_COLUMNS) + [k for k in row if k.startswith(DEFORMATION_PREFIXES)]
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-
-
-def save_state(run_dir: Path, state: dict):
-    tmp = run_dir / "state.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump({k: v for k, v in state.items() if k != "start_time"}, f, indent=1)
-    tmp.replace(run_dir / "state.json")
-
-
-def write_checkpoint(training_model, run_dir: Path, name: str):
-    path = run_dir / "checkpoints" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint_for(training_model).write(str(path))
-    return path
 
 
 HEAD_LAYERS = ("softmax", "classifier", "multi_weights")
@@ -172,13 +155,16 @@ def finetune_from(network, source, skip_head=True):
     into ``network`` wherever variable paths and shapes agree; the classifier is skipped when
     ``skip_head`` (new classes). Returns the copied variable paths."""
     source = Path(source)
-    prefix = next((source / "checkpoints" / n for n in ("best", "last")
-                   if (source / "checkpoints" / f"{n}.index").exists()), None)
-    if prefix is None or not (source / "config.yaml").exists():
-        raise FileNotFoundError(f"--finetune: {source} is not a run directory with config.yaml and checkpoints")
+    if not (source / "config.yaml").exists():
+        raise FileNotFoundError(f"--finetune: {source} is not a run directory (no config.yaml)")
+    store = RunStore(source)
+    try:
+        prefix = store.prefix("best")
+    except CheckpointError:
+        prefix = store.prefix("last")
     source_config = Config.from_yaml(source / "config.yaml")
     source_model = TrainingModel(build_network(source_config), source_config)
-    checkpoint_for(source_model).read(str(prefix)).expect_partial()
+    read_checkpoint(checkpoint_for(source_model), prefix, exact=False)
     stored = {v.path: v for v in source_model.network.variables}
     copied = []
     for variable in network.variables:
@@ -210,7 +196,12 @@ def main(argv=None):
 
 def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume=None, finetune=None,
           max_epochs=None, verbose=1) -> Path:
-    """Runs (or resumes) a training; returns the run directory."""
+    """Runs (or resumes) a training; returns the run directory.
+
+    Everything that can fail before training (config, architecture, data, calibration, the run
+    directory being writable) is checked before anything is written; a new run directory made for a
+    start that fails anyway is removed.
+    """
     start_time = time.time()
     if os.environ.get("KPCONV_TF_DETERMINISTIC") == "1":
         tf.config.experimental.enable_op_determinism()  # bitwise-repeatable runs (tests of --resume)
@@ -223,40 +214,53 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
         if not config_path:
             raise ValueError("--config is required unless --resume is given")
         config = load_config(config_path, list(overrides))
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        run_dir = Path(run_dir or Path("results") / f"{config.dataset.name}_{stamp}")
+        check_new_run_dir(run_dir)
+    run_dir = Path(run_dir)
     keras.utils.set_random_seed(config.train.seed)
     dataset = load_dataset(config)
     configure(config, dataset)
-    if not resume:
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        run_dir = Path(run_dir or Path("results") / f"{config.dataset.name}_{stamp}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save_yaml(run_dir / "config.yaml")
-    run_dir = Path(run_dir)
-
-    pipeline = Pipeline(dataset, config)
-    with open(run_dir / "calibration.json", "w") as f:
-        json.dump({"batch_limit": pipeline.batch_limit, "neighbor_limits": pipeline.neighbor_limits}, f)
-
     network = build_network(config)
+    pipeline = Pipeline(dataset, config)
+    calibration = {"batch_limit": pipeline.batch_limit, "neighbor_limits": pipeline.neighbor_limits}
     model = TrainingModel(network, config)
     model.compile()
+    store = RunStore(run_dir)
     state = {"epochs": 0, "steps": 0, "best": None, "best_epoch": None, "finished": False}
     if resume:
-        with open(run_dir / "state.json") as f:
-            state.update(json.load(f))
-        checkpoint_for(model).read(str(run_dir / "checkpoints" / "last")).assert_existing_objects_matched()
+        state.update(store.restore(checkpoint_for(model))["state"])
         if int(model.step.optimizer.iterations.numpy()) != state["steps"]:
-            raise RuntimeError(f"{run_dir}: checkpoint step {int(model.step.optimizer.iterations.numpy())} "
-                               f"differs from state.json steps {state['steps']}")
-    elif finetune:
-        copied = finetune_from(network, finetune)
-        print(f"fine-tuning: {len(copied)} variables copied from {finetune}")
+            raise CheckpointError(f"{run_dir}: checkpoint step {int(model.step.optimizer.iterations.numpy())} "
+                                  f"differs from its record's steps {state['steps']}")
+    else:
+        if finetune:
+            copied = finetune_from(network, finetune)
+            print(f"fine-tuning: {len(copied)} variables copied from {finetune}")
+        cleanup = _create_run_dir(run_dir, config, calibration)
+    try:
+        if finetune and not resume:  # a resume before the first epoch's save must start from these weights too
+            store.commit(checkpoint_for(model), state)
+        _train_epochs(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose)
+    except TrainingInterrupted:
+        raise  # the run directory keeps its logs for diagnosis
+    except (Exception, KeyboardInterrupt):
+        if not resume and store.newest() is None:
+            cleanup()  # nothing was committed: the start failed
+        raise
+    return run_dir
+
+
+def _train_epochs(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose):
+    """The epoch loop: one ``fit`` per epoch, a commit at the end of each and at the time budget."""
+    run_dir = store.run_dir
     state["start_time"] = start_time
 
     validation_key = "val_mean_iou" if config.model.network_model == "segmentation" else "val_accuracy"
     deadline = start_time + 60 * max_minutes if max_minutes else None
     logger = RunLogger(run_dir, state, deadline)
-    validation = pipeline.dataset("validation")
+    logs_of_run = [run_dir / "training_log.csv", run_dir / "training.txt"]
+    validation = pipeline.dataset("validation", start_pass=state["epochs"])
     total_epochs = min(config.train.max_epoch, max_epochs) if max_epochs else config.train.max_epoch
     epoch_steps = config.train.epoch_steps or _steps_per_pass(pipeline)
     try:
@@ -271,11 +275,11 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
                                 shuffle=False, validation_data=validation, callbacks=[logger], verbose=verbose)
             if logger.nan:
                 raise TrainingInterrupted(
-                    f"non-finite loss at step {state['steps']} (epoch {epoch}); training stopped, the last good "
-                    f"checkpoint is {run_dir / 'checkpoints' / 'last'}. Lower train.learning_rate or check the data.")
+                    f"non-finite loss at step {state['steps']} (epoch {epoch}); training stopped, "
+                    f"{latest_description(run_dir)}. Lower train.learning_rate or check the data.")
             if logger.stopped_for_time and state["steps"] - epoch * epoch_steps < epoch_steps:
-                write_checkpoint(model, run_dir, "last")
-                save_state(run_dir, state)
+                logger.steps_text.flush()
+                store.commit(checkpoint_for(model), state, logs_of_run)
                 print(f"time budget of {max_minutes} min reached at step {state['steps']}: checkpoint saved, "
                       f"resume with --resume {run_dir}")
                 break
@@ -289,22 +293,75 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
             append_csv(run_dir / "training_log.csv", row)
             logger.write_scalars(row, epoch + 1)
             score = logs.get(validation_key)
-            write_checkpoint(model, run_dir, "last")
-            if score is not None and (state["best"] is None or score > state["best"]):
+            best = score is not None and (state["best"] is None or score > state["best"])
+            if best:
                 state["best"], state["best_epoch"] = float(score), epoch + 1
-                write_checkpoint(model, run_dir, "best")
-            if config.train.snapshot_gap and (epoch + 1) % config.train.snapshot_gap == 0:
-                write_checkpoint(model, run_dir, f"epoch_{epoch + 1:04d}")
-            save_state(run_dir, state)
+            snapshot = (f"epoch_{epoch + 1:04d}" if config.train.snapshot_gap
+                        and (epoch + 1) % config.train.snapshot_gap == 0 else None)
+            logger.steps_text.flush()
+            store.commit(checkpoint_for(model), state, logs_of_run, best=best, snapshot=snapshot)
             if logger.stopped_for_time:
                 print(f"time budget of {max_minutes} min reached after epoch {epoch + 1}")
                 break
         else:
             state["finished"] = True
-            save_state(run_dir, state)
+            write_json_atomically(run_dir / "state.json", {**{k: v for k, v in state.items() if k != "start_time"},
+                                                           "save": (store.newest() or {}).get("save")})
     finally:
         logger.close()
-    return run_dir
+
+
+def check_new_run_dir(run_dir: Path):
+    """ValueError unless ``run_dir`` can become a new run directory: absent or empty, and writable."""
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise ValueError(f"--run-dir {run_dir} is a file, not a directory")
+        if any(run_dir.iterdir()):
+            hint = " (it holds a run: continue it with --resume)" if (run_dir / "config.yaml").exists() else ""
+            raise ValueError(f"--run-dir {run_dir} is not empty{hint}; give a new or empty directory")
+    parent = run_dir if run_dir.exists() else _existing_ancestor(run_dir)
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ValueError(f"--run-dir {run_dir}: cannot write in {parent} ({err.strerror or err})") from err
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise ValueError(f"--run-dir: {path} is a file, not a directory")
+    return path
+
+
+def _create_run_dir(run_dir: Path, config: Config, calibration: dict):
+    """Makes ``run_dir`` with its ``config.yaml`` and ``calibration.json`` at once (a staging folder
+    beside it, renamed), so a kill leaves either no run or one that resumes. Returns a function that
+    puts the results folder back as it was."""
+    run_dir = run_dir.absolute()
+    made = [p for p in [run_dir.parent, *run_dir.parent.parents] if not p.exists()]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = run_dir.parent / f".{run_dir.name}.starting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    config.save_yaml(staging / "config.yaml")
+    write_json_atomically(staging / "calibration.json", calibration)
+    given_empty = run_dir.is_dir()
+    os.replace(staging, run_dir)  # onto an absent or empty directory
+
+    def cleanup():
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
+        elif given_empty:
+            for child in run_dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    return cleanup
 
 
 def _steps_per_pass(pipeline):

@@ -860,7 +860,7 @@ def build_parser():
         if clouds:
             sub.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by training.train")
         sub.add_argument("--out", help="output directory (default RUN_DIR/visualizations)")
-        sub.add_argument("--checkpoint", default="last", help="checkpoint name in RUN_DIR/checkpoints")
+        sub.add_argument("--checkpoint", default="last", help="last, best or epoch_NNNN (a snapshot)")
         sub.add_argument("--tensorboard", action="store_true",
                          help="also log the images as TensorBoard image summaries into RUN_DIR/tensorboard")
         sub.add_argument("--panel-size", type=int, default=DEFAULT_PANEL_PX, help="pixels per panel")
