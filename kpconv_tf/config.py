@@ -27,6 +27,9 @@ OFFSETS_LOSSES = ("permissive", "fitting", "point2point")
 # What the dataset readers do with an input file that is malformed or holds non-finite values: stop
 # with an error naming it, or skip it with a warning (counted per split).
 BAD_FILE_POLICIES = ("error", "skip")
+# How kpconv_tf.pyramid builds the input pyramid: the compiled CPU ops (tf_custom_ops) or the same
+# results with standard TF ops only (kpconv_tf.standard_ops: CPU or GPU, no custom op library).
+PYRAMID_IMPLEMENTATIONS = ("compiled", "standard")
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,9 @@ class DatasetConfig:
     input_threads: int = 8
     validation_size: int = 100  # validation batches per epoch (scenes)
     split: str = ""  # dataset-specific split selector (e.g. ShapeNetPart category, S3DIS test area)
+    # Predicted classes in order (S3DIS layout: annotation names; PointCloudFolder: names of label values
+    # 0, 1, ...); empty: from the data.
+    class_names: List[str] = field(default_factory=list)
     on_bad_file: str = "error"  # error | skip: a bad input file stops the run, or is skipped with a warning
     extra: Dict[str, Any] = field(default_factory=dict)  # dataset-specific options
 
@@ -74,6 +80,7 @@ class ModelConfig:
     offset_bound: float = 0.0
     dropout: float = 0.5  # drop rate of the KP-CNN head (original feeds keep_prob 0.5)
     kernel_seed: Optional[int] = None  # seeds the per-layer kernel rotations (None: random, as the original)
+    pyramid: str = "compiled"  # compiled | standard: ops that build the input pyramid (kpconv_tf.pyramid)
 
     @property
     def num_layers(self) -> int:
@@ -182,6 +189,7 @@ class Config:
         _choice("model.kp_influence", m.kp_influence, ("constant", "linear", "gaussian"))
         _choice("model.convolution_mode", m.convolution_mode, ("closest", "sum"))
         _choice("model.fixed_kernel_points", m.fixed_kernel_points, ("center", "verticals", "none"))
+        _choice("model.pyramid", m.pyramid, PYRAMID_IMPLEMENTATIONS)
         _choice("train.semantics", t.semantics, ("original", "paper"))
         _choice("train.offsets_loss", t.offsets_loss, OFFSETS_LOSSES)
         _choice("augment.rotation", a.rotation, ("vertical", "all", "none"))

@@ -5,20 +5,32 @@ layer l, the convolution neighbours, the subsampled points of layer l+1 and the 
 upsampling neighbours between them (upsampling only for networks with a decoder), with the radii
 of ``kpconv_tf.architecture.layer_specs`` (the original pipeline's rules). ``neighbor_limits[l]``
 > 0 crops the neighbour matrices of layer l to their nearest entries, as the original's calibrated
-limits do. Runs eagerly, in ``tf.function`` and in ``tf.data`` maps (the compiled ops are CPU ops).
+limits do. Runs eagerly, in ``tf.function`` and in ``tf.data`` maps.
+
+``implementation`` (one of ``PYRAMID_IMPLEMENTATIONS``): ``"compiled"`` uses the CPU ops of
+``tf_custom_ops`` (imported on first use only), ``"standard"`` the same computations in standard TF
+ops (``kpconv_tf.standard_ops``: any device, and graphs that load without the custom op library).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-import tf_custom_ops as ops
 from kpconv_tf.architecture import layer_specs, needs_upsamples
-from kpconv_tf.config import ModelConfig
+from kpconv_tf.config import PYRAMID_IMPLEMENTATIONS, ModelConfig
 
 
-def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor_limits=None):
+def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor_limits=None,
+                  implementation="compiled"):
     """Returns the input dict for stacked float32 points [N, 3], int32 lengths [B], features [N, D]."""
+    if implementation not in PYRAMID_IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {list(PYRAMID_IMPLEMENTATIONS)}, "
+                         f"got {implementation!r}")
+    if implementation == "compiled":
+        # Imported here so that the standard pyramid never loads the custom op library.
+        import tf_custom_ops as ops
+    else:
+        from kpconv_tf import standard_ops as ops
     specs = layer_specs(model_config)
     with_upsamples = needs_upsamples(model_config)
     if neighbor_limits is not None and len(neighbor_limits) < len(specs):

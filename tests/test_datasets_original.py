@@ -350,7 +350,7 @@ def test_s3dis_areas_splits_projection_and_cache(tmp_path, monkeypatch):
 
 
 def test_s3dis_bad_input(tmp_path):
-    from training.datasets.s3dis import S3DIS
+    from training.datasets.s3dis import CLASSES, S3DIS
 
     with pytest.raises(DatasetError, match="Area_N"):
         S3DIS(tmp_path / "missing", 0.3)
@@ -360,8 +360,9 @@ def test_s3dis_bad_input(tmp_path):
         S3DIS(root, 0.3, test_area=3)
     bad = root / "Area_1" / "office_1" / "Annotations" / "sink_1.txt"
     bad.write_text("0 0 0 1 2 3\n")
+    # with the class list fixed, a file of another class is an error (without it, 'sink' is a class)
     with pytest.raises(DatasetError, match=r"sink_1\.txt.*'sink'"):
-        S3DIS(root, 0.3).scenes("train")
+        S3DIS(root, 0.3, class_names=CLASSES).scenes("train")
     bad.unlink()
     bad = root / "Area_1" / "office_1" / "Annotations" / "wall_1.txt"
     bad.write_text("0 0 0 1 2 3\n1 1 1 103.0\x100000 2 3\n")

@@ -388,7 +388,8 @@ class Pipeline:
         if not self.is_scene:
             extra = normals
         features = _features(config, self.task, points, extra, batch_index, num_clouds, op_seed)
-        inputs = build_pyramid(points, lengths, features, config.model, neighbor_limits)
+        inputs = build_pyramid(points, lengths, features, config.model, neighbor_limits,
+                               implementation=config.model.pyramid)
         if self.task == "multi_segmentation":
             inputs["object_labels"] = batch["object_labels"]
         if not with_meta:

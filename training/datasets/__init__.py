@@ -15,6 +15,7 @@ REGISTRY = {
     "Scannet": "training.datasets.scannet:from_config",
     "Semantic3D": "training.datasets.semantic3d:from_config",
     "NPM3D": "training.datasets.npm3d:from_config",
+    "PointCloudFolder": "training.datasets.point_cloud_folder:from_config",
     "EmbeddedShapes": "training.datasets.embedded_shapes:shapes_from_config",
     "EmbeddedParts": "training.datasets.embedded_shapes:parts_from_config",
     "EmbeddedRooms": "training.datasets.embedded_rooms:EmbeddedRooms.from_config",

@@ -4,9 +4,15 @@
 
 (``<root>`` may also be the folder holding one ``Stanford3dDataset_v1.2*`` directory.) As the
 original, every Area is one scene merged from the annotation files of its rooms (room files are not
-needed), the class is the file-name prefix ("stairs" counts as clutter), colours go to [0, 1], and
-the test area (default 5) is the "validation" and "test" split, the other areas "train". Scenes are
-grid-subsampled and cached with their KD-tree; the test area keeps the projection of its full cloud.
+needed), the class is the file name less its ``_<k>`` ("stairs" counts as clutter when clutter is a
+class and stairs is not), colours go to [0, 1], and the test area (default 5) is the "validation" and
+"test" split, the other areas "train". Scenes are grid-subsampled and cached with their KD-tree; the
+test area keeps the projection of its full cloud.
+
+The classes are S3DIS's 13 when every annotation name of all areas is one of them; otherwise (one's
+own scenes in this layout, e.g. forest plots of ground, tree, clutter) the sorted annotation names.
+``class_names`` (``dataset.class_names``) fixes the list and its order instead, e.g. to add a class
+that no file has yet; a file whose class is not listed is then a bad file.
 ``on_bad_file="skip"`` leaves out the annotation files that are bad (the rest of the area is kept).
 """
 
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -50,16 +56,24 @@ def _find_areas(root: Path) -> Dict[int, Path]:
     return areas
 
 
+def class_of(path: Path) -> str:
+    """The class an annotation file name gives: ``<class>_<k>.txt`` -> ``<class>``."""
+    name, _, number = path.stem.rpartition("_")
+    return name if name and number.isdigit() else path.stem
+
+
 class S3DIS(SceneDataset):
-    """S3DIS areas as scenes, 13 classes; ``test_area`` is held out ("validation" and "test")."""
+    """S3DIS-layout areas as scenes; ``test_area`` is held out ("validation" and "test").
+
+    ``label_names``: the classes (see the module docstring), S3DIS's 13 for S3DIS's own files.
+    """
 
     name = "S3DIS"
-    label_names = list(CLASSES)
     has_colors = True
     version = 1
 
     def __init__(self, root, first_subsampling_dl: float = 0.04, test_area: int = 5,
-                 on_bad_file: str = "error"):
+                 on_bad_file: str = "error", class_names: Sequence[str] = ()):
         if not first_subsampling_dl > 0:
             raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
         check_bad_file_policy(on_bad_file)
@@ -71,6 +85,7 @@ class S3DIS(SceneDataset):
         if self.test_area not in self.areas:
             raise DatasetError(f"test area Area_{self.test_area} not found in {str(self.root)!r} "
                                f"(found {['Area_%d' % a for a in sorted(self.areas)]})")
+        self.label_names = self._classes(list(class_names))
         self._scenes: Dict[str, List[Scene]] = {}
 
     def cache_identity(self):
@@ -85,7 +100,8 @@ class S3DIS(SceneDataset):
             scenes = []
             reads = SplitReads(self.on_bad_file, split)
             for area in areas:
-                key = {"root": str(self.areas[area].resolve()), "keep_full": held_out, "version": self.version}
+                key = {"root": str(self.areas[area].resolve()), "keep_full": held_out,
+                       "version": self.version, "classes": self.label_names}
                 scenes += cached_scenes(self.name, f"Area_{area}", self.dl, key, [area],
                                         lambda area: self._read_area(area, reads), keep_full=held_out,
                                         reads=reads)
@@ -93,14 +109,26 @@ class S3DIS(SceneDataset):
             self._scenes[held_out] = scenes
         return self._scenes[held_out]
 
-    @staticmethod
-    def _read_annotation(path: Path):
+    def _classes(self, class_names: List[str]) -> List[str]:
+        if class_names:
+            if len(set(class_names)) != len(class_names) or not all(class_names):
+                raise ValueError(f"dataset.class_names must be distinct non-empty names, got {class_names}")
+            return class_names
+        found = {class_of(path) for folder in self.areas.values()
+                 for path in folder.glob("*/Annotations/*.txt")}
+        if all(ALIASES.get(name, name) in CLASSES for name in found):
+            return list(CLASSES)
+        return sorted(found)
+
+    def _read_annotation(self, path: Path):
         """(class index, float32 [n, 6] table) of one annotation file."""
-        prefix = path.stem.split("_")[0]
-        prefix = ALIASES.get(prefix, prefix)
-        if prefix not in CLASSES:
-            raise DatasetError(f"{path}: unknown class {prefix!r} in the file name; classes: {CLASSES}")
-        return CLASSES.index(prefix), read_table(path, 6, names=COLUMNS)
+        name = class_of(path)
+        if name not in self.label_names:
+            name = ALIASES.get(name, name)
+        if name not in self.label_names:
+            raise DatasetError(f"{path}: unknown class {class_of(path)!r} in the file name; "
+                               f"classes: {self.label_names}")
+        return self.label_names.index(name), read_table(path, 6, names=COLUMNS)
 
     def _read_area(self, area: int, reads: SplitReads):
         folder = self.areas[area]
@@ -125,7 +153,8 @@ class S3DIS(SceneDataset):
 
 def from_config(config) -> S3DIS:
     """S3DIS at ``config.dataset.path``; the test area is ``dataset.extra['test_area']`` or
-    ``dataset.split`` ("Area_5" or "5"), default 5."""
+    ``dataset.split`` ("Area_5" or "5"), default 5; the classes ``dataset.class_names`` (empty: from
+    the annotation file names)."""
     area = option(config, "test_area")
     if area is None and config.dataset.split:
         text = config.dataset.split[5:] if config.dataset.split.startswith("Area_") else config.dataset.split
@@ -133,4 +162,5 @@ def from_config(config) -> S3DIS:
             raise ValueError(f"dataset.split must name the S3DIS test area (e.g. 'Area_5'), got {config.dataset.split!r}")
         area = int(text)
     return S3DIS(config.dataset.path, config.model.first_subsampling_dl,
-                 test_area=5 if area is None else area, on_bad_file=config.dataset.on_bad_file)
+                 test_area=5 if area is None else area, on_bad_file=config.dataset.on_bad_file,
+                 class_names=config.dataset.class_names)
