@@ -13,6 +13,9 @@ The compiled ops are not part of TensorFlow: load with ``load_exported`` (which 
 ``import tf_custom_ops`` before ``tf.saved_model.load``.
 
     python -m kpconv_tf.export ORIGINAL_RUN_OR_CHECKPOINT OUT_DIR   # from an original run
+
+``python -m training.export`` exports any run (ours or original) with a raw-points signature that
+subsamples and projects back inside the graph, portable (no compiled op) by default.
 """
 
 from __future__ import annotations
@@ -90,24 +93,23 @@ def load_exported(path):
     return tf.saved_model.load(str(path))
 
 
-def main(argv=None):
+def load_original_run(run):
+    """(config, model) of an original run directory (its newest snapshot) or checkpoint prefix."""
     from kpconv_tf import convert
 
+    run = Path(run)
+    params = run / "parameters.txt" if run.is_dir() else run.parent.parent / "parameters.txt"
+    config = convert.config_from_original(params)
+    checkpoint = convert.latest_snapshot(run) if run.is_dir() else run
+    return config, convert.load_original_checkpoint(checkpoint, config)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Export an original KPConv run as a SavedModel.")
     parser.add_argument("run", help="original run directory (parameters.txt + snapshots/) or a checkpoint prefix")
     parser.add_argument("out", help="output SavedModel directory")
     args = parser.parse_args(argv)
-    run = Path(args.run)
-    params = run / "parameters.txt" if run.is_dir() else run.parent.parent / "parameters.txt"
-    config = convert.config_from_original(params)
-    checkpoint = run
-    if run.is_dir():
-        snaps = sorted((run / "snapshots").glob("snap-*.index"),
-                       key=lambda p: int(p.stem.split("-")[-1]))
-        if not snaps:
-            raise SystemExit(f"no snapshots/snap-N.index under {run}")
-        checkpoint = snaps[-1].with_suffix("")
-    model = convert.load_original_checkpoint(checkpoint, config)
+    config, model = load_original_run(args.run)
     export_saved_model(model, config, args.out)
     print(f"SavedModel written to {args.out}")
 

@@ -43,7 +43,7 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture
-def module_cache(env, monkeypatch):
+def subprocess_cache(env, monkeypatch):
     """The subprocesses' cache for in-process runs too (kernel points and data made once)."""
     monkeypatch.setenv("KPCONV_TF_CACHE", env["KPCONV_TF_CACHE"])
 
@@ -203,7 +203,7 @@ def listing(folder):
     (["model.architecture=[simple, resnetb, resnetb_strided, resnetb]"], "global_average"),
     (["dataset.name=ModelNet40", "dataset.path=/nonexistent/modelnet"], "/nonexistent/modelnet"),
 ])
-def test_failed_starts_leave_the_results_folder_as_it_was(tmp_path, module_cache, overrides, error):
+def test_failed_starts_leave_the_results_folder_as_it_was(tmp_path, subprocess_cache, overrides, error):
     from training.train import train
 
     results = tmp_path / "results"
@@ -235,7 +235,7 @@ def test_run_dir_checks_come_before_any_work(tmp_path, private_cache):
     assert not list(Path(os.environ["KPCONV_TF_CACHE"]).glob("**/*.npz")), "data were read before the checks"
 
 
-def test_failure_in_the_first_epoch_removes_the_new_run(tmp_path, module_cache, monkeypatch):
+def test_failure_in_the_first_epoch_removes_the_new_run(tmp_path, subprocess_cache, monkeypatch):
     from training import train as train_module
 
     def broken_fit(*args, **kwargs):

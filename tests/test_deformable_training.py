@@ -5,7 +5,6 @@ The measure is the share of "lost" kernel points (no input point within the exte
 rigid kernels on these objects, near 1 once the original's unbounded offsets have flown away.
 """
 
-import os
 
 import keras
 import numpy as np
@@ -17,25 +16,22 @@ from training.pipeline import Pipeline
 from training.train import build_network
 from training.trainer import TrainingModel
 
-# The shipped ModelNet40 recipe (lr 1e-3, momentum 0.98, BN 0.98, dropout 0.5, deformable layers
-# 3-4), on a coarser grid so that a test can afford 60 steps.
+# The shipped ModelNet40 recipe (lr 1e-3, momentum 0.98, dropout 0.5, deformable layers 3-4), on a
+# coarser grid and 32 first features so that a test can afford 100 steps, and with batch-norm
+# momentum 0.9 instead of 0.98: at 0.98 the running statistics lag the weights for far longer than
+# 100 steps, and the test accuracy in inference mode then says more about them than about learning
+# (measured with 64 features on a 2-core AVX-512 machine: training accuracy 0.87 deformable / 0.86
+# rigid, test accuracy 0.34 / 0.47).
 SMALL = ["dataset.name=EmbeddedLidarObjects", "dataset.extra={train_per_class: 12, test_per_class: 10, seed: 2}",
-         "model.first_subsampling_dl=0.05", "train.epoch_steps=20", "train.seed=1", "model.kernel_seed=1"]
+         "model.first_subsampling_dl=0.05", "model.first_features_dim=32", "model.batch_norm_momentum=0.9",
+         "train.epoch_steps=20", "train.seed=1", "model.kernel_seed=1"]
 RIGID = ["model.architecture=[simple, resnetb, resnetb_strided, resnetb, resnetb_strided, resnetb, resnetb_strided, "
          "resnetb, resnetb_strided, resnetb, global_average]"]
 ORIGINAL_DEFINITION = ["model.offset_bound=0", "train.offsets_loss=fitting", "train.offsets_decay=0.1",
                        "train.semantics=original"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    previous = os.environ.get("KPCONV_TF_CACHE")
-    os.environ["KPCONV_TF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if previous is None:
-        os.environ.pop("KPCONV_TF_CACHE")
-    else:
-        os.environ["KPCONV_TF_CACHE"] = previous
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 def _train(overrides, epochs):
@@ -70,8 +66,8 @@ def test_shipped_deformable_recipe_keeps_its_kernel_points_on_the_points(stable)
 
 @pytest.mark.slow
 def test_shipped_deformable_recipe_learns_like_the_rigid_network(stable):
-    """100 steps of the ModelNet40 recipe on 72 objects (6 classes, chance 0.17): measured 0.59 for
-    the deformable network and 0.52 for the rigid one on 60 test objects."""
+    """100 steps of the ModelNet40 recipe on 72 objects (6 classes, chance 0.17): measured 0.80 for
+    the deformable network and 0.83 for the rigid one on 60 test objects (2-core AVX-512 machine)."""
     _, _, rigid_accuracy = _train(RIGID, epochs=5)
     deformable_accuracy = stable[2]
     assert deformable_accuracy > 0.4

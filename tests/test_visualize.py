@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from matplotlib.image import imread
 
-from training.run_store import RunStore
+from tiny_runs import train_tiny
 from utils import visualize, visualize_model, visualize_render as render
 from utils.ply import read_ply, write_ply
 
@@ -32,38 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    previous = os.environ.get("KPCONV_TF_CACHE")
-    os.environ["KPCONV_TF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if previous is None:
-        os.environ.pop("KPCONV_TF_CACHE", None)
-    else:
-        os.environ["KPCONV_TF_CACHE"] = previous
-
-
-def _train(tmp_path_factory, config, overrides):
-    from training.train import train
-
-    run_dir = tmp_path_factory.mktemp(config) / "run"
-    train(config, overrides, run_dir, verbose=0)
-    assert Path(f"{RunStore(run_dir).prefix('last')}.index").exists()
-    return run_dir
+def rigid_run(module_cache, tmp_path_factory):
+    return train_tiny(tmp_path_factory, "embedded_lidar_rigid", LIDAR_TINY)
 
 
 @pytest.fixture(scope="module")
-def rigid_run(cache, tmp_path_factory):
-    return _train(tmp_path_factory, "embedded_lidar_rigid", LIDAR_TINY)
+def deformable_run(module_cache, tmp_path_factory):
+    return train_tiny(tmp_path_factory, "embedded_lidar", LIDAR_TINY)
 
 
 @pytest.fixture(scope="module")
-def deformable_run(cache, tmp_path_factory):
-    return _train(tmp_path_factory, "embedded_lidar", LIDAR_TINY)
-
-
-@pytest.fixture(scope="module")
-def rooms_run(cache, tmp_path_factory):
-    return _train(tmp_path_factory, "embedded_rooms", ROOMS_TINY)
+def rooms_run(module_cache, tmp_path_factory):
+    return train_tiny(tmp_path_factory, "embedded_rooms", ROOMS_TINY)
 
 
 def run_cli(*argv):
@@ -250,7 +230,7 @@ def test_drawing_subset_is_bounded_seeded_and_complete_for_small_clouds():
         render.drawing_subset(10, 0)
 
 
-def test_kernel_dispositions_for_any_k_and_fixed_mode(tmp_path, cache):
+def test_kernel_dispositions_for_any_k_and_fixed_mode(tmp_path, module_cache):
     written = run_cli("kernels", "--k", 4, 12, "--fixed", "center", "none", "--out", tmp_path,
                       "--panel-size", PANEL)
     assert_picture(pngs(written)[0], *grid_size(4, 3))
