@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from kpconv_tf.config import Config
