@@ -20,17 +20,26 @@ from kpconv_tf.architecture import layer_specs, needs_upsamples
 from kpconv_tf.config import PYRAMID_IMPLEMENTATIONS, ModelConfig
 
 
-def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor_limits=None,
-                  implementation="compiled"):
-    """Returns the input dict for stacked float32 points [N, 3], int32 lengths [B], features [N, D]."""
+def pyramid_ops(implementation: str):
+    """The module with ``batch_grid_subsampling`` / ``batch_neighbors`` of ``implementation``
+    (``PYRAMID_IMPLEMENTATIONS``): ``tf_custom_ops`` or ``kpconv_tf.standard_ops``."""
     if implementation not in PYRAMID_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {list(PYRAMID_IMPLEMENTATIONS)}, "
                          f"got {implementation!r}")
     if implementation == "compiled":
         # Imported here so that the standard pyramid never loads the custom op library.
-        import tf_custom_ops as ops
-    else:
-        from kpconv_tf import standard_ops as ops
+        import tf_custom_ops
+
+        return tf_custom_ops
+    from kpconv_tf import standard_ops
+
+    return standard_ops
+
+
+def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor_limits=None,
+                  implementation="compiled"):
+    """Returns the input dict for stacked float32 points [N, 3], int32 lengths [B], features [N, D]."""
+    ops = pyramid_ops(implementation)
     specs = layer_specs(model_config)
     with_upsamples = needs_upsamples(model_config)
     if neighbor_limits is not None and len(neighbor_limits) < len(specs):

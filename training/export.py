@@ -39,21 +39,12 @@ import yaml
 
 from kpconv_tf.config import Config
 from kpconv_tf.export import LOADING_NOTE, _input_signature
+from kpconv_tf.pyramid import build_pyramid, pyramid_ops
 
 # The nearest subsampled point of an input point is at most its own cell's barycentre away, within
 # the cell diagonal; the margin absorbs float32 rounding of the barycentres.
 PROJECTION_RADIUS_FACTOR = math.sqrt(3.0) * 1.01
 TASKS = ("scene", "classification", "objects")
-
-
-def _grid_ops(implementation: str):
-    if implementation == "standard":
-        from kpconv_tf import standard_ops
-
-        return standard_ops
-    import tf_custom_ops
-
-    return tf_custom_ops
 
 
 def grid_subsampling(points, lengths, dl: float, features, implementation: str):
@@ -63,7 +54,7 @@ def grid_subsampling(points, lengths, dl: float, features, implementation: str):
     sub_lengths [B], sub_features [M, D] or None), as ``tf_custom_ops.batch_grid_subsampling(...,
     features=)``; ``implementation`` "standard" uses standard TF ops only.
     """
-    ops = _grid_ops(implementation)
+    ops = pyramid_ops(implementation)
     if features is None:
         return (*ops.batch_grid_subsampling(points, lengths, dl), None)
     return ops.batch_grid_subsampling(points, lengths, dl, features=features)
@@ -84,8 +75,6 @@ class ExportModule(tf.Module):
     def __init__(self, network, config: Config, class_names: Sequence[str], task: str,
                  neighbor_limits: Optional[Sequence[int]], implementation: str):
         super().__init__(name="kpconv")
-        from kpconv_tf.pyramid import build_pyramid
-
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.network = network
@@ -96,7 +85,7 @@ class ExportModule(tf.Module):
         self.config_yaml = tf.Variable(yaml.safe_dump(config.to_dict(), sort_keys=False), trainable=False,
                                        name="config_yaml")
         self.portable = tf.Variable(implementation == "standard", trainable=False, name="portable")
-        ops = _grid_ops(implementation)
+        ops = pyramid_ops(implementation)
         model_config = config.model
         limits = None if neighbor_limits is None else [int(v) for v in neighbor_limits]
         dl = float(model_config.first_subsampling_dl)

@@ -155,9 +155,14 @@ class RunStore:
                   "files": {p.name: p.stat().st_size for p in files}, "logs": log_sizes,
                   "best_save": name if best else previous.get("best_save"), "snapshots": snapshots}
         write_json_atomically(self.directory / f"{name}.json", record)
-        write_json_atomically(self.run_dir / "state.json", {**record["state"], "save": name})
+        self.write_state(state, name)
         self.prune()
         return prefix
+
+    def write_state(self, state: dict, save: Optional[str] = None):
+        """``state.json``: ``state`` (without its start time) and the save holding it."""
+        kept = {k: v for k, v in state.items() if k != "start_time"}
+        write_json_atomically(self.run_dir / "state.json", {**kept, "save": save})
 
     def prune(self):
         """Removes saves that no kept record needs, and leftovers of interrupted saves."""

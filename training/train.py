@@ -304,8 +304,7 @@ def _train_epochs(model, pipeline, config, store, state, start_time, max_minutes
                 break
         else:
             state["finished"] = True
-            write_json_atomically(run_dir / "state.json", {**{k: v for k, v in state.items() if k != "start_time"},
-                                                           "save": (store.newest() or {}).get("save")})
+            store.write_state(state, (store.newest() or {}).get("save"))
     finally:
         logger.close()
 
