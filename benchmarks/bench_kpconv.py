@@ -66,7 +66,7 @@ def _transcription(query, support, neighbors, features, kernel_points, weights, 
     d2 = tf.reduce_sum(tf.square(nb - kp), axis=3)
     w = tf.transpose(tf.maximum(1 - tf.sqrt(d2) / extent, 0.0), [0, 2, 1])
     if offsets is not None:
-        in_range = tf.cast(tf.reduce_any(d2 < extent ** 2, axis=2), tf.float32)
+        in_range = tf.cast(tf.reduce_any(d2 < extent**2, axis=2), tf.float32)
         w = w * in_range[:, None, :]
     f = tf.concat([features, tf.zeros_like(features[:1])], 0)
     wf = tf.matmul(w, tf.gather(f, neighbors))
@@ -85,23 +85,32 @@ def run_one(impl, kind, width, mode, n, h, repeats):
     points, neighbors, features = _inputs(n, h, width)
     points, neighbors, features = tf.constant(points), tf.constant(neighbors), tf.constant(features)
     extent = EXTENT
-    layer = KPConv(width, 15, extent=extent, deformable=kind == "deformable", kernel_seed=0,
-                   implementation="standard" if impl == "transcription" else impl)
+    layer = KPConv(
+        width,
+        15,
+        extent=extent,
+        deformable=kind == "deformable",
+        kernel_seed=0,
+        implementation="standard" if impl == "transcription" else impl,
+    )
     layer(points[:10], points, neighbors[:10], features)
     if kind == "deformable":  # non-zero offsets, so the deformable path is exercised
         layer.offset_conv_weights.assign(tf.random.normal(layer.offset_conv_weights.shape, stddev=0.01))
     variables = layer.trainable_variables
 
     if impl != "transcription":
+
         def forward():
             return layer(points, points, neighbors, features)
     else:
+
         def forward():
             offsets = None
             if kind == "deformable":
                 _, offsets, _ = layer.offsets(points, points, neighbors, features)
-            return _transcription(points, points, neighbors, features, layer.kernel_points,
-                                  layer.kernel, extent, offsets)
+            return _transcription(
+                points, points, neighbors, features, layer.kernel_points, layer.kernel, extent, offsets
+            )
 
     @tf.function
     def step():
@@ -144,10 +153,27 @@ def main(argv=None):
             for mode in ("fwd", "fwd+bwd"):
                 row = dict(kind=kind, width=width, mode=mode)
                 for impl in IMPLS:
-                    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_kpconv", "--one", impl, kind,
-                                          str(width), mode, "--n", str(args.n), "--h", str(args.h),
-                                          "--repeats", str(args.repeats)],
-                                         capture_output=True, text=True, env=env)
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "benchmarks.bench_kpconv",
+                            "--one",
+                            impl,
+                            kind,
+                            str(width),
+                            mode,
+                            "--n",
+                            str(args.n),
+                            "--h",
+                            str(args.h),
+                            "--repeats",
+                            str(args.repeats),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        env=env,
+                    )
                     if out.returncode != 0:
                         raise RuntimeError(out.stderr[-3000:])
                     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -157,14 +183,34 @@ def main(argv=None):
                     row[f"{impl}_speedup"] = row["transcription_s"] / row[f"{impl}_s"]
                     row[f"{impl}_memory_ratio"] = row[f"{impl}_mb"] / max(row["transcription_mb"], 1e-9)
                 rows.append(row)
-                print(f"{kind:10} {width:4d} {mode:8} " + " | ".join(
-                    f"{impl} {row[impl + '_s']:.3f} s {row[impl + '_mb']:6.0f} MB" for impl in IMPLS)
-                    + " | fused: " + f"{row['fused_speedup']:.2f}x faster, {row['fused_memory_ratio']:.2f}x memory",
-                    flush=True)
+                print(
+                    f"{kind:10} {width:4d} {mode:8} "
+                    + " | ".join(
+                        f"{impl} {row[impl + '_s']:.3f} s {row[impl + '_mb']:6.0f} MB" for impl in IMPLS
+                    )
+                    + " | fused: "
+                    + f"{row['fused_speedup']:.2f}x faster, {row['fused_memory_ratio']:.2f}x memory",
+                    flush=True,
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(meta=dict(n=args.n, h=args.h, k=15, radius=RADIUS, extent=EXTENT, repeats=args.repeats,
-                                 statistic="median", cpu_count=os.cpu_count()), rows=rows), f, indent=1)
+        json.dump(
+            dict(
+                meta=dict(
+                    n=args.n,
+                    h=args.h,
+                    k=15,
+                    radius=RADIUS,
+                    extent=EXTENT,
+                    repeats=args.repeats,
+                    statistic="median",
+                    cpu_count=os.cpu_count(),
+                ),
+                rows=rows,
+            ),
+            f,
+            indent=1,
+        )
     print(f"wrote {args.out}")
 
 

@@ -40,8 +40,10 @@ class WorkloadClouds(ObjectDataset):
         self.task = task
         self.label_names = [f"c{i}" for i in range(13)]
         bounds = np.concatenate([[0], np.cumsum(lengths)])
-        self._clouds = [ObjectCloud(points[a:b], None, i % 13, np.zeros(b - a, np.int32), f"{name}_{i}")
-                        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        self._clouds = [
+            ObjectCloud(points[a:b], None, i % 13, np.zeros(b - a, np.int32), f"{name}_{i}")
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+        ]
 
     def clouds(self, split):
         return self._clouds
@@ -97,12 +99,15 @@ def main(argv=None):
     rows = []
     for name in args.workloads:
         points, lengths = make_w1() if name == "W1" else make_w2()
-        pipeline, config = make_pipeline(name, points, lengths, W1_LIMITS if name == "W1" else [
-            int(v) for v in pipeline_limits(name)])
+        pipeline, config = make_pipeline(
+            name, points, lengths, W1_LIMITS if name == "W1" else [int(v) for v in pipeline_limits(name)]
+        )
         row = {"workload": name, "points": int(len(points)), "clouds": int(len(lengths))}
         for calls in (1, 2):
             row[f"batches_per_s_{calls}"] = batches_per_second(pipeline, calls, args.batches)
-            print(f"{name}: {calls} parallel call(s): {row[f'batches_per_s_{calls}']:.2f} batches/s", flush=True)
+            print(
+                f"{name}: {calls} parallel call(s): {row[f'batches_per_s_{calls}']:.2f} batches/s", flush=True
+            )
         if args.steps > 0:
             row["train_step_ms"] = training_step_ms(pipeline, config, args.steps)
             print(f"{name}: training step {row['train_step_ms']:.0f} ms", flush=True)
@@ -112,14 +117,21 @@ def main(argv=None):
     print("-" * len(header))
     for r in rows:
         step = f"{r['train_step_ms']:14.0f}" if "train_step_ms" in r else f"{'':14}"
-        print(f"{r['workload']:8} {r['points']:8d} {r['batches_per_s_1']:11.2f} {r['batches_per_s_2']:12.2f} {step}")
+        rates = f"{r['batches_per_s_1']:11.2f} {r['batches_per_s_2']:12.2f}"
+        print(f"{r['workload']:8} {r['points']:8d} {rates} {step}")
     for r in rows:
         if r["workload"] == "W1":
             best = max(r["batches_per_s_1"], r["batches_per_s_2"])
             print(f"target W1 >= 4 batches/s: {best:.2f} {'met' if best >= 4 else 'NOT met'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(batches=args.batches, steps=args.steps, statistic="rate over timed batches; step median",
-                cpu_count=os.cpu_count(), machine=platform.machine(), tensorflow=tf.__version__)
+    meta = dict(
+        batches=args.batches,
+        steps=args.steps,
+        statistic="rate over timed batches; step median",
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        tensorflow=tf.__version__,
+    )
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"wrote {args.out}")

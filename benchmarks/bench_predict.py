@@ -47,7 +47,7 @@ def _workload(name, quick):
     points, lengths = make_w1() if name == "W1" else make_w2()
     if quick:
         lengths = lengths[:2]
-        points = points[:int(lengths.sum())]
+        points = points[: int(lengths.sum())]
     return points, lengths
 
 
@@ -63,30 +63,51 @@ def pyramid_rows(workloads, repeats, quick):
         settings = [("full rows", None)] + ([("calibrated", W1_LIMITS)] if name == "W1" else [])
         for limits_name, limits in settings:
             for mode in ("eager", "tf.function"):
-                row = dict(workload=name, points=int(len(points)), clouds=int(len(lengths)),
-                           limits=limits_name, mode=mode)
+                row = dict(
+                    workload=name,
+                    points=int(len(points)),
+                    clouds=int(len(lengths)),
+                    limits=limits_name,
+                    mode=mode,
+                )
                 for impl in IMPLEMENTATIONS:
+
                     def run(p, l, impl=impl):
                         return build_pyramid(p, l, features, model, limits, implementation=impl)
+
                     if mode == "tf.function":
-                        run = tf.function(run, input_signature=[tf.TensorSpec([None, 3], tf.float32),
-                                                                tf.TensorSpec([None], tf.int32)])
+                        run = tf.function(
+                            run,
+                            input_signature=[
+                                tf.TensorSpec([None, 3], tf.float32),
+                                tf.TensorSpec([None], tf.int32),
+                            ],
+                        )
                     row[f"{impl}_ms"] = median_ms(lambda: run(pts, lens), repeats)
                 row["ratio"] = row["standard_ms"] / row["compiled_ms"]
-                print(f"  {limits_name}, {mode}: compiled {row['compiled_ms']:.1f} ms, "
-                      f"standard {row['standard_ms']:.1f} ms", flush=True)
+                print(
+                    f"  {limits_name}, {mode}: compiled {row['compiled_ms']:.1f} ms, "
+                    f"standard {row['standard_ms']:.1f} ms",
+                    flush=True,
+                )
                 rows.append(row)
-    header = (f"{'workload':8} {'points':>8} {'limits':11} {'mode':12} {'compiled ms':>12} "
-              f"{'standard ms':>12} {'ratio':>7}")
+    header = (
+        f"{'workload':8} {'points':>8} {'limits':11} {'mode':12} {'compiled ms':>12} "
+        f"{'standard ms':>12} {'ratio':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['workload']:8} {r['points']:8d} {r['limits']:11} {r['mode']:12} {r['compiled_ms']:12.1f} "
-              f"{r['standard_ms']:12.1f} {r['ratio']:6.1f}x")
+        print(
+            f"{r['workload']:8} {r['points']:8d} {r['limits']:11} {r['mode']:12} {r['compiled_ms']:12.1f} "
+            f"{r['standard_ms']:12.1f} {r['ratio']:6.1f}x"
+        )
     for r in rows:
         met = r["ratio"] <= 4.0
-        print(f"target {r['workload']} {r['limits']} {r['mode']} standard <= 4x compiled: {r['ratio']:.1f}x "
-              f"{'met' if met else 'NOT met'}")
+        print(
+            f"target {r['workload']} {r['limits']} {r['mode']} standard <= 4x compiled: {r['ratio']:.1f}x "
+            f"{'met' if met else 'NOT met'}"
+        )
     return rows
 
 
@@ -112,14 +133,12 @@ def _synthetic_scene(path, n, seed=0):
 
     rng = np.random.default_rng(seed)
     side = float(np.sqrt(n / 800.0))
-    points = np.column_stack([rng.random(n) * side, rng.random(n) * side,
-                              rng.normal(scale=0.01, size=n)])
+    points = np.column_stack([rng.random(n) * side, rng.random(n) * side, rng.normal(scale=0.01, size=n)])
     boxes = rng.random(n) < 0.3  # a third of the points on box tops at random heights
     cells = np.floor(points[boxes, :2] / 4.0).astype(np.int64)
     points[boxes, 2] += 0.5 + (np.abs(cells[:, 0] * 7919 + cells[:, 1] * 104729) % 20) / 10.0
     rgb = np.where(boxes[:, None], [180, 60, 40], [90, 140, 60]) + rng.integers(-20, 20, (n, 3))
-    fields = {c: np.clip(rgb[:, i], 0, 255).astype(np.uint8)
-              for i, c in enumerate(("red", "green", "blue"))}
+    fields = {c: np.clip(rgb[:, i], 0, 255).astype(np.uint8) for i, c in enumerate(("red", "green", "blue"))}
     write_point_file(path, points, fields)
 
 
@@ -136,19 +155,38 @@ def predict_rows(workloads, repeats, quick):
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         tmp = Path(tmp)
-        env = dict(os.environ, KPCONV_TF_CACHE=str(tmp / "cache"), TF_CPP_MIN_LOG_LEVEL="3",
-                   PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        env = dict(
+            os.environ,
+            KPCONV_TF_CACHE=str(tmp / "cache"),
+            TF_CPP_MIN_LOG_LEVEL="3",
+            PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        )
         os.environ["KPCONV_TF_CACHE"] = env["KPCONV_TF_CACHE"]
         run_dir = tmp / "run"
-        overrides = ["dataset.extra={num_train: 1, num_test: 1, seed: 1}", "dataset.validation_size=1",
-                     "train.epoch_steps=1", "train.max_epoch=1"]
+        overrides = [
+            "dataset.extra={num_train: 1, num_test: 1, seed: 1}",
+            "dataset.validation_size=1",
+            "train.epoch_steps=1",
+            "train.max_epoch=1",
+        ]
         train("embedded_rooms", overrides, run_dir, verbose=0)
         scene = tmp / "scene.ply"
         _synthetic_scene(scene, n)
         print(f"predict: {n} points, run {run_dir.name}", flush=True)
         for impl in IMPLEMENTATIONS:
-            command = [sys.executable, "-c", _PEAK_MEMORY_RUNNER, str(run_dir), str(scene), "--out",
-                       str(tmp / f"out_{impl}"), "--checkpoint", "last", "--implementation", impl]
+            command = [
+                sys.executable,
+                "-c",
+                _PEAK_MEMORY_RUNNER,
+                str(run_dir),
+                str(scene),
+                "--out",
+                str(tmp / f"out_{impl}"),
+                "--checkpoint",
+                "last",
+                "--implementation",
+                impl,
+            ]
             start = time.perf_counter()
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             seconds = time.perf_counter() - start
@@ -157,16 +195,27 @@ def predict_rows(workloads, repeats, quick):
             lines = done.stdout.splitlines()
             peak = int(lines[-1].split()[-1]) / 1024  # ru_maxrss: KiB on Linux
             summary = next(line for line in lines if "subsampled" in line)
-            rows.append(dict(implementation=impl, points=n, seconds=seconds, points_per_s=n / seconds,
-                             peak_rss_mb=peak, summary=summary.split(": ", 1)[1].split(" -> ")[0]))
-            print(f"  {impl}: {seconds:.1f} s, {n / seconds:,.0f} points/s, peak RSS {peak:.0f} MB",
-                  flush=True)
+            rows.append(
+                dict(
+                    implementation=impl,
+                    points=n,
+                    seconds=seconds,
+                    points_per_s=n / seconds,
+                    peak_rss_mb=peak,
+                    summary=summary.split(": ", 1)[1].split(" -> ")[0],
+                )
+            )
+            print(
+                f"  {impl}: {seconds:.1f} s, {n / seconds:,.0f} points/s, peak RSS {peak:.0f} MB", flush=True
+            )
     header = f"{'implementation':15} {'points':>9} {'seconds':>9} {'points/s':>10} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['implementation']:15} {r['points']:9d} {r['seconds']:9.1f} {r['points_per_s']:10,.0f} "
-              f"{r['peak_rss_mb']:8.0f}")
+        print(
+            f"{r['implementation']:15} {r['points']:9d} {r['seconds']:9.1f} {r['points_per_s']:10,.0f} "
+            f"{r['peak_rss_mb']:8.0f}"
+        )
     return rows
 
 
@@ -187,8 +236,14 @@ def main(argv=None):
     tf.config.set_visible_devices([], "GPU")  # CPU figures, whatever the machine has
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    meta = dict(repeats=repeats, quick=args.quick, statistic="median", cpu_count=os.cpu_count(),
-                machine=platform.machine(), tensorflow=tf.__version__)
+    meta = dict(
+        repeats=repeats,
+        quick=args.quick,
+        statistic="median",
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        tensorflow=tf.__version__,
+    )
     for section in args.section:
         rows = SECTIONS[section](args.workloads, repeats, args.quick)
         results[section] = dict(meta=dict(meta, workloads=args.workloads), rows=rows)

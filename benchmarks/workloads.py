@@ -38,7 +38,7 @@ def voxel_subsample(points, dl):
 def stack_subsampled(points, lengths, dl):
     parts, sizes, start = [], [], 0
     for n in lengths:
-        sub = voxel_subsample(points[start:start + int(n)], dl)
+        sub = voxel_subsample(points[start : start + int(n)], dl)
         parts.append(sub)
         sizes.append(len(sub))
         start += int(n)
@@ -46,6 +46,7 @@ def stack_subsampled(points, lengths, dl):
 
 
 # -- surfaces ----------------------------------------------------------------------------------
+
 
 def _rotation(rng):
     q, r = np.linalg.qr(rng.standard_normal((3, 3)))
@@ -106,8 +107,9 @@ def _box_area(a, b, c):
 
 
 def _primitive(rng):
-    kind = rng.choice(["box", "plate", "ellipsoid", "cylinder", "rod", "torus"],
-                      p=[0.22, 0.30, 0.14, 0.14, 0.12, 0.08])
+    kind = rng.choice(
+        ["box", "plate", "ellipsoid", "cylinder", "rod", "torus"], p=[0.22, 0.30, 0.14, 0.14, 0.12, 0.08]
+    )
     if kind in ("box", "plate"):
         if kind == "box":
             a, b, c = rng.uniform(0.15, 0.9, 3)
@@ -118,7 +120,7 @@ def _primitive(rng):
     if kind == "ellipsoid":
         a, b, c = rng.uniform(0.08, 0.5, 3)
         p = 1.6075
-        area = 4 * np.pi * ((a ** p * b ** p + a ** p * c ** p + b ** p * c ** p) / 3.0) ** (1 / p)
+        area = 4 * np.pi * ((a**p * b**p + a**p * c**p + b**p * c**p) / 3.0) ** (1 / p)
         return area, lambda n: _ellipsoid_surface(rng, n, a, b, c)
     if kind in ("cylinder", "rod"):
         if kind == "cylinder":
@@ -136,8 +138,9 @@ def _object(rng, n_points):
     shifts = [rng.uniform(-0.4, 0.4, 3) for _ in prims]
     areas = np.array([area for area, _ in prims])
     counts = rng.multinomial(n_points, areas / areas.sum())
-    pts = np.concatenate([sample(int(c)) @ rot.T + t
-                          for (_, sample), rot, t, c in zip(prims, rotations, shifts, counts) if c])
+    pts = np.concatenate(
+        [sample(int(c)) @ rot.T + t for (_, sample), rot, t, c in zip(prims, rotations, shifts, counts) if c]
+    )
     rng.shuffle(pts, axis=0)
     pts -= pts.mean(0)
     return (pts / np.max(np.linalg.norm(pts, axis=1))).astype(np.float32)
@@ -152,22 +155,29 @@ def make_w1(seed=0, n_objects=16, n_points=10000, dl=0.02):
 
 # -- W2: a furnished room ------------------------------------------------------------------------
 
+
 def _room(rng, lx, ly, h):
     surfaces = []
 
     def rect(o, u, v):
         o, u, v = (np.asarray(x, np.float64) for x in (o, u, v))
-        surfaces.append((np.linalg.norm(np.cross(u, v)),
-                         lambda n: o + rng.random((n, 1)) * u + rng.random((n, 1)) * v))
+        surfaces.append(
+            (np.linalg.norm(np.cross(u, v)), lambda n: o + rng.random((n, 1)) * u + rng.random((n, 1)) * v)
+        )
 
     def box(cx, cy, z0, a, b, c, theta=0.0):
         rz = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
         t = np.array([cx, cy, z0 + c / 2])
         surfaces.append((_box_area(a, b, c), lambda n: _box_surface(rng, n, a, b, c) @ rz.T + t))
 
-    for o, u, v in (([0, 0, 0], [lx, 0, 0], [0, ly, 0]), ([0, 0, h], [lx, 0, 0], [0, ly, 0]),
-                    ([0, 0, 0], [lx, 0, 0], [0, 0, h]), ([0, ly, 0], [lx, 0, 0], [0, 0, h]),
-                    ([0, 0, 0], [0, ly, 0], [0, 0, h]), ([lx, 0, 0], [0, ly, 0], [0, 0, h])):
+    for o, u, v in (
+        ([0, 0, 0], [lx, 0, 0], [0, ly, 0]),
+        ([0, 0, h], [lx, 0, 0], [0, ly, 0]),
+        ([0, 0, 0], [lx, 0, 0], [0, 0, h]),
+        ([0, ly, 0], [lx, 0, 0], [0, 0, h]),
+        ([0, 0, 0], [0, ly, 0], [0, 0, h]),
+        ([lx, 0, 0], [0, ly, 0], [0, 0, h]),
+    ):
         rect(o, u, v)
     box(1.2, 0.03, 0.0, 0.9, 0.05, 2.1)
     box(lx - 0.03, ly - 1.5, 0.0, 0.05, 0.9, 2.1)
@@ -182,9 +192,15 @@ def _room(rng, lx, ly, h):
         box(tx, ty, 0.72, a, b, 0.04, th)
         for sx in (-1, 1):
             for sy in (-1, 1):
-                box(tx + np.cos(th) * sx * (a / 2 - 0.05) - np.sin(th) * sy * (b / 2 - 0.05),
+                box(
+                    tx + np.cos(th) * sx * (a / 2 - 0.05) - np.sin(th) * sy * (b / 2 - 0.05),
                     ty + np.sin(th) * sx * (a / 2 - 0.05) + np.cos(th) * sy * (b / 2 - 0.05),
-                    0.0, 0.05, 0.05, 0.72, th)
+                    0.0,
+                    0.05,
+                    0.05,
+                    0.72,
+                    th,
+                )
         for c in range(int(rng.integers(2, 5))):
             ang = th + c * np.pi / 2 + rng.uniform(-0.3, 0.3)
             dist = rng.uniform(0.7, 1.0)
@@ -193,13 +209,24 @@ def _room(rng, lx, ly, h):
             box(cx + 0.22 * np.cos(ang), cy + 0.22 * np.sin(ang), 0.47, 0.04, 0.45, 0.45, ang)
             box(cx, cy, 0.0, 0.06, 0.06, 0.42, ang)
         for _ in range(int(rng.integers(1, 4))):
-            box(tx + rng.uniform(-0.4, 0.4), ty + rng.uniform(-0.2, 0.2), 0.76,
-                rng.uniform(0.1, 0.4), rng.uniform(0.1, 0.3), rng.uniform(0.02, 0.3), th)
+            box(
+                tx + rng.uniform(-0.4, 0.4),
+                ty + rng.uniform(-0.2, 0.2),
+                0.76,
+                rng.uniform(0.1, 0.4),
+                rng.uniform(0.1, 0.3),
+                rng.uniform(0.02, 0.3),
+                th,
+            )
     for wall in range(4):  # cabinets and their shelves
         depth, width, height = rng.uniform(0.35, 0.6), rng.uniform(0.8, 2.0), rng.uniform(0.8, 2.2)
         pos = rng.uniform(1.5, (lx if wall < 2 else ly) - 1.5)
-        centre = [(pos, depth / 2 + 0.01), (pos, ly - depth / 2 - 0.01),
-                  (depth / 2 + 0.01, pos), (lx - depth / 2 - 0.01, pos)][wall]
+        centre = [
+            (pos, depth / 2 + 0.01),
+            (pos, ly - depth / 2 - 0.01),
+            (depth / 2 + 0.01, pos),
+            (lx - depth / 2 - 0.01, pos),
+        ][wall]
         size = (width, depth) if wall < 2 else (depth, width)
         box(centre[0], centre[1], 0.0, size[0], size[1], height)
         shelf = (width * 0.9, depth * 1.05) if wall < 2 else (depth * 1.05, width * 0.9)
@@ -231,7 +258,7 @@ def make_w2(seed=0, n_spheres=8, dl=0.04, in_radius=2.0):
     parts, sizes = [], []
     for _ in range(n_spheres):
         pick = sub64[rng.integers(len(sub))] + rng.normal(scale=in_radius / 10, size=3)
-        inds = np.nonzero(np.sum((sub64 - pick) ** 2, axis=1) <= in_radius ** 2)[0]
+        inds = np.nonzero(np.sum((sub64 - pick) ** 2, axis=1) <= in_radius**2)[0]
         rng.shuffle(inds)
         parts.append((sub[inds] - pick).astype(np.float32))
         sizes.append(len(inds))
@@ -247,7 +274,7 @@ def pyramid_radii(name):
     dl0 = {"W1": 0.02, "W2": 0.04}[name]
     layers = []
     for l in range(5):
-        r = dl0 * 2.5 * 2 ** l
+        r = dl0 * 2.5 * 2**l
         if l == 4:
             layers.append((r, None, None, None))
         elif name == "W1":

@@ -10,7 +10,6 @@ The pipeline and the networks both read these numbers from here, so they cannot 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 from kpconv_tf.config import ModelConfig
 
@@ -20,13 +19,13 @@ class LayerSpec:
     """Geometry of one encoder layer; lengths in the units of the points (metres)."""
 
     index: int
-    blocks: Tuple[str, ...]  # blocks working at this layer, the strided/pool block ending it included
+    blocks: tuple[str, ...]  # blocks working at this layer, the strided/pool block ending it included
     dl: float  # grid size of points_l (first_subsampling_dl * 2**l)
     r_normal: float  # rigid convolution radius, 2.5 * kp_extent * dl
     conv_radius: float  # radius of neighbors_l as the original pipeline computes it
-    pool_radius: Optional[float]  # radius of pools_l (points_{l+1} in points_l); None for the last layer
-    upsample_radius: Optional[float]  # radius of upsamples_l (points_l in points_{l+1}), 2 * pool_radius
-    next_dl: Optional[float]  # grid size used to subsample points_{l+1}
+    pool_radius: float | None  # radius of pools_l (points_{l+1} in points_l); None for the last layer
+    upsample_radius: float | None  # radius of upsamples_l (points_l in points_{l+1}), 2 * pool_radius
+    next_dl: float | None  # grid size used to subsample points_{l+1}
 
     @property
     def has_pool(self) -> bool:
@@ -37,9 +36,9 @@ def is_pooling_block(name: str) -> bool:
     return "pool" in name or "strided" in name
 
 
-def split_layers(architecture: List[str]) -> Tuple[List[List[str]], List[str]]:
+def split_layers(architecture: list[str]) -> tuple[list[list[str]], list[str]]:
     """Returns (encoder blocks per layer, decoder/head blocks from the first global/upsample on)."""
-    layers: List[List[str]] = [[]]
+    layers: list[list[str]] = [[]]
     for i, name in enumerate(architecture):
         if "global" in name or "upsample" in name:
             return [l for l in layers if l or len(layers) == 1], list(architecture[i:])
@@ -57,7 +56,7 @@ def needs_upsamples(model: ModelConfig) -> bool:
     return any("upsample" in name for name in split_layers(model.architecture)[1])
 
 
-def layer_specs(model: ModelConfig) -> List[LayerSpec]:
+def layer_specs(model: ModelConfig) -> list[LayerSpec]:
     """Per-layer radii exactly as the original input pipeline derives them."""
     encoder, _ = split_layers(model.architecture)
     num_layers = model.num_layers
@@ -68,8 +67,8 @@ def layer_specs(model: ModelConfig) -> List[LayerSpec]:
     deform_scale = model.density_parameter / (model.kp_extent * 2.5)
     specs = []
     for l, blocks in enumerate(encoder[:num_layers]):
-        dl = model.first_subsampling_dl * 2 ** l
-        r_normal = model.first_subsampling_dl * model.kp_extent * 2.5 * 2 ** l
+        dl = model.first_subsampling_dl * 2**l
+        r_normal = model.first_subsampling_dl * model.kp_extent * 2.5 * 2**l
         convs = [b for b in blocks if not is_pooling_block(b)]
         conv_radius = r_normal * deform_scale if any("deformable" in b for b in convs[:-1]) else r_normal
         pool_radius = up_radius = next_dl = None

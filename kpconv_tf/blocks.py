@@ -36,8 +36,9 @@ class UnaryConv(keras.layers.Layer):
         self.filters = int(filters)
 
     def build(self, features_shape):
-        self.kernel = self.add_weight(name="weights", shape=(features_shape[-1], self.filters),
-                                      initializer=OriginalTruncatedNormal())
+        self.kernel = self.add_weight(
+            name="weights", shape=(features_shape[-1], self.filters), initializer=OriginalTruncatedNormal()
+        )
 
     def call(self, features):
         return tf.matmul(features, self.kernel)
@@ -66,9 +67,12 @@ def normalization(model: ModelConfig, name):
 def norm_variables(norm, prefix):
     if isinstance(norm, BiasOffset):
         return {prefix + "offset": norm.offset}
-    return {prefix + "batch_normalization/gamma": norm.gamma, prefix + "batch_normalization/beta": norm.beta,
-            prefix + "batch_normalization/moving_mean": norm.moving_mean,
-            prefix + "batch_normalization/moving_variance": norm.moving_variance}
+    return {
+        prefix + "batch_normalization/gamma": norm.gamma,
+        prefix + "batch_normalization/beta": norm.beta,
+        prefix + "batch_normalization/moving_mean": norm.moving_mean,
+        prefix + "batch_normalization/moving_variance": norm.moving_variance,
+    }
 
 
 def conv_variables(conv, prefix):
@@ -121,19 +125,37 @@ class Block(keras.layers.Layer):
 
     def kpconv(self, filters, deformable=False, name="conv", offset_mode="kpconv"):
         m = self.model_config
-        seed = None if m.kernel_seed is None else m.kernel_seed * 1000 + zlib.crc32((self.name + name).encode()) % 1000
-        return KPConv(filters, m.num_kernel_points, extent=self.extent, radius=self.radius,
-                      influence=m.kp_influence, aggregation=m.convolution_mode, fixed=m.fixed_kernel_points,
-                      deformable=deformable, modulated=m.modulated and deformable, kernel_seed=seed,
-                      offset_mode=offset_mode, offset_bound=m.offset_bound if deformable else 0.0, name=name)
+        seed = (
+            None
+            if m.kernel_seed is None
+            else m.kernel_seed * 1000 + zlib.crc32((self.name + name).encode()) % 1000
+        )
+        return KPConv(
+            filters,
+            m.num_kernel_points,
+            extent=self.extent,
+            radius=self.radius,
+            influence=m.kp_influence,
+            aggregation=m.convolution_mode,
+            fixed=m.fixed_kernel_points,
+            deformable=deformable,
+            modulated=m.modulated and deformable,
+            kernel_seed=seed,
+            offset_mode=offset_mode,
+            offset_bound=m.offset_bound if deformable else 0.0,
+            name=name,
+        )
 
     def run_kpconv(self, conv, features, inputs, strided=False, upsample=False, layer=None):
         l = self.layer_index if layer is None else layer
         if strided:
             query, support, neighbors = inputs[f"points_{l + 1}"], inputs[f"points_{l}"], inputs[f"pools_{l}"]
         elif upsample:
-            query, support, neighbors = (inputs[f"points_{l - 1}"], inputs[f"points_{l}"],
-                                         inputs[f"upsamples_{l - 1}"])
+            query, support, neighbors = (
+                inputs[f"points_{l - 1}"],
+                inputs[f"points_{l}"],
+                inputs[f"upsamples_{l - 1}"],
+            )
         else:
             query = support = inputs[f"points_{l}"]
             neighbors = inputs[f"neighbors_{l}"]
@@ -190,8 +212,14 @@ class DoubleConvBlock(Block):
         self.residual = residual
 
     def build(self, features_shape, *args, **kwargs):
-        self.conv1, self.norm1 = self.kpconv(self.fdim, name="conv1"), normalization(self.model_config, "norm1")
-        self.conv2, self.norm2 = self.kpconv(self.fdim, name="conv2"), normalization(self.model_config, "norm2")
+        self.conv1, self.norm1 = (
+            self.kpconv(self.fdim, name="conv1"),
+            normalization(self.model_config, "norm1"),
+        )
+        self.conv2, self.norm2 = (
+            self.kpconv(self.fdim, name="conv2"),
+            normalization(self.model_config, "norm2"),
+        )
         self.shortcut = None
         if self.residual and features_shape[-1] != self.fdim:
             self.shortcut = UnaryConv(self.fdim, name="shortcut")
@@ -209,8 +237,10 @@ class DoubleConvBlock(Block):
         return leaky_relu(x + shortcut)
 
     def original_variables(self):
-        out = {**unit_variables("conv1/", self.conv1, self.norm1),
-               **unit_variables("conv2/", self.conv2, self.norm2)}
+        out = {
+            **unit_variables("conv1/", self.conv1, self.norm1),
+            **unit_variables("conv2/", self.conv2, self.norm2),
+        }
         if self.shortcut is not None:
             out.update(unit_variables("shortcut/", self.shortcut, self.shortcut_norm))
         return out
@@ -287,9 +317,15 @@ class InceptionDeformableBlock(Block):
 
     def build(self, features_shape, *args, **kwargs):
         half, cfg = self.fdim // 2, self.model_config
-        self.unary1, self.unary1_norm = UnaryConv(half, name="path1_unary"), normalization(cfg, "path1_unary_norm")
+        self.unary1, self.unary1_norm = (
+            UnaryConv(half, name="path1_unary"),
+            normalization(cfg, "path1_unary_norm"),
+        )
         self.conv1 = self.kpconv(half, name="path1_conv")
-        self.unary2, self.unary2_norm = UnaryConv(half, name="path2_unary"), normalization(cfg, "path2_unary_norm")
+        self.unary2, self.unary2_norm = (
+            UnaryConv(half, name="path2_unary"),
+            normalization(cfg, "path2_unary_norm"),
+        )
         self.conv2 = self.kpconv(half, name="path2_conv")
         self.deform = self.kpconv(half, deformable=True, name="path2_conv2_deform", offset_mode="mlp")
         self.concat_norm = normalization(cfg, "concat_norm")
@@ -305,8 +341,9 @@ class InceptionDeformableBlock(Block):
         x1 = self.run_kpconv(self.conv1, x1, inputs, self.strided)
         x2 = leaky_relu(self.unary2_norm(self.unary2(features), training=training))
         x2 = self.run_kpconv(self.conv2, x2, inputs, self.strided)
-        x2 = self.run_kpconv(self.deform, x2, inputs,
-                             layer=self.layer_index + 1 if self.strided else self.layer_index)
+        x2 = self.run_kpconv(
+            self.deform, x2, inputs, layer=self.layer_index + 1 if self.strided else self.layer_index
+        )
         x = leaky_relu(self.concat_norm(tf.concat([x1, x2], axis=1), training=training))
         x = self.unary_norm(self.unary(x), training=training)
         shortcut = max_pool(features, inputs[f"pools_{self.layer_index}"]) if self.strided else features
@@ -315,9 +352,14 @@ class InceptionDeformableBlock(Block):
         return leaky_relu(x + shortcut)
 
     def original_variables(self):
-        units = [("path1/unary/", self.unary1, self.unary1_norm), ("path1/conv/", self.conv1),
-                 ("path2/unary/", self.unary2, self.unary2_norm), ("path2/conv/", self.conv2),
-                 ("path2/conv2_deform/", self.deform), ("unary/", self.unary, self.unary_norm)]
+        units = [
+            ("path1/unary/", self.unary1, self.unary1_norm),
+            ("path1/conv/", self.conv1),
+            ("path2/unary/", self.unary2, self.unary2_norm),
+            ("path2/conv/", self.conv2),
+            ("path2/conv2_deform/", self.deform),
+            ("unary/", self.unary, self.unary_norm),
+        ]
         if self.shortcut is not None:
             units.append(("shortcut/", self.shortcut, self.shortcut_norm))
         out = {name: v for unit in units for name, v in unit_variables(*unit).items()}
@@ -370,10 +412,19 @@ _BLOCKS = {
     "global_average": (GlobalAverageBlock, {}),
     "nearest_upsample": (NearestUpsampleBlock, {}),
 }
+
+
 def make_block(name, layer_index, radius, fdim, model_config, block_index=0, prefix="layer"):
     """The block called ``name`` in an architecture list, at layer ``layer_index``."""
     if name not in _BLOCKS:
         raise ValueError(f"unknown block name {name!r} in the architecture")
     cls, options = _BLOCKS[name]
-    return cls(layer_index, radius, fdim, model_config, block_type=name,
-               name=f"{prefix}_{layer_index}_{name}_{block_index}", **options)
+    return cls(
+        layer_index,
+        radius,
+        fdim,
+        model_config,
+        block_type=name,
+        name=f"{prefix}_{layer_index}_{name}_{block_index}",
+        **options,
+    )

@@ -16,10 +16,9 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Union
 
 import yaml
-
 
 # Offset regularisations of deformable KPConv (kpconv_tf.losses): the original's two and the later
 # point-to-point definition of KPConv-PyTorch.
@@ -42,7 +41,9 @@ class DatasetConfig:
 
     name: str = ""  # dataset class name, e.g. ModelNet40, S3DIS, EmbeddedShapes
     path: str = ""  # root directory in the dataset's original on-disk layout
-    num_classes: Union[int, List[int]] = 0  # set from the dataset when 0; a list (parts per object) for multi_segmentation
+    num_classes: int | list[int] = (
+        0  # set from the dataset when 0; a list (parts per object) for multi_segmentation
+    )
     in_points_dim: int = 3
     in_features_dim: int = 1
     in_radius: float = 1.0  # input sphere radius for scene datasets (metres)
@@ -51,9 +52,9 @@ class DatasetConfig:
     split: str = ""  # dataset-specific split selector (e.g. ShapeNetPart category, S3DIS test area)
     # Predicted classes in order (S3DIS layout: annotation names; PointCloudFolder: names of label values
     # 0, 1, ...); empty: from the data.
-    class_names: List[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
     on_bad_file: str = "error"  # error | skip: a bad input file stops the run, or is skipped with a warning
-    extra: Dict[str, Any] = field(default_factory=dict)  # dataset-specific options
+    extra: dict[str, Any] = field(default_factory=dict)  # dataset-specific options
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ModelConfig:
     """Network and KPConv parameters (original 'Model' and 'KPConv' parameters)."""
 
     network_model: str = ""  # classification | segmentation | multi_segmentation
-    architecture: List[str] = field(default_factory=list)
+    architecture: list[str] = field(default_factory=list)
     first_features_dim: int = 64
     use_batch_norm: bool = True
     batch_norm_momentum: float = 0.99
@@ -79,7 +80,7 @@ class ModelConfig:
     # Deformable offsets are bounded to this many extents by a tanh (0: unbounded, the original).
     offset_bound: float = 0.0
     dropout: float = 0.5  # drop rate of the KP-CNN head (original feeds keep_prob 0.5)
-    kernel_seed: Optional[int] = None  # seeds the per-layer kernel rotations (None: random, as the original)
+    kernel_seed: int | None = None  # seeds the per-layer kernel rotations (None: random, as the original)
     pyramid: str = "compiled"  # compiled | standard: ops that build the input pyramid (kpconv_tf.pyramid)
 
     @property
@@ -93,7 +94,7 @@ class TrainConfig:
 
     learning_rate: float = 1e-4
     momentum: float = 0.9
-    lr_decays: Dict[int, float] = field(default_factory=lambda: {200: 0.2, 300: 0.2})
+    lr_decays: dict[int, float] = field(default_factory=lambda: {200: 0.2, 300: 0.2})
     grad_clip_norm: float = 100.0  # per-variable clipping by norm; <= 0 disables
     weights_decay: float = 1e-3
     gaussian_decay: float = 1e-3
@@ -106,10 +107,10 @@ class TrainConfig:
     offset_lr_factor: float = 0.1  # offset variables learn at this factor of the learning rate
     batch_num: int = 10
     max_epoch: int = 1000
-    epoch_steps: Optional[int] = 1000  # None: one pass over the training split
+    epoch_steps: int | None = 1000  # None: one pass over the training split
     snapshot_gap: int = 50
     saving: bool = True
-    saving_path: Optional[str] = None
+    saving_path: str | None = None
     semantics: str = "paper"  # original | paper (see README: offset-gradient handling and optimizer form)
     seed: int = 0
     votes: int = 100  # test-time augmented passes for objects
@@ -122,7 +123,7 @@ class AugmentConfig:
     scale_anisotropic: bool = True
     scale_min: float = 0.9
     scale_max: float = 1.1
-    symmetries: List[bool] = field(default_factory=lambda: [False, False, False])
+    symmetries: list[bool] = field(default_factory=lambda: [False, False, False])
     rotation: str = "vertical"  # vertical | all | none
     noise: float = 0.005
     occlusion: str = "planar"  # unused by the original pipelines; kept for parameters.txt
@@ -139,11 +140,11 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     # -- (de)serialisation -------------------------------------------------------------------
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any], overrides: Optional[List[str]] = None) -> "Config":
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None) -> Config:
         config = _build(cls, data or {}, "")
         for item in overrides or []:
             config.set(item)
@@ -151,7 +152,7 @@ class Config:
         return config
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path], overrides: Optional[List[str]] = None) -> "Config":
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -161,7 +162,7 @@ class Config:
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         return cls.from_dict(data, overrides)
 
-    def save_yaml(self, path: Union[str, Path]) -> None:
+    def save_yaml(self, path: str | Path) -> None:
         with open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False, default_flow_style=None)
 
@@ -193,10 +194,12 @@ class Config:
         _choice("train.semantics", t.semantics, ("original", "paper"))
         _choice("train.offsets_loss", t.offsets_loss, OFFSETS_LOSSES)
         _choice("augment.rotation", a.rotation, ("vertical", "all", "none"))
-        for key, value in (("model.first_subsampling_dl", m.first_subsampling_dl),
-                           ("model.kp_extent", m.kp_extent),
-                           ("model.density_parameter", m.density_parameter),
-                           ("train.learning_rate", t.learning_rate)):
+        for key, value in (
+            ("model.first_subsampling_dl", m.first_subsampling_dl),
+            ("model.kp_extent", m.kp_extent),
+            ("model.density_parameter", m.density_parameter),
+            ("train.learning_rate", t.learning_rate),
+        ):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
         if m.offset_bound < 0:
@@ -218,7 +221,7 @@ def _choice(key: str, value: str, allowed) -> None:
         raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
 
 
-def _build(cls, data: Dict[str, Any], prefix: str):
+def _build(cls, data: dict[str, Any], prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -249,17 +252,18 @@ def _coerce(hint, value, key: str):
             except ConfigError as err:
                 errors.append(err)
         raise errors[0]
-    if origin in (list, List):
+    if origin in (list, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, Dict):
+    if origin in (dict, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         if args and args[1] is Any:
             return dict(value)
-        return {_coerce(args[0], k, f"{key} key"): _coerce(args[1], v, f"{key}[{k}]")
-                for k, v in value.items()}
+        return {
+            _coerce(args[0], k, f"{key} key"): _coerce(args[1], v, f"{key}[{k}]") for k, v in value.items()
+        }
     if hint is Any:
         return value
     if hint is bool:

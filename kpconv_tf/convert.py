@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Union
 
 import numpy as np
 import tensorflow as tf
@@ -23,25 +22,63 @@ import tensorflow as tf
 from kpconv_tf.config import Config
 
 _SECTIONS = {
-    "dataset": {"dataset": "name", "num_classes": "num_classes", "in_points_dim": "in_points_dim",
-                "in_features_dim": "in_features_dim", "in_radius": "in_radius",
-                "input_threads": "input_threads", "validation_size": "validation_size"},
-    "model": {"network_model": "network_model", "architecture": "architecture",
-              "first_features_dim": "first_features_dim", "use_batch_norm": "use_batch_norm",
-              "batch_norm_momentum": "batch_norm_momentum", "segmentation_ratio": "segmentation_ratio",
-              "first_subsampling_dl": "first_subsampling_dl", "first_kernel_radius": "first_kernel_radius",
-              "num_kernel_points": "num_kernel_points", "density_parameter": "density_parameter",
-              "fixed_kernel_points": "fixed_kernel_points", "KP_extent": "kp_extent",
-              "KP_influence": "kp_influence", "convolution_mode": "convolution_mode",
-              "trainable_positions": "trainable_positions", "modulated": "modulated"},
-    "train": {"learning_rate": "learning_rate", "momentum": "momentum", "lr_decays": "lr_decays",
-              "grad_clip_norm": "grad_clip_norm", "weights_decay": "weights_decay",
-              "gaussian_decay": "gaussian_decay", "batch_averaged_loss": "batch_averaged_loss",
-              "offsets_loss": "offsets_loss", "offsets_decay": "offsets_decay", "batch_num": "batch_num",
-              "max_epoch": "max_epoch", "epoch_steps": "epoch_steps", "snapshot_gap": "snapshot_gap"},
-    "augment": {f"augment_{k}": k for k in ("scale_anisotropic", "scale_min", "scale_max", "symmetries",
-                                            "rotation", "noise", "occlusion", "occlusion_ratio",
-                                            "occlusion_num", "color")},
+    "dataset": {
+        "dataset": "name",
+        "num_classes": "num_classes",
+        "in_points_dim": "in_points_dim",
+        "in_features_dim": "in_features_dim",
+        "in_radius": "in_radius",
+        "input_threads": "input_threads",
+        "validation_size": "validation_size",
+    },
+    "model": {
+        "network_model": "network_model",
+        "architecture": "architecture",
+        "first_features_dim": "first_features_dim",
+        "use_batch_norm": "use_batch_norm",
+        "batch_norm_momentum": "batch_norm_momentum",
+        "segmentation_ratio": "segmentation_ratio",
+        "first_subsampling_dl": "first_subsampling_dl",
+        "first_kernel_radius": "first_kernel_radius",
+        "num_kernel_points": "num_kernel_points",
+        "density_parameter": "density_parameter",
+        "fixed_kernel_points": "fixed_kernel_points",
+        "KP_extent": "kp_extent",
+        "KP_influence": "kp_influence",
+        "convolution_mode": "convolution_mode",
+        "trainable_positions": "trainable_positions",
+        "modulated": "modulated",
+    },
+    "train": {
+        "learning_rate": "learning_rate",
+        "momentum": "momentum",
+        "lr_decays": "lr_decays",
+        "grad_clip_norm": "grad_clip_norm",
+        "weights_decay": "weights_decay",
+        "gaussian_decay": "gaussian_decay",
+        "batch_averaged_loss": "batch_averaged_loss",
+        "offsets_loss": "offsets_loss",
+        "offsets_decay": "offsets_decay",
+        "batch_num": "batch_num",
+        "max_epoch": "max_epoch",
+        "epoch_steps": "epoch_steps",
+        "snapshot_gap": "snapshot_gap",
+    },
+    "augment": {
+        f"augment_{k}": k
+        for k in (
+            "scale_anisotropic",
+            "scale_min",
+            "scale_max",
+            "symmetries",
+            "rotation",
+            "noise",
+            "occlusion",
+            "occlusion_ratio",
+            "occlusion_num",
+            "color",
+        )
+    },
 }
 _IGNORED = {"num_layers", "saving", "saving_path", "GPU_ID"}
 
@@ -66,7 +103,7 @@ def _parse_value(key, words):
     return text
 
 
-def read_parameters(path: Union[str, Path]) -> Dict[str, object]:
+def read_parameters(path: str | Path) -> dict[str, object]:
     """The original attribute values stored in a ``parameters.txt`` (file or its directory)."""
     path = Path(path)
     if path.is_dir():
@@ -112,10 +149,25 @@ def config_from_original(source) -> Config:
     for section, names in _SECTIONS.items():
         for key in names.values():
             value = data[section].get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and key not in (
-                    "num_classes", "in_points_dim", "in_features_dim", "input_threads", "validation_size",
-                    "first_features_dim", "num_kernel_points", "batch_num", "max_epoch", "epoch_steps",
-                    "snapshot_gap", "occlusion_num"):
+            if (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and key
+                not in (
+                    "num_classes",
+                    "in_points_dim",
+                    "in_features_dim",
+                    "input_threads",
+                    "validation_size",
+                    "first_features_dim",
+                    "num_kernel_points",
+                    "batch_num",
+                    "max_epoch",
+                    "epoch_steps",
+                    "snapshot_gap",
+                    "occlusion_num",
+                )
+            ):
                 data[section][key] = float(value)
     data["train"]["semantics"] = "original"
     return Config.from_dict(data)
@@ -130,18 +182,19 @@ def build_model(config: Config):
     elif kind in ("segmentation", "cloud_segmentation", "multi_segmentation"):
         model = KPFCNN(config)
     else:
-        raise ValueError(f"network_model {kind!r} is not supported yet "
-                         "(classification, segmentation, cloud_segmentation)")
+        raise ValueError(
+            f"network_model {kind!r} is not supported yet (classification, segmentation, cloud_segmentation)"
+        )
     model(dummy_inputs(config), training=False)
     return model
 
 
-def original_variable_map(model) -> Dict[str, tf.Variable]:
+def original_variable_map(model) -> dict[str, tf.Variable]:
     """{original variable name: our variable} of a built model."""
     return model.original_variables()
 
 
-def load_original_checkpoint(checkpoint_prefix: Union[str, Path], config: Config):
+def load_original_checkpoint(checkpoint_prefix: str | Path, config: Config):
     """A model built for ``config`` with every variable read from an original TF1 checkpoint.
 
     Raises ValueError listing the variables that are missing on either side or mis-shaped.
@@ -156,21 +209,24 @@ def load_original_checkpoint(checkpoint_prefix: Union[str, Path], config: Config
     stored = {name for name in shapes if name.startswith("KernelPointNetwork/")}
     missing = sorted(set(mapping) - stored)
     unused = sorted(stored - set(mapping))
-    misshaped = sorted(f"{name}: checkpoint {shapes[name]} vs model {list(var.shape)}"
-                       for name, var in mapping.items()
-                       if name in stored and list(shapes[name]) != list(var.shape))
+    misshaped = sorted(
+        f"{name}: checkpoint {shapes[name]} vs model {list(var.shape)}"
+        for name, var in mapping.items()
+        if name in stored and list(shapes[name]) != list(var.shape)
+    )
     if missing or unused or misshaped:
-        raise ValueError("checkpoint does not match the configured model:\n"
-                         + "".join(f"  missing in checkpoint: {n}\n" for n in missing)
-                         + "".join(f"  not used by the model: {n}\n" for n in unused)
-                         + "".join(f"  shape mismatch: {n}\n" for n in misshaped))
+        raise ValueError(
+            "checkpoint does not match the configured model:\n"
+            + "".join(f"  missing in checkpoint: {n}\n" for n in missing)
+            + "".join(f"  not used by the model: {n}\n" for n in unused)
+            + "".join(f"  shape mismatch: {n}\n" for n in misshaped)
+        )
     for name, variable in mapping.items():
         variable.assign(reader.get_tensor(name))
     return model
 
 
-
-def save_original_checkpoint(model, checkpoint_prefix: Union[str, Path]) -> str:
+def save_original_checkpoint(model, checkpoint_prefix: str | Path) -> str:
     """Writes ``model`` as an original-format TF1 checkpoint (``prefix.index`` / ``.data-*``).
 
     Variables carry their original names (``original_variable_map``), which is the variable list
@@ -184,17 +240,23 @@ def save_original_checkpoint(model, checkpoint_prefix: Union[str, Path]) -> str:
         raise ValueError("model: no original variables (build the model first)")
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     names = sorted(mapping)
-    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tf.convert_to_tensor(mapping[n]) for n in names])
-    tf.compat.v1.train.update_checkpoint_state(os.path.dirname(os.path.abspath(prefix)),
-                                               os.path.abspath(prefix))
+    tf.raw_ops.SaveV2(
+        prefix=prefix,
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[tf.convert_to_tensor(mapping[n]) for n in names],
+    )
+    tf.compat.v1.train.update_checkpoint_state(
+        os.path.dirname(os.path.abspath(prefix)), os.path.abspath(prefix)
+    )
     return prefix
+
 
 def _lengths_from_batches(batches, num_points):
     return np.sum(np.asarray(batches) < num_points, axis=1).astype(np.int32)
 
 
-def inputs_from_original(flat_inputs, config: Config) -> Dict[str, tf.Tensor]:
+def inputs_from_original(flat_inputs, config: Config) -> dict[str, tf.Tensor]:
     """Our input dict from the original's flat input list.
 
     Classification order: points, neighbors, pools (one per layer), features, batch_weights,
@@ -208,14 +270,16 @@ def inputs_from_original(flat_inputs, config: Config) -> Dict[str, tf.Tensor]:
     groups = 4 if segmentation else 3
     flat = [np.asarray(x) for x in flat_inputs]
     if len(flat) < groups * num_layers + 5:
-        raise ValueError(f"flat_inputs has {len(flat)} entries; a {num_layers}-layer "
-                         f"{config.model.network_model or 'classification'} batch has at least "
-                         f"{groups * num_layers + 5}")
+        raise ValueError(
+            f"flat_inputs has {len(flat)} entries; a {num_layers}-layer "
+            f"{config.model.network_model or 'classification'} batch has at least "
+            f"{groups * num_layers + 5}"
+        )
     points = flat[:num_layers]
-    neighbors = flat[num_layers:2 * num_layers]
-    pools = flat[2 * num_layers:3 * num_layers]
-    upsamples = flat[3 * num_layers:4 * num_layers] if segmentation else None
-    rest = flat[groups * num_layers:]
+    neighbors = flat[num_layers : 2 * num_layers]
+    pools = flat[2 * num_layers : 3 * num_layers]
+    upsamples = flat[3 * num_layers : 4 * num_layers] if segmentation else None
+    rest = flat[groups * num_layers :]
     features, _, in_batches = rest[:3]
     lengths = [_lengths_from_batches(in_batches, len(points[0]))]
     for l in range(num_layers - 1):
@@ -225,7 +289,10 @@ def inputs_from_original(flat_inputs, config: Config) -> Dict[str, tf.Tensor]:
             raise ValueError(f"pools_{l} has a row without neighbours: cannot recover its cloud")
         lengths.append(np.bincount(owner[first], minlength=len(lengths[l])).astype(np.int32))
     batch_index = np.repeat(np.arange(len(lengths[0])), lengths[0])
-    inputs = {"features": tf.constant(features, tf.float32), "batch_index": tf.constant(batch_index, tf.int32)}
+    inputs = {
+        "features": tf.constant(features, tf.float32),
+        "batch_index": tf.constant(batch_index, tf.int32),
+    }
     if config.model.network_model == "multi_segmentation":
         point_objects = rest[5]
         starts = np.concatenate([[0], np.cumsum(lengths[0])[:-1]])
@@ -241,16 +308,18 @@ def inputs_from_original(flat_inputs, config: Config) -> Dict[str, tf.Tensor]:
     return inputs
 
 
-def latest_snapshot(run_dir: Union[str, Path]) -> Path:
+def latest_snapshot(run_dir: str | Path) -> Path:
     """The newest ``snapshots/snap-N`` checkpoint prefix of an original run directory."""
     snaps = sorted(Path(run_dir).glob("snapshots/snap-*.index"), key=lambda p: int(p.stem.split("-")[-1]))
     if not snaps:
-        raise FileNotFoundError(f"no snapshots/snap-N.index under {run_dir} (original run layout expected: "
-                                "parameters.txt and snapshots/)")
+        raise FileNotFoundError(
+            f"no snapshots/snap-N.index under {run_dir} (original run layout expected: "
+            "parameters.txt and snapshots/)"
+        )
     return snaps[-1].with_suffix("")
 
 
-def convert_run(run_dir: Union[str, Path], out_dir: Union[str, Path]):
+def convert_run(run_dir: str | Path, out_dir: str | Path):
     """Original run directory -> ``out_dir/config.yaml`` + ``out_dir/model.weights.h5``."""
     config = config_from_original(run_dir)
     model = load_original_checkpoint(latest_snapshot(run_dir), config)
@@ -266,7 +335,8 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(
         description="Convert a run of the original KPConv release (parameters.txt + snapshots/snap-N) "
-                    "into a kpconv-tf config YAML and a Keras weights file.")
+        "into a kpconv-tf config YAML and a Keras weights file."
+    )
     parser.add_argument("original_log_dir")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)

@@ -33,8 +33,10 @@ from kpconv_tf.pyramid import build_pyramid
 
 def _input_signature(config: Config):
     num_layers = config.model.num_layers
-    spec = {"features": tf.TensorSpec([None, config.dataset.in_features_dim], tf.float32),
-            "batch_index": tf.TensorSpec([None], tf.int32)}
+    spec = {
+        "features": tf.TensorSpec([None, config.dataset.in_features_dim], tf.float32),
+        "batch_index": tf.TensorSpec([None], tf.int32),
+    }
     for l in range(num_layers):
         spec[f"points_{l}"] = tf.TensorSpec([None, 3], tf.float32)
         spec[f"neighbors_{l}"] = tf.TensorSpec([None, None], tf.int32)
@@ -62,10 +64,15 @@ def export_saved_model(model, config: Config, path, neighbor_limits=None):
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", from_points, input_signature=[
-        tf.TensorSpec([None, 3], tf.float32, name="points"),
-        tf.TensorSpec([None, config.dataset.in_features_dim], tf.float32, name="features"),
-        tf.TensorSpec([None], tf.int32, name="lengths")])
+    archive.add_endpoint(
+        "serving_default",
+        from_points,
+        input_signature=[
+            tf.TensorSpec([None, 3], tf.float32, name="points"),
+            tf.TensorSpec([None, config.dataset.in_features_dim], tf.float32, name="features"),
+            tf.TensorSpec([None], tf.int32, name="lengths"),
+        ],
+    )
     archive.add_endpoint("precomputed", probabilities, input_signature=[signature])
     archive.write_out(str(path), verbose=False)
     # TensorFlow reports a missing custom op before any code of ours runs; this file is what a user
@@ -106,7 +113,9 @@ def load_original_run(run):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export an original KPConv run as a SavedModel.")
-    parser.add_argument("run", help="original run directory (parameters.txt + snapshots/) or a checkpoint prefix")
+    parser.add_argument(
+        "run", help="original run directory (parameters.txt + snapshots/) or a checkpoint prefix"
+    )
     parser.add_argument("out", help="output SavedModel directory")
     args = parser.parse_args(argv)
     config, model = load_original_run(args.run)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -36,15 +35,21 @@ def energy(points: np.ndarray) -> np.ndarray:
     single = p.ndim == 2
     p = p[None] if single else p
     diff = p[:, :, None, :] - p[:, None, :, :]
-    d = np.sqrt(np.sum(diff ** 2, axis=-1))
+    d = np.sqrt(np.sum(diff**2, axis=-1))
     k = p.shape[1]
     iu = np.triu_indices(k, 1)
-    e = np.sum(1.0 / d[:, iu[0], iu[1]], axis=1) + 5.0 * np.sum(p ** 2, axis=(1, 2))
+    e = np.sum(1.0 / d[:, iu[0], iu[1]], axis=1) + 5.0 * np.sum(p**2, axis=(1, 2))
     return e[0] if single else e
 
 
-def optimize_dispositions(num_points: int, fixed: str = "center", num_starts: int = 16,
-                          seed: int = 0, max_iter: int = 4000, tol: float = 1e-6):
+def optimize_dispositions(
+    num_points: int,
+    fixed: str = "center",
+    num_starts: int = 16,
+    seed: int = 0,
+    max_iter: int = 4000,
+    tol: float = 1e-6,
+):
     """Runs the optimisation from ``num_starts`` seeded starts.
 
     Returns (dispositions [S, K, 3] float64, each with non-centre mean radius 1; energies [S]
@@ -72,7 +77,7 @@ def optimize_dispositions(num_points: int, fixed: str = "center", num_starts: in
     previous = None
     for _ in range(max_iter):
         diff = pts[:, :, None, :] - pts[:, None, :, :]
-        d2 = np.sum(diff ** 2, axis=-1)
+        d2 = np.sum(diff**2, axis=-1)
         np.einsum("skk->sk", d2)[...] = np.inf
         grad = -np.sum(diff / d2[..., None] ** 1.5, axis=2) + 10.0 * pts
         if fixed == "verticals":
@@ -120,8 +125,14 @@ def random_rotation(rng: np.random.Generator, vertical_only: bool = False) -> np
     return q
 
 
-def load_kernels(radius: float, num_points: int, fixed: str = "center", seed: Optional[int] = None,
-                 rotate: bool = True, jitter: float = 0.01) -> np.ndarray:
+def load_kernels(
+    radius: float,
+    num_points: int,
+    fixed: str = "center",
+    seed: int | None = None,
+    rotate: bool = True,
+    jitter: float = 0.01,
+) -> np.ndarray:
     """Kernel points of one layer: float32 [K, 3] at mean radius ``radius``.
 
     A random rotation (if ``rotate``) and N(0, jitter * radius) noise (jitter 0.01 as the original;

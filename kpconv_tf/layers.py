@@ -48,10 +48,24 @@ class KPConv(keras.layers.Layer):
     ``kernel_points`` [K, 3] (saved with the weights, never regenerated on load).
     """
 
-    def __init__(self, filters, kernel_size=15, extent=1.0, radius=None, influence="linear",
-                 aggregation="sum", fixed="center", deformable=False, modulated=False,
-                 kernel_seed=None, kernel_initializer=None, offset_mode="kpconv", implementation="auto",
-                 offset_bound=0.0, **kwargs):
+    def __init__(
+        self,
+        filters,
+        kernel_size=15,
+        extent=1.0,
+        radius=None,
+        influence="linear",
+        aggregation="sum",
+        fixed="center",
+        deformable=False,
+        modulated=False,
+        kernel_seed=None,
+        kernel_initializer=None,
+        offset_mode="kpconv",
+        implementation="auto",
+        offset_bound=0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if int(filters) < 1:
             raise ValueError(f"filters must be >= 1, got {filters}")
@@ -95,22 +109,30 @@ class KPConv(keras.layers.Layer):
         k = self.kernel_size
         initial_points = load_kernels(1.5 * self.extent, k, self.fixed, seed=self.kernel_seed)
         self.kernel_points = self.add_weight(
-            name="kernel_points", shape=(k, 3), trainable=False,
-            initializer=keras.initializers.Constant(initial_points))
-        self.kernel = self.add_weight(name="weights", shape=(k, d_in, self.filters),
-                                      initializer=self.kernel_initializer)
+            name="kernel_points",
+            shape=(k, 3),
+            trainable=False,
+            initializer=keras.initializers.Constant(initial_points),
+        )
+        self.kernel = self.add_weight(
+            name="weights", shape=(k, d_in, self.filters), initializer=self.kernel_initializer
+        )
         if self.deformable and self.offset_mode == "mlp":
             offset_dim = (4 if self.modulated else 3) * (k - 1)
-            self.offset_mlp_weights = self.add_weight(name="offset_mlp_weights", shape=(d_in, offset_dim),
-                                                      initializer="zeros")
-            self.offset_mlp_bias = self.add_weight(name="offset_mlp_bias", shape=(offset_dim,),
-                                                   initializer="zeros")
+            self.offset_mlp_weights = self.add_weight(
+                name="offset_mlp_weights", shape=(d_in, offset_dim), initializer="zeros"
+            )
+            self.offset_mlp_bias = self.add_weight(
+                name="offset_mlp_bias", shape=(offset_dim,), initializer="zeros"
+            )
         elif self.deformable:
             offset_dim = (4 if self.modulated else 3) * k
             self.offset_conv_weights = self.add_weight(
-                name="offset_conv_weights", shape=(k, d_in, offset_dim), initializer="zeros")
+                name="offset_conv_weights", shape=(k, d_in, offset_dim), initializer="zeros"
+            )
             self.offset_conv_bias = self.add_weight(
-                name="offset_conv_bias", shape=(offset_dim,), initializer="zeros")
+                name="offset_conv_bias", shape=(offset_dim,), initializer="zeros"
+            )
 
     @property
     def offset_variables(self):
@@ -128,18 +150,30 @@ class KPConv(keras.layers.Layer):
             # Query features: the original applies the map to the features it is given, which are
             # the queries' only when queries == supports (its inception blocks).
             raw = tf.matmul(features, self.offset_mlp_weights) + self.offset_mlp_bias
-            moved = self._bounded(tf.reshape(raw[:, :3 * (k - 1)], [-1, k - 1, 3]))
+            moved = self._bounded(tf.reshape(raw[:, : 3 * (k - 1)], [-1, k - 1, 3]))
             offsets = tf.concat([tf.zeros_like(moved[:, :1]), moved], axis=1) * self.extent
             modulations = None
             if self.modulated:
-                m = 2.0 * tf.sigmoid(raw[:, 3 * (k - 1):])
+                m = 2.0 * tf.sigmoid(raw[:, 3 * (k - 1) :])
                 modulations = tf.concat([tf.zeros_like(m[:, :1]), m], axis=1)
             return raw, offsets, modulations
-        raw = ops.kpconv(query_points, support_points, neighbors, features, self.kernel_points,
-                         self.offset_conv_weights, self.extent, self.influence,
-                         self.aggregation, self.implementation) + self.offset_conv_bias
-        offsets = self._bounded(tf.reshape(raw[:, :3 * k], [-1, k, 3])) * self.extent
-        modulations = 2.0 * tf.sigmoid(raw[:, 3 * k:]) if self.modulated else None
+        raw = (
+            ops.kpconv(
+                query_points,
+                support_points,
+                neighbors,
+                features,
+                self.kernel_points,
+                self.offset_conv_weights,
+                self.extent,
+                self.influence,
+                self.aggregation,
+                self.implementation,
+            )
+            + self.offset_conv_bias
+        )
+        offsets = self._bounded(tf.reshape(raw[:, : 3 * k], [-1, k, 3])) * self.extent
+        modulations = 2.0 * tf.sigmoid(raw[:, 3 * k :]) if self.modulated else None
         return raw, offsets, modulations
 
     def _bounded(self, offsets):
@@ -152,14 +186,33 @@ class KPConv(keras.layers.Layer):
         if not self.deformable:
             if return_deformed:
                 raise ValueError("return_deformed=True needs a deformable KPConv")
-            return ops.kpconv(query_points, support_points, neighbors, features, self.kernel_points,
-                              self.kernel, self.extent, self.influence, self.aggregation,
-                              implementation=self.implementation)
+            return ops.kpconv(
+                query_points,
+                support_points,
+                neighbors,
+                features,
+                self.kernel_points,
+                self.kernel,
+                self.extent,
+                self.influence,
+                self.aggregation,
+                implementation=self.implementation,
+            )
         _, offsets, modulations = self.offsets(query_points, support_points, neighbors, features)
-        out = ops.kpconv_deformable(query_points, support_points, neighbors, features,
-                                    self.kernel_points, offsets, self.kernel, self.extent,
-                                    self.influence, self.aggregation, modulations,
-                                    implementation=self.implementation)
+        out = ops.kpconv_deformable(
+            query_points,
+            support_points,
+            neighbors,
+            features,
+            self.kernel_points,
+            offsets,
+            self.kernel,
+            self.extent,
+            self.influence,
+            self.aggregation,
+            modulations,
+            implementation=self.implementation,
+        )
         if return_deformed:
             return out, self.kernel_points[None] + offsets
         return out
@@ -169,10 +222,20 @@ class KPConv(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=self.filters, kernel_size=self.kernel_size, extent=self.extent,
-                      radius=self.radius, influence=self.influence, aggregation=self.aggregation,
-                      fixed=self.fixed, deformable=self.deformable, modulated=self.modulated,
-                      kernel_seed=self.kernel_seed, offset_mode=self.offset_mode, offset_bound=self.offset_bound,
-                      implementation=self.implementation,
-                      kernel_initializer=keras.initializers.serialize(self.kernel_initializer))
+        config.update(
+            filters=self.filters,
+            kernel_size=self.kernel_size,
+            extent=self.extent,
+            radius=self.radius,
+            influence=self.influence,
+            aggregation=self.aggregation,
+            fixed=self.fixed,
+            deformable=self.deformable,
+            modulated=self.modulated,
+            kernel_seed=self.kernel_seed,
+            offset_mode=self.offset_mode,
+            offset_bound=self.offset_bound,
+            implementation=self.implementation,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+        )
         return config

@@ -32,21 +32,25 @@ def nearest_squared_distances(deformed_kernel_points, query_points, support_poin
     supports [Ns, 3], neighbors int32 [Nq, H].
     """
     deformed_kernel_points, query_points, support_points = _as_tensors(
-        deformed_kernel_points, query_points, support_points)
+        deformed_kernel_points, query_points, support_points
+    )
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
     centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
     return tf.reduce_min(squared_distances(centred, deformed_kernel_points), axis=1)
 
 
-def offset_fitting_loss(deformed_kernel_points, query_points, support_points, neighbors, normalizer,
-                        nearest_d2=None):
+def offset_fitting_loss(
+    deformed_kernel_points, query_points, support_points, neighbors, normalizer, nearest_d2=None
+):
     """Mean over queries and kernel points of (min_h |y_h - k'|^2) / normalizer^2 (a scalar).
 
     Shapes as in ``nearest_squared_distances``; pass its result as ``nearest_d2`` to reuse it.
     """
     if nearest_d2 is None:
-        nearest_d2 = nearest_squared_distances(deformed_kernel_points, query_points, support_points, neighbors)
-    return tf.reduce_mean(nearest_d2) / (normalizer ** 2)
+        nearest_d2 = nearest_squared_distances(
+            deformed_kernel_points, query_points, support_points, neighbors
+        )
+    return tf.reduce_mean(nearest_d2) / (normalizer**2)
 
 
 def deformation_statistics(deformed_kernel_points, kernel_points, nearest_d2, extent):
@@ -56,9 +60,11 @@ def deformation_statistics(deformed_kernel_points, kernel_points, nearest_d2, ex
     from ``nearest_squared_distances``. A deformed kernel point is lost when no input point lies
     within ``extent`` of it: it then sees nothing and gets no gradient from the task loss.
     """
-    offsets = tf.convert_to_tensor(deformed_kernel_points) - tf.cast(kernel_points, deformed_kernel_points.dtype)
+    offsets = tf.convert_to_tensor(deformed_kernel_points) - tf.cast(
+        kernel_points, deformed_kernel_points.dtype
+    )
     offset_norm = tf.reduce_mean(tf.norm(offsets, axis=-1)) / extent
-    lost = tf.reduce_mean(tf.cast(nearest_d2 >= extent ** 2, tf.float32))
+    lost = tf.reduce_mean(tf.cast(nearest_d2 >= extent**2, tf.float32))
     return tf.cast(offset_norm, tf.float32), lost
 
 
@@ -83,13 +89,24 @@ def offset_permissive_loss(deformed_kernel_points, conv_radius):
     return tf.reduce_mean(tf.maximum(0.0, norms - 1.0))
 
 
-def deformable_layer_offsets_loss(kind, network, deformed_kernel_points, query_points,
-                                  support_points, neighbors, layer, first_subsampling_dl,
-                                  density_parameter, kp_extent, repulse_extent=1.2, nearest_d2=None):
+def deformable_layer_offsets_loss(
+    kind,
+    network,
+    deformed_kernel_points,
+    query_points,
+    support_points,
+    neighbors,
+    layer,
+    first_subsampling_dl,
+    density_parameter,
+    kp_extent,
+    repulse_extent=1.2,
+    nearest_d2=None,
+):
     """One deformable layer's term for ``network`` 'kpcnn' or 'kpfcnn' and ``kind`` one of
     ``OFFSETS_LOSSES`` (before ``offsets_decay``); ``nearest_d2`` as in ``offset_fitting_loss``."""
-    conv_radius = first_subsampling_dl * density_parameter * 2 ** layer
-    extent = first_subsampling_dl * kp_extent * 2 ** layer
+    conv_radius = first_subsampling_dl * density_parameter * 2**layer
+    extent = first_subsampling_dl * kp_extent * 2**layer
     if kind not in OFFSETS_LOSSES:
         raise ValueError(f"kind must be one of {OFFSETS_LOSSES}, got {kind!r}")
     if network not in ("kpcnn", "kpfcnn"):
@@ -103,5 +120,6 @@ def deformable_layer_offsets_loss(kind, network, deformed_kernel_points, query_p
         return 2.0 * offset_fitting_loss(*fitting_args, extent, nearest_d2) + repulsive / k
     if network == "kpcnn":
         return offset_fitting_loss(*fitting_args, conv_radius, nearest_d2)
-    return (offset_fitting_loss(*fitting_args, extent, nearest_d2)
-            + offset_repulsive_loss(deformed_kernel_points, extent))
+    return offset_fitting_loss(*fitting_args, extent, nearest_d2) + offset_repulsive_loss(
+        deformed_kernel_points, extent
+    )

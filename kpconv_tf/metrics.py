@@ -75,13 +75,17 @@ def confusion_matrix(labels, predictions, num_classes, ignore_label=-1):
     labels_array = np.asarray(labels)
     predictions_array = np.asarray(predictions)
     if labels_array.shape != predictions_array.shape:
-        raise ValueError(f"labels and predictions must have the same shape, got {labels_array.shape} "
-                         f"and {predictions_array.shape}")
+        raise ValueError(
+            f"labels and predictions must have the same shape, got {labels_array.shape} "
+            f"and {predictions_array.shape}"
+        )
     labels_flat = _integer_array(labels_array, "labels")
     predictions_flat = _integer_array(predictions_array, "predictions")
     if predictions_flat.size and (predictions_flat.min() < 0 or predictions_flat.max() >= num_classes):
-        raise ValueError(f"predictions must lie in [0, {num_classes}), got values in "
-                         f"[{predictions_flat.min()}, {predictions_flat.max()}]")
+        raise ValueError(
+            f"predictions must lie in [0, {num_classes}), got values in "
+            f"[{predictions_flat.min()}, {predictions_flat.max()}]"
+        )
     keep = (labels_flat >= 0) & (labels_flat != ignore_label)
     labels_flat, predictions_flat = labels_flat[keep], predictions_flat[keep]
     if labels_flat.size and labels_flat.max() >= num_classes:
@@ -189,14 +193,18 @@ def part_segmentation_summary(shape_ious, shape_categories, category_names):
     categories = _integer_array(shape_categories, "shape_categories")
     category_names = [str(name) for name in category_names]
     if categories.shape != shape_ious.shape:
-        raise ValueError(f"shape_categories has {categories.size} entries but shape_ious has {shape_ious.size}")
+        raise ValueError(
+            f"shape_categories has {categories.size} entries but shape_ious has {shape_ious.size}"
+        )
     if shape_ious.size == 0:
         raise ValueError("shape_ious must hold at least one shape")
     if np.any(np.isnan(shape_ious)):
         raise ValueError("shape_ious must not hold NaN")
     if categories.min() < 0 or categories.max() >= len(category_names):
-        raise ValueError(f"shape_categories must lie in [0, {len(category_names)}), got values in "
-                         f"[{categories.min()}, {categories.max()}]")
+        raise ValueError(
+            f"shape_categories must lie in [0, {len(category_names)}), got values in "
+            f"[{categories.min()}, {categories.max()}]"
+        )
     per_category = {}
     for index, name in enumerate(category_names):
         members = shape_ious[categories == index]
@@ -223,21 +231,34 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
         self.num_classes = _check_num_classes(num_classes)
         self.ignore_label = int(ignore_label)
         self.confusion = self.add_variable(
-            shape=(self.num_classes, self.num_classes), initializer="zeros", dtype="int64", name="confusion")
+            shape=(self.num_classes, self.num_classes), initializer="zeros", dtype="int64", name="confusion"
+        )
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         if sample_weight is not None:
             raise ValueError(f"{type(self).__name__} does not support sample_weight")
         y_pred = tf.convert_to_tensor(y_pred)
-        if y_pred.shape.rank is not None and y_pred.shape[-1] is not None and y_pred.shape[-1] != self.num_classes:
-            raise ValueError(f"y_pred must have {self.num_classes} classes in its last axis, got shape {y_pred.shape}")
+        if (
+            y_pred.shape.rank is not None
+            and y_pred.shape[-1] is not None
+            and y_pred.shape[-1] != self.num_classes
+        ):
+            raise ValueError(
+                f"y_pred must have {self.num_classes} classes in its last axis, got shape {y_pred.shape}"
+            )
         labels = tf.reshape(tf.cast(y_true, tf.int64), [-1])
         predictions = tf.argmax(tf.reshape(y_pred, [-1, self.num_classes]), axis=-1, output_type=tf.int64)
-        tf.debugging.assert_equal(tf.size(labels, out_type=tf.int64), tf.size(predictions, out_type=tf.int64),
-                                  message="y_true must have one label per row of y_pred")
+        tf.debugging.assert_equal(
+            tf.size(labels, out_type=tf.int64),
+            tf.size(predictions, out_type=tf.int64),
+            message="y_true must have one label per row of y_pred",
+        )
         keep = tf.logical_and(labels >= 0, tf.not_equal(labels, self.ignore_label))
-        tf.debugging.assert_less(tf.where(keep, labels, 0), tf.constant(self.num_classes, tf.int64),
-                                 message=f"y_true must lie in [0, {self.num_classes}) or be ignored")
+        tf.debugging.assert_less(
+            tf.where(keep, labels, 0),
+            tf.constant(self.num_classes, tf.int64),
+            message=f"y_true must lie in [0, {self.num_classes}) or be ignored",
+        )
         # Ignored points go to one extra segment that is dropped: static shapes, so XLA compiles it.
         num_pairs = self.num_classes * self.num_classes
         pair_index = tf.where(keep, labels * self.num_classes + predictions, num_pairs)

@@ -69,8 +69,9 @@ class _ConfiguredNetwork(keras.Model):
         labels = tf.cast(labels, tf.int32)
         valid = labels >= 0
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.maximum(labels, 0), logits=logits)
-        return tf.math.divide_no_nan(tf.reduce_sum(tf.where(valid, losses, 0.0)),
-                                     tf.reduce_sum(tf.cast(valid, tf.float32)))
+        return tf.math.divide_no_nan(
+            tf.reduce_sum(tf.where(valid, losses, 0.0)), tf.reduce_sum(tf.cast(valid, tf.float32))
+        )
 
     def offsets_loss(self):
         """Offset regularisation of the last forward pass (x offsets_decay); 0 before any call."""
@@ -82,9 +83,11 @@ class _ConfiguredNetwork(keras.Model):
         return dict(getattr(self, "_deformation_statistics", {}))
 
     def _encoder_decoder_variables(self):
-        return {f"KernelPointNetwork/{scope}/{name}": variable
-                for scope, block in self.scoped_blocks
-                for name, variable in block.original_variables().items()}
+        return {
+            f"KernelPointNetwork/{scope}/{name}": variable
+            for scope, block in self.scoped_blocks
+            for name, variable in block.original_variables().items()
+        }
 
     def get_build_config(self):
         return {"built": True}
@@ -122,8 +125,9 @@ class KPCNN(_ConfiguredNetwork):
 
     def build(self, inputs_shape=None):
         if self.classifier_bias is None:
-            self.classifier_bias = self.add_weight(name="bias", shape=(self.classifier.filters,),
-                                                   initializer="zeros")
+            self.classifier_bias = self.add_weight(
+                name="bias", shape=(self.classifier.filters,), initializer="zeros"
+            )
 
     def encode(self, inputs, training=False):
         """Per-block outputs of the encoder; the last is the [B, D] global average."""
@@ -174,11 +178,25 @@ def _offset_terms(blocks, config, network):
     for block in blocks:
         for deformed, query, support, neighbors, conv in block.deformed:
             nearest_d2 = nearest_squared_distances(deformed, query, support, neighbors)
-            terms.append(deformable_layer_offsets_loss(
-                t.offsets_loss, network, deformed, query, support, neighbors, block.layer_index,
-                m.first_subsampling_dl, m.density_parameter, m.kp_extent, t.repulse_extent, nearest_d2))
-            statistics[block_key(block)] = deformation_statistics(deformed, conv.kernel_points,
-                                                                        nearest_d2, conv.extent)
+            terms.append(
+                deformable_layer_offsets_loss(
+                    t.offsets_loss,
+                    network,
+                    deformed,
+                    query,
+                    support,
+                    neighbors,
+                    block.layer_index,
+                    m.first_subsampling_dl,
+                    m.density_parameter,
+                    m.kp_extent,
+                    t.repulse_extent,
+                    nearest_d2,
+                )
+            )
+            statistics[block_key(block)] = deformation_statistics(
+                deformed, conv.kernel_points, nearest_d2, conv.extent
+            )
     if not terms:
         return tf.constant(0.0, tf.float32), statistics
     return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms), statistics
@@ -193,9 +211,11 @@ def block_key(block):
 
 def deformable_keys(network):
     """The keys of ``network.deformation_statistics()`` of a built network, in call order."""
-    return [block_key(block)
-            for block in getattr(network, "encoder", []) + getattr(network, "decoder", [])
-            if any(isinstance(layer, KPConv) and layer.deformable for layer in vars(block).values())]
+    return [
+        block_key(block)
+        for block in getattr(network, "encoder", []) + getattr(network, "decoder", [])
+        if any(isinstance(layer, KPConv) and layer.deformable for layer in vars(block).values())
+    ]
 
 
 @keras.saving.register_keras_serializable(package="kpconv_tf")
@@ -212,8 +232,10 @@ class KPFCNN(_ConfiguredNetwork):
         self.multi_head = config.model.network_model == "multi_segmentation"
         if self.multi_head:
             if not isinstance(num_classes, list) or not num_classes or min(num_classes) < 1:
-                raise ValueError("multi_segmentation needs config.dataset.num_classes = list of part counts "
-                                 f"per object category, got {num_classes!r}")
+                raise ValueError(
+                    "multi_segmentation needs config.dataset.num_classes = list of part counts "
+                    f"per object category, got {num_classes!r}"
+                )
         elif not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"config.dataset.num_classes must be an integer >= 2, got {num_classes!r}")
         self.config = config
@@ -221,8 +243,8 @@ class KPFCNN(_ConfiguredNetwork):
         self.scoped_blocks = build_encoder(config)
         self.encoder = [block for _, block in self.scoped_blocks]
         layer = m.num_layers - 1
-        radius = m.first_subsampling_dl * m.density_parameter * 2 ** layer
-        fdim = m.first_features_dim * 2 ** layer
+        radius = m.first_subsampling_dl * m.density_parameter * 2**layer
+        fdim = m.first_features_dim * 2**layer
         self.decoder, self.concat_after, block_in_layer = [], [], 0
         for name in arch[first_up:]:
             block = make_block(name, layer, radius, fdim, m, block_in_layer, prefix="uplayer")
@@ -254,10 +276,17 @@ class KPFCNN(_ConfiguredNetwork):
                 from kpconv_tf.initializers import OriginalTruncatedNormal
 
                 self.multi_weights = self.add_weight(
-                    name="weights", initializer=OriginalTruncatedNormal(),
-                    shape=(len(self.config.dataset.num_classes), self.config.model.first_features_dim,
-                           self.num_outputs))
-            self.classifier_bias = self.add_weight(name="bias", shape=(self.num_outputs,), initializer="zeros")
+                    name="weights",
+                    initializer=OriginalTruncatedNormal(),
+                    shape=(
+                        len(self.config.dataset.num_classes),
+                        self.config.model.first_features_dim,
+                        self.num_outputs,
+                    ),
+                )
+            self.classifier_bias = self.add_weight(
+                name="bias", shape=(self.num_outputs,), initializer="zeros"
+            )
 
     def _multi_head_logits(self, x, inputs):
         heads = len(self.config.dataset.num_classes)
@@ -276,7 +305,8 @@ class KPFCNN(_ConfiguredNetwork):
             if skip_layer is not None:
                 features = tf.concat([features, skips[skip_layer]], axis=1)
         self._offsets_loss, self._deformation_statistics = _offset_terms(
-            self.encoder + self.decoder, self.config, "kpfcnn")
+            self.encoder + self.decoder, self.config, "kpfcnn"
+        )
         x = leaky_relu(self.head_norm(self.head(features), training=training))
         if self.multi_head:
             return self._multi_head_logits(x, inputs)
@@ -286,7 +316,9 @@ class KPFCNN(_ConfiguredNetwork):
         """{original variable name: variable}, e.g. ``KernelPointNetwork/uplayer_1/unary_0/weights``."""
         out = self._encoder_decoder_variables()
         out.update(unit_variables("KernelPointNetwork/head_unary_conv/", self.head, self.head_norm))
-        out["KernelPointNetwork/softmax/weights"] = self.multi_weights if self.multi_head else self.classifier.kernel
+        out["KernelPointNetwork/softmax/weights"] = (
+            self.multi_weights if self.multi_head else self.classifier.kernel
+        )
         out["KernelPointNetwork/softmax/bias"] = self.classifier_bias
         return out
 
@@ -295,8 +327,11 @@ def dummy_inputs(config: Config, points_per_layer=4):
     """A tiny valid input dict (one cloud, every layer) that builds all variables of a model."""
     n = points_per_layer
     num_layers = config.model.num_layers
-    inputs = {"features": tf.ones([n, config.dataset.in_features_dim]),
-              "batch_index": tf.zeros([n], tf.int32), "object_labels": tf.zeros([1], tf.int32)}
+    inputs = {
+        "features": tf.ones([n, config.dataset.in_features_dim]),
+        "batch_index": tf.zeros([n], tf.int32),
+        "object_labels": tf.zeros([1], tf.int32),
+    }
     for l in range(num_layers):
         inputs[f"points_{l}"] = tf.random.stateless_uniform([n, 3], seed=[l, 0]) * 0.01
         inputs[f"neighbors_{l}"] = tf.tile(tf.range(n)[None], [n, 1])

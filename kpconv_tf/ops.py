@@ -57,7 +57,9 @@ def _fused_ops():
         import tf_custom_ops
     except Exception as error:  # a missing compiler or a failed build: fall back, say why once
         _FUSED_UNAVAILABLE.append(str(error))
-        warnings.warn(f"kpconv_tf: the fused KPConv op is unavailable, using standard TF ops ({error})")
+        warnings.warn(
+            f"kpconv_tf: the fused KPConv op is unavailable, using standard TF ops ({error})", stacklevel=3
+        )
         return None
     return tf_custom_ops
 
@@ -113,10 +115,7 @@ def influence_weights(d2, extent, influence, aggregation, deformable=False):
     """Kernel point influences [Nq, H, K] from squared distances [Nq, H, K]."""
     extent = tf.cast(extent, d2.dtype)
     if influence == "constant":
-        if deformable:
-            weights = tf.cast(d2 < tf.square(extent), d2.dtype)
-        else:
-            weights = tf.ones_like(d2)
+        weights = tf.cast(d2 < tf.square(extent), d2.dtype) if deformable else tf.ones_like(d2)
     elif influence == "linear":
         weights = tf.maximum(1.0 - _safe_sqrt(d2) / extent, 0.0)
     else:
@@ -128,19 +127,30 @@ def influence_weights(d2, extent, influence, aggregation, deformable=False):
     return weights
 
 
-def _kernel_sums(query_points, support_points, neighbors, features, kernel_points, extent, influence,
-                 aggregation, implementation):
+def _kernel_sums(
+    query_points,
+    support_points,
+    neighbors,
+    features,
+    kernel_points,
+    extent,
+    influence,
+    aggregation,
+    implementation,
+):
     """sum_h w[n,h,k] f[neighbors[n,h],:] -> [Nq, K, Din].
 
     ``kernel_points`` [K, 3] is the rigid form; [Nq, K, 3] (kernel points plus offsets) the
     deformable one, which drops neighbours outside every influence sphere.
     """
     if resolve_implementation(implementation, features.dtype) == "fused":
-        return _fused_ops().kernel_aggregate(query_points, support_points, neighbors, features,
-                                             kernel_points, extent, influence, aggregation)
+        return _fused_ops().kernel_aggregate(
+            query_points, support_points, neighbors, features, kernel_points, extent, influence, aggregation
+        )
     deformable = kernel_points.shape.rank == 3
-    centred = centred_neighbors(query_points, support_points, neighbors,
-                                _DEFORM_SHADOW if deformable else _RIGID_SHADOW)
+    centred = centred_neighbors(
+        query_points, support_points, neighbors, _DEFORM_SHADOW if deformable else _RIGID_SHADOW
+    )
     d2 = squared_distances(centred, kernel_points)
     w = influence_weights(d2, extent, influence, aggregation, deformable=deformable)
     if deformable:
@@ -170,8 +180,18 @@ def _gather_features(features, neighbors):
     return tf.gather(padded, neighbors)
 
 
-def kpconv(query_points, support_points, neighbors, features, kernel_points, weights, extent,
-           influence="linear", aggregation="sum", implementation="standard"):
+def kpconv(
+    query_points,
+    support_points,
+    neighbors,
+    features,
+    kernel_points,
+    weights,
+    extent,
+    influence="linear",
+    aggregation="sum",
+    implementation="standard",
+):
     """Rigid KPConv.
 
     Args:
@@ -185,16 +205,37 @@ def kpconv(query_points, support_points, neighbors, features, kernel_points, wei
     """
     _check_modes(influence, aggregation)
     features, query_points, support_points, kernel_points, weights = _as_tensors(
-        features, query_points, support_points, kernel_points, weights)
+        features, query_points, support_points, kernel_points, weights
+    )
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
-    sums = _kernel_sums(query_points, support_points, neighbors, features, kernel_points, extent,
-                        influence, aggregation, implementation)
+    sums = _kernel_sums(
+        query_points,
+        support_points,
+        neighbors,
+        features,
+        kernel_points,
+        extent,
+        influence,
+        aggregation,
+        implementation,
+    )
     return _project(sums, weights)
 
 
-def kpconv_deformable(query_points, support_points, neighbors, features, kernel_points, offsets,
-                      weights, extent, influence="linear", aggregation="sum", modulations=None,
-                      implementation="standard"):
+def kpconv_deformable(
+    query_points,
+    support_points,
+    neighbors,
+    features,
+    kernel_points,
+    offsets,
+    weights,
+    extent,
+    influence="linear",
+    aggregation="sum",
+    modulations=None,
+    implementation="standard",
+):
     """Deformable KPConv with given offsets.
 
     Args:
@@ -206,12 +247,22 @@ def kpconv_deformable(query_points, support_points, neighbors, features, kernel_
     """
     _check_modes(influence, aggregation)
     features, query_points, support_points, kernel_points, offsets, weights = _as_tensors(
-        features, query_points, support_points, kernel_points, offsets, weights)
+        features, query_points, support_points, kernel_points, offsets, weights
+    )
     if modulations is not None:
         modulations = tf.cast(modulations, features.dtype)
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
-    sums = _kernel_sums(query_points, support_points, neighbors, features, kernel_points[None] + offsets,
-                        extent, influence, aggregation, implementation)
+    sums = _kernel_sums(
+        query_points,
+        support_points,
+        neighbors,
+        features,
+        kernel_points[None] + offsets,
+        extent,
+        influence,
+        aggregation,
+        implementation,
+    )
     if modulations is not None:
         sums = sums * modulations[:, :, None]
     return _project(sums, weights)
@@ -224,7 +275,8 @@ def in_range_compaction(query_points, support_points, neighbors, deformed_kernel
     columns first in their original order, then the others, as the original's stable top_k).
     """
     deformed_kernel_points, query_points, support_points = _as_tensors(
-        deformed_kernel_points, query_points, support_points)
+        deformed_kernel_points, query_points, support_points
+    )
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
     centred = centred_neighbors(query_points, support_points, neighbors, _DEFORM_SHADOW)
     d2 = squared_distances(centred, deformed_kernel_points)

@@ -24,8 +24,9 @@ def pyramid_ops(implementation: str):
     """The module with ``batch_grid_subsampling`` / ``batch_neighbors`` of ``implementation``
     (``PYRAMID_IMPLEMENTATIONS``): ``tf_custom_ops`` or ``kpconv_tf.standard_ops``."""
     if implementation not in PYRAMID_IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {list(PYRAMID_IMPLEMENTATIONS)}, "
-                         f"got {implementation!r}")
+        raise ValueError(
+            f"implementation must be one of {list(PYRAMID_IMPLEMENTATIONS)}, got {implementation!r}"
+        )
     if implementation == "compiled":
         # Imported here so that the standard pyramid never loads the custom op library.
         import tf_custom_ops
@@ -36,8 +37,9 @@ def pyramid_ops(implementation: str):
     return standard_ops
 
 
-def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor_limits=None,
-                  implementation="compiled"):
+def build_pyramid(
+    points, lengths, features, model_config: ModelConfig, neighbor_limits=None, implementation="compiled"
+):
     """Returns the input dict for stacked float32 points [N, 3], int32 lengths [B], features [N, D]."""
     ops = pyramid_ops(implementation)
     specs = layer_specs(model_config)
@@ -46,21 +48,27 @@ def build_pyramid(points, lengths, features, model_config: ModelConfig, neighbor
         raise ValueError(f"neighbor_limits needs {len(specs)} entries, got {len(neighbor_limits)}")
     points = tf.convert_to_tensor(points, tf.float32)
     lengths = tf.convert_to_tensor(lengths, tf.int32)
-    inputs = {"features": tf.convert_to_tensor(features, tf.float32),
-              "batch_index": tf.repeat(tf.range(tf.shape(lengths)[0]), lengths)}
+    inputs = {
+        "features": tf.convert_to_tensor(features, tf.float32),
+        "batch_index": tf.repeat(tf.range(tf.shape(lengths)[0]), lengths),
+    }
     for spec in specs:
         l = spec.index
         limit = 0 if neighbor_limits is None else int(neighbor_limits[l])
         inputs[f"points_{l}"] = points
         inputs[f"lengths_{l}"] = lengths
-        inputs[f"neighbors_{l}"] = ops.batch_neighbors(points, points, lengths, lengths, spec.conv_radius, limit)
+        inputs[f"neighbors_{l}"] = ops.batch_neighbors(
+            points, points, lengths, lengths, spec.conv_radius, limit
+        )
         if spec.next_dl is None:
             break
         sub_points, sub_lengths = ops.batch_grid_subsampling(points, lengths, spec.next_dl)
-        inputs[f"pools_{l}"] = ops.batch_neighbors(sub_points, points, sub_lengths, lengths,
-                                                   spec.pool_radius, limit)
+        inputs[f"pools_{l}"] = ops.batch_neighbors(
+            sub_points, points, sub_lengths, lengths, spec.pool_radius, limit
+        )
         if with_upsamples:
-            inputs[f"upsamples_{l}"] = ops.batch_neighbors(points, sub_points, lengths, sub_lengths,
-                                                           spec.upsample_radius, limit)
+            inputs[f"upsamples_{l}"] = ops.batch_neighbors(
+                points, sub_points, lengths, sub_lengths, spec.upsample_radius, limit
+            )
         points, lengths = sub_points, sub_lengths
     return inputs

@@ -48,17 +48,21 @@ def _lengths(value, name, points, points_name):
     if t.shape.rank is not None and t.shape.rank != 1:
         raise ValueError(f"{name} must be a vector [B], got shape {t.shape}")
     t = tf.cast(t, tf.int32)
-    checks = [tf.debugging.assert_non_negative(t, message=f"{name} has a negative length"),
-              tf.debugging.assert_equal(tf.reduce_sum(t), tf.shape(points)[0],
-                                        message=f"{name} does not sum to the number of {points_name}")]
+    checks = [
+        tf.debugging.assert_non_negative(t, message=f"{name} has a negative length"),
+        tf.debugging.assert_equal(
+            tf.reduce_sum(t),
+            tf.shape(points)[0],
+            message=f"{name} does not sum to the number of {points_name}",
+        ),
+    ]
     with tf.control_dependencies(checks):
         return tf.identity(t)
 
 
 def _positive_scalar(value, name):
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if not 0 < value < float("inf"):
-            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
     t = tf.convert_to_tensor(value, dtype_hint=tf.float32)
     if t.shape.rank not in (None, 0):
         raise ValueError(f"{name} must be a scalar, got shape {t.shape}")
@@ -103,8 +107,9 @@ def batch_grid_subsampling(points, lengths, sample_dl, features=None):
             raise TypeError(f"features must be floating point, got {features.dtype.name}")
         if features.shape.rank is not None and features.shape.rank != 2:
             raise ValueError(f"features must have shape [N, D], got {features.shape}")
-        check = tf.debugging.assert_equal(tf.shape(features)[0], tf.shape(points)[0],
-                                          message="features must have one row per point")
+        check = tf.debugging.assert_equal(
+            tf.shape(features)[0], tf.shape(points)[0], message="features must have one row per point"
+        )
         with tf.control_dependencies([check]):
             # Through float32, as the compiled op reads them.
             values = tf.concat([values, tf.cast(tf.cast(features, tf.float32), tf.float64)], 1)
@@ -118,7 +123,8 @@ def batch_grid_subsampling(points, lengths, sample_dl, features=None):
     check = tf.debugging.assert_less(
         tf.reduce_max(tf.concat([span / 2e6, tf.reduce_prod(span, axis=1, keepdims=True) / 4e18], 1)),
         tf.constant(1.0, tf.float64),
-        message="sample_dl is too small for the cloud extent: the grid would overflow its cell keys")
+        message="sample_dl is too small for the cloud extent: the grid would overflow its cell keys",
+    )
     with tf.control_dependencies([check]):
         coords = tf.floor((values[:, :3] - tf.gather(origin, cloud)) / dl)
     coords = tf.minimum(tf.maximum(coords, 0.0), tf.gather(span, cloud) - 1.0)
@@ -130,8 +136,11 @@ def batch_grid_subsampling(points, lengths, sample_dl, features=None):
     order = tf.argsort(key, stable=True)
     order = tf.gather(order, tf.argsort(tf.gather(cloud, order), stable=True))
     sorted_key, sorted_cloud = tf.gather(key, order), tf.gather(cloud, order)
-    first = ((sorted_key != tf.roll(sorted_key, 1, 0)) | (sorted_cloud != tf.roll(sorted_cloud, 1, 0))
-             | (tf.range(n) == 0))
+    first = (
+        (sorted_key != tf.roll(sorted_key, 1, 0))
+        | (sorted_cloud != tf.roll(sorted_cloud, 1, 0))
+        | (tf.range(n) == 0)
+    )
     cell = tf.cumsum(tf.cast(first, tf.int32)) - 1
     num_cells = tf.reduce_sum(tf.cast(first, tf.int32))
     sums = tf.math.unsorted_segment_sum(tf.gather(values, order), cell, n)
@@ -167,10 +176,14 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     s_lengths = _lengths(s_lengths, "s_lengths", supports, "supports")
     radius = _positive_scalar(radius, "radius")
     max_neighbors = tf.cast(max_neighbors, tf.int32)
-    check = tf.debugging.assert_equal(tf.shape(q_lengths), tf.shape(s_lengths),
-                                      message="q_lengths and s_lengths must have the same number of clouds")
-    with tf.control_dependencies([check, tf.debugging.assert_non_negative(
-            max_neighbors, message="max_neighbors must be >= 0")]):
+    check = tf.debugging.assert_equal(
+        tf.shape(q_lengths),
+        tf.shape(s_lengths),
+        message="q_lengths and s_lengths must have the same number of clouds",
+    )
+    with tf.control_dependencies(
+        [check, tf.debugging.assert_non_negative(max_neighbors, message="max_neighbors must be >= 0")]
+    ):
         nq, ns, b = tf.shape(queries)[0], tf.shape(supports)[0], tf.shape(q_lengths)[0]
     q_cloud, s_cloud = _cloud_of(q_lengths, nq), _cloud_of(s_lengths, ns)
 
@@ -181,7 +194,7 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     # Cells a little wider than the radius: a neighbour is then never two cells away, whatever the
     # rounding of the cell coordinates; wider still when the cloud spans more than `side` cells.
     extent = tf.reduce_max(hi - lo, axis=1)
-    cell = tf.maximum(radius * (1.0 + 2.0 ** -20), extent / tf.cast(side - 1, tf.float64))
+    cell = tf.maximum(radius * (1.0 + 2.0**-20), extent / tf.cast(side - 1, tf.float64))
 
     def cell_coords(points, cloud):
         x = (tf.cast(points, tf.float64) - tf.gather(lo, cloud)) / tf.gather(cell, cloud)[:, None]
@@ -226,8 +239,9 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     loose = tf.cast(radius * radius * (1.0 + 1e-5) + 1e-30, tf.float32)
     near = tf.where(tf.reduce_sum(delta * delta, 1) <= loose)
     position, query = tf.gather(position, near[:, 0]), tf.gather(query, near[:, 0])
-    delta = (tf.cast(tf.gather(sorted_supports, position), tf.float64)
-             - tf.cast(tf.gather(queries, query), tf.float64))
+    delta = tf.cast(tf.gather(sorted_supports, position), tf.float64) - tf.cast(
+        tf.gather(queries, query), tf.float64
+    )
     square = delta * delta
     d2 = (square[:, 0] + square[:, 1]) + square[:, 2]
     hit = tf.where(d2 <= radius * radius)[:, 0]
@@ -240,8 +254,11 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     count = tf.math.bincount(hit_query, minlength=nq, maxlength=nq)
     width = tf.reduce_max(tf.concat([count, [0]], 0))
     column = tf.range(width)
-    source = tf.where(column[None, :] < count[:, None],
-                      tf.cumsum(count, exclusive=True)[:, None] + column[None, :], tf.size(hit_query))
+    source = tf.where(
+        column[None, :] < count[:, None],
+        tf.cumsum(count, exclusive=True)[:, None] + column[None, :],
+        tf.size(hit_query),
+    )
     ids = tf.gather(tf.concat([hit_id, [ns]], 0), source)
     dist = tf.gather(tf.concat([hit_d2, tf.constant([float("inf")], tf.float64)], 0), source)
     by_distance = tf.argsort(dist, axis=1, stable=True)

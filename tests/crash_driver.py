@@ -15,7 +15,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from training import run_store, train as train_module
+from training import run_store
+from training import train as train_module
 from training.run_store import RunStore
 
 
@@ -86,9 +87,14 @@ def install():
     RunStore.commit = commit
 
 
-STAGES = ["after the log row, before the checkpoint", "in the checkpoint write",
-          "checkpoint written, before its record", "record written, before its rename",
-          "record committed, before state.json", "committed, before pruning"]
+STAGES = [
+    "after the log row, before the checkpoint",
+    "in the checkpoint write",
+    "checkpoint written, before its record",
+    "record written, before its rename",
+    "record committed, before state.json",
+    "committed, before pruning",
+]
 
 
 def main(run_dir, overrides):

@@ -5,7 +5,7 @@ import numpy as np
 
 def influence(d2, extent, influence, aggregation, deformable=False):
     if influence == "constant":
-        w = (d2 < extent ** 2).astype(np.float64) if deformable else np.ones_like(d2)
+        w = (d2 < extent**2).astype(np.float64) if deformable else np.ones_like(d2)
     elif influence == "linear":
         w = np.maximum(1.0 - np.sqrt(d2) / extent, 0.0)
     else:
@@ -31,7 +31,7 @@ def kpconv_reference(q, s, n, f, kp, weights, extent, infl, agg, offsets=None, m
     w = influence(d2, extent, infl, agg, deformable)
     nf = f_pad[n]
     if deformable:
-        in_range = np.any(d2 < extent ** 2, axis=-1)
+        in_range = np.any(d2 < extent**2, axis=-1)
         nf = nf * in_range[..., None]
     per_kernel = np.einsum("nhk,nhd->nkd", w, nf)
     if modulations is not None:
@@ -42,8 +42,12 @@ def kpconv_reference(q, s, n, f, kp, weights, extent, infl, agg, offsets=None, m
 def random_problem(rng, nq=60, ns=90, h=12, d_in=4, d_out=5, k=15, extent=0.3, empty_rows=3):
     """Random clouds with sorted radius neighbours (2.5 extent), some queries isolated."""
     s = rng.uniform(-1, 1, (ns, 3)).astype(np.float32)
-    q = np.concatenate([s[:nq - empty_rows] + rng.normal(scale=0.05, size=(nq - empty_rows, 3)),
-                        rng.uniform(5, 6, (empty_rows, 3))]).astype(np.float32)
+    q = np.concatenate(
+        [
+            s[: nq - empty_rows] + rng.normal(scale=0.05, size=(nq - empty_rows, 3)),
+            rng.uniform(5, 6, (empty_rows, 3)),
+        ]
+    ).astype(np.float32)
     d = np.linalg.norm(q[:, None, :] - s[None], axis=-1)
     order = np.argsort(d, axis=1, kind="stable")[:, :h]
     within = np.take_along_axis(d, order, 1) <= 2.5 * extent

@@ -5,17 +5,45 @@ import pytest
 from kpconv_tf.architecture import layer_specs, split_layers
 from kpconv_tf.config import ModelConfig
 
-MODELNET40 = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided", "resnetb",
-              "resnetb_strided", "resnetb_deformable", "resnetb_deformable_strided",
-              "resnetb_deformable", "global_average"]
-S3DIS = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided", "resnetb",
-         "resnetb_strided", "resnetb", "resnetb_strided", "resnetb", "nearest_upsample", "unary",
-         "nearest_upsample", "unary", "nearest_upsample", "unary", "nearest_upsample", "unary"]
+MODELNET40 = [
+    "simple",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb_deformable",
+    "resnetb_deformable_strided",
+    "resnetb_deformable",
+    "global_average",
+]
+S3DIS = [
+    "simple",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "nearest_upsample",
+    "unary",
+    "nearest_upsample",
+    "unary",
+    "nearest_upsample",
+    "unary",
+    "nearest_upsample",
+    "unary",
+]
 
 
 def _model(arch, dl=0.02, density=5.0, extent=1.0):
-    return ModelConfig(architecture=arch, first_subsampling_dl=dl, density_parameter=density,
-                       kp_extent=extent)
+    return ModelConfig(
+        architecture=arch, first_subsampling_dl=dl, density_parameter=density, kp_extent=extent
+    )
 
 
 def test_split_layers_modelnet40():
@@ -29,8 +57,8 @@ def test_modelnet40_radii_follow_the_original_quirk():
     specs = layer_specs(_model(MODELNET40))
     assert len(specs) == 5
     for l, s in enumerate(specs):
-        r_normal = 0.02 * 2.5 * 2 ** l
-        assert s.dl == pytest.approx(0.02 * 2 ** l)
+        r_normal = 0.02 * 2.5 * 2**l
+        assert s.dl == pytest.approx(0.02 * 2**l)
         assert s.r_normal == pytest.approx(r_normal)
         # The deformable convolutions of layers 3 and 4 still get rigid-radius neighbours.
         assert s.conv_radius == pytest.approx(r_normal)
@@ -38,8 +66,8 @@ def test_modelnet40_radii_follow_the_original_quirk():
         assert specs[l].next_dl == pytest.approx(0.02 * 2 ** (l + 1))
     # Only the strided deformable block ending layer 3 uses density_parameter * dl.
     assert [s.pool_radius for s in specs[:3]] == pytest.approx([0.05, 0.1, 0.2])
-    assert specs[3].pool_radius == pytest.approx(5.0 * 0.02 * 2 ** 3)
-    assert specs[3].upsample_radius == pytest.approx(2 * 5.0 * 0.02 * 2 ** 3)
+    assert specs[3].pool_radius == pytest.approx(5.0 * 0.02 * 2**3)
+    assert specs[3].upsample_radius == pytest.approx(2 * 5.0 * 0.02 * 2**3)
     assert specs[4].pool_radius is None and not specs[4].has_pool
 
 

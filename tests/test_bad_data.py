@@ -7,10 +7,10 @@ import re
 
 import numpy as np
 import pytest
+from test_datasets_original import SYNSETS, _written, config_for, write_mesh_ply, write_modelnet, write_s3dis
 
 import tf_custom_ops  # noqa: F401  (loads the compiled ops from the shared cache before tests move it)
 from kpconv_tf.config import Config, ConfigError
-from test_datasets_original import SYNSETS, _written, config_for, write_mesh_ply, write_modelnet, write_s3dis
 from training.datasets import common, load_dataset
 from training.datasets.base import DatasetError, ObjectDataset
 from utils.ply import read_ply_triangles, write_ply
@@ -25,18 +25,28 @@ SCANNET_LABELS = "scans/scene0000_00/scene0000_00_vh_clean_2.labels.ply"
 
 # (format, file under the root, column index or PLY property, column name): one case per field kind
 # the format has (coordinates, normals, colours, intensity / reflectance, labels).
-TEXT_CASES = [("ModelNet40", "cup/cup_0001.txt", 1, "y"), ("ModelNet40", "cup/cup_0001.txt", 4, "normal_y"),
-              ("ShapeNetPart", SHAPENET_TRAIN, 0, "x"), ("ShapeNetPart", SHAPENET_TRAIN, 3, "normal_x"),
-              ("ShapeNetPart", SHAPENET_TRAIN, 6, "part"),
-              ("S3DIS", S3DIS_FILE, 2, "z"), ("S3DIS", S3DIS_FILE, 5, "blue"),
-              ("Semantic3D", f"{SEMANTIC3D_SCAN}.txt", 0, "x"),
-              ("Semantic3D", f"{SEMANTIC3D_SCAN}.txt", 3, "intensity"),
-              ("Semantic3D", f"{SEMANTIC3D_SCAN}.txt", 4, "red"),
-              ("Semantic3D", f"{SEMANTIC3D_SCAN}.labels", 0, "label")]
+TEXT_CASES = [
+    ("ModelNet40", "cup/cup_0001.txt", 1, "y"),
+    ("ModelNet40", "cup/cup_0001.txt", 4, "normal_y"),
+    ("ShapeNetPart", SHAPENET_TRAIN, 0, "x"),
+    ("ShapeNetPart", SHAPENET_TRAIN, 3, "normal_x"),
+    ("ShapeNetPart", SHAPENET_TRAIN, 6, "part"),
+    ("S3DIS", S3DIS_FILE, 2, "z"),
+    ("S3DIS", S3DIS_FILE, 5, "blue"),
+    ("Semantic3D", f"{SEMANTIC3D_SCAN}.txt", 0, "x"),
+    ("Semantic3D", f"{SEMANTIC3D_SCAN}.txt", 3, "intensity"),
+    ("Semantic3D", f"{SEMANTIC3D_SCAN}.txt", 4, "red"),
+    ("Semantic3D", f"{SEMANTIC3D_SCAN}.labels", 0, "label"),
+]
 NPM3D_FILE = "training_points/Paris.ply"
-PLY_CASES = [("NPM3D", NPM3D_FILE, "x"), ("NPM3D", NPM3D_FILE, "reflectance"), ("NPM3D", NPM3D_FILE, "class"),
-             ("Scannet", SCANNET_MESH, "y"), ("Scannet", SCANNET_MESH, "green"),
-             ("Scannet", SCANNET_LABELS, "label")]
+PLY_CASES = [
+    ("NPM3D", NPM3D_FILE, "x"),
+    ("NPM3D", NPM3D_FILE, "reflectance"),
+    ("NPM3D", NPM3D_FILE, "class"),
+    ("Scannet", SCANNET_MESH, "y"),
+    ("Scannet", SCANNET_MESH, "green"),
+    ("Scannet", SCANNET_LABELS, "label"),
+]
 
 
 def poison_text(path, column, word, row=4, delimiter=None):
@@ -133,8 +143,10 @@ def test_read_table_non_finite_values_across_chunks_and_float32_range(tmp_path, 
         common.read_table(path, 3, delimiter=",")
     ply = tmp_path / "t.ply"
     write_ply(ply, {"x": np.array([0.0, 1e39, 2.0]), "y": np.zeros(3, np.float32), "n": np.arange(3)})
-    with pytest.raises(DatasetError, match=re.escape(f"{ply}: vertex 1: non-finite value in property 'x': "
-                                                     "1e+39 (beyond float32)")):
+    with pytest.raises(
+        DatasetError,
+        match=re.escape(f"{ply}: vertex 1: non-finite value in property 'x': 1e+39 (beyond float32)"),
+    ):
         common.read_ply_fields(ply, ["x", "y", "n"])
     np.testing.assert_array_equal(common.read_ply_fields(ply, ["y", "n"])["n"], [0, 1, 2])
 
@@ -155,12 +167,14 @@ def test_on_bad_file_is_a_validated_choice(tmp_path):
 
 
 # (format, file made bad, the cloud or scene it takes away or None, what the split count says)
-SKIP_CASES = [("ModelNet40", "cup/cup_0001.txt", "cup_0001", "1 of 6 files"),
-              ("ShapeNetPart", SHAPENET_TRAIN, SHAPENET_TRAIN[:-4], "1 of 9 files"),
-              ("S3DIS", S3DIS_FILE, None, "1 of 16 files"),
-              ("Semantic3D", f"{SEMANTIC3D_SCAN}.labels", SEMANTIC3D_SCAN, "1 of 2 scans"),
-              ("NPM3D", NPM3D_FILE, "Paris", "1 of 2 files"),
-              ("Scannet", SCANNET_LABELS, "scene0000_00", "1 of 2 scenes")]
+SKIP_CASES = [
+    ("ModelNet40", "cup/cup_0001.txt", "cup_0001", "1 of 6 files"),
+    ("ShapeNetPart", SHAPENET_TRAIN, SHAPENET_TRAIN[:-4], "1 of 9 files"),
+    ("S3DIS", S3DIS_FILE, None, "1 of 16 files"),
+    ("Semantic3D", f"{SEMANTIC3D_SCAN}.labels", SEMANTIC3D_SCAN, "1 of 2 scans"),
+    ("NPM3D", NPM3D_FILE, "Paris", "1 of 2 files"),
+    ("Scannet", SCANNET_LABELS, "scene0000_00", "1 of 2 scenes"),
+]
 
 
 @pytest.mark.parametrize("name, file, gone, count", SKIP_CASES)
@@ -219,15 +233,20 @@ def test_skip_mode_fails_when_every_file_is_bad(tmp_path):
     write_modelnet(root, np.random.default_rng(3))
     for path in root.glob("*/*.txt"):
         path.write_text("nan,0,0,0,0,1\n")
-    with pytest.raises(DatasetError, match=r"split 'train' has nothing left: 6 of 6 files read are bad; "
-                                           r"the first: .*bowl_0001\.txt: line 1: non-finite"):
+    with pytest.raises(
+        DatasetError,
+        match=r"split 'train' has nothing left: 6 of 6 files read are bad; "
+        r"the first: .*bowl_0001\.txt: line 1: non-finite",
+    ):
         ModelNet40(root, 0.2, on_bad_file="skip").clouds("train")
     root = tmp_path / "s"
     write_s3dis(root, np.random.default_rng(3), areas=(1, 5))
     for path in (root / "Area_1").glob("*/Annotations/*.txt"):
         path.write_text("0 0 nan 1 2 3\n")
-    with pytest.warns(UserWarning, match="empty cloud Area_1"), \
-            pytest.raises(DatasetError, match="split 'train' has nothing left: 8 of 8 files"):
+    with (
+        pytest.warns(UserWarning, match="empty cloud Area_1"),
+        pytest.raises(DatasetError, match="split 'train' has nothing left: 8 of 8 files"),
+    ):
         S3DIS(root, 0.3, on_bad_file="skip").scenes("train")
 
 
@@ -297,7 +316,7 @@ def test_skip_mode_run_trains(tmp_path, monkeypatch, capsys):
 def corrupt(path, how):
     data = path.read_bytes()
     if how == "truncated":
-        path.write_bytes(data[:len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     elif how == "empty":
         path.write_bytes(b"")
     elif how == "garbage":
@@ -357,7 +376,7 @@ def test_lost_full_resolution_cloud_rebuilds_the_scene_cache(how, tmp_path, caps
     np.testing.assert_array_equal(again.projection, first.projection)
 
 
-@pytest.mark.parametrize("text", ["", "{\"batch_limit\": 12", "\x00\xff garbage", "[1, 2]"])
+@pytest.mark.parametrize("text", ["", '{"batch_limit": 12', "\x00\xff garbage", "[1, 2]"])
 def test_corrupt_calibration_cache_is_rebuilt(text, capsys):
     from test_pipeline import make_pipeline
 
@@ -397,6 +416,11 @@ def test_corrupt_embedded_dataset_caches_are_rebuilt(how, tmp_path, capsys):
         np.testing.assert_array_equal(a.points, b.points)
         np.testing.assert_array_equal(a.normals, b.normals)
     for a, b in zip(rooms, rooms_again, strict=True):
-        for x, y in ((a.points, b.points), (a.colors, b.colors), (a.labels, b.labels),
-                     (a.projection, b.projection), (a.full_points(), b.full_points())):
+        for x, y in (
+            (a.points, b.points),
+            (a.colors, b.colors),
+            (a.labels, b.labels),
+            (a.projection, b.projection),
+            (a.full_points(), b.full_points()),
+        ):
             np.testing.assert_array_equal(x, y)

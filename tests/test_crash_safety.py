@@ -22,12 +22,20 @@ SHAPES = ["table", "mug", "dumbbell"]
 # Short epochs: enough commits for every save stage, snapshots and pruned saves.
 EPOCHS = 8
 RUN = [
-    "dataset.name=EmbeddedShapes", "dataset.in_features_dim=4", "dataset.validation_size=1",
+    "dataset.name=EmbeddedShapes",
+    "dataset.in_features_dim=4",
+    "dataset.validation_size=1",
     f"dataset.extra={{train_per_class: 6, test_per_class: 2, seed: 1, classes: {SHAPES}}}",
-    "model.first_subsampling_dl=0.15", "model.first_features_dim=8", "model.density_parameter=3.0",
+    "model.first_subsampling_dl=0.15",
+    "model.first_features_dim=8",
+    "model.density_parameter=3.0",
     "model.architecture=[simple, resnetb, resnetb_strided, resnetb, global_average]",
-    "train.batch_num=4", "train.epoch_steps=2", f"train.max_epoch={EPOCHS}", "train.learning_rate=0.002",
-    "train.momentum=0.9", "train.snapshot_gap=2",
+    "train.batch_num=4",
+    "train.epoch_steps=2",
+    f"train.max_epoch={EPOCHS}",
+    "train.learning_rate=0.002",
+    "train.momentum=0.9",
+    "train.snapshot_gap=2",
 ]
 
 
@@ -38,8 +46,13 @@ def sets(items):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return dict(os.environ, KPCONV_TF_CACHE=str(cache), PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2",
-                KPCONV_TF_DETERMINISTIC="1")
+    return dict(
+        os.environ,
+        KPCONV_TF_CACHE=str(cache),
+        PYTHONPATH=str(ROOT),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        KPCONV_TF_DETERMINISTIC="1",
+    )
 
 
 @pytest.fixture
@@ -49,8 +62,11 @@ def subprocess_cache(env, monkeypatch):
 
 
 def train_command(run_dir, resume=False):
-    args = ["--resume", str(run_dir)] if resume else ["--config", "embedded_shapes", "--run-dir", str(run_dir),
-                                                     *sets(RUN)]
+    args = (
+        ["--resume", str(run_dir)]
+        if resume
+        else ["--config", "embedded_shapes", "--run-dir", str(run_dir), *sets(RUN)]
+    )
     return [sys.executable, "-m", "training.train", "--verbose", "0", *args]
 
 
@@ -62,8 +78,9 @@ def reference(tmp_path_factory, env):
     for name in ("reference", "again"):
         run_dir = tmp_path_factory.mktemp(name) / "run"
         start = time.time()
-        result = subprocess.run(train_command(run_dir), env=env, cwd=ROOT, capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run(
+            train_command(run_dir), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(run_dir)
         seconds.append(time.time() - start)
@@ -74,8 +91,11 @@ def reference(tmp_path_factory, env):
 def network_values(run_dir):
     reader = tf.train.load_checkpoint(str(RunStore(run_dir).prefix("last")))
     # everything saved (weights, momentum slots, learning rate, step) but TF's own bookkeeping
-    keys = sorted(k for k in reader.get_variable_to_shape_map()
-                  if k != "_CHECKPOINTABLE_OBJECT_GRAPH" and not k.startswith("save_counter"))
+    keys = sorted(
+        k
+        for k in reader.get_variable_to_shape_map()
+        if k != "_CHECKPOINTABLE_OBJECT_GRAPH" and not k.startswith("save_counter")
+    )
     assert any(k.startswith("network_variables/") for k in keys)
     return {k: reader.get_tensor(k) for k in keys}
 
@@ -103,14 +123,18 @@ def assert_same_run(a, b, validation_rtol=1e-6):
         assert row_a.keys() == row_b.keys()
         for key in row_a:
             if key.startswith("val_") and row_a[key] and validation_rtol:
-                assert float(row_b[key]) == pytest.approx(float(row_a[key]), rel=validation_rtol), (key, row_a)
+                assert float(row_b[key]) == pytest.approx(float(row_a[key]), rel=validation_rtol), (
+                    key,
+                    row_a,
+                )
             else:
                 assert row_a[key] == row_b[key], (key, row_a, row_b)
     assert steps_a == steps_b
     assert RunStore(a).names() == RunStore(b).names()
     state_a, state_b = (json.loads((d / "state.json").read_text()) for d in (a, b))
     assert state_b["finished"] and {k: state_a[k] for k in state_a if k != "save"} == {
-        k: state_b[k] for k in state_b if k != "save"}
+        k: state_b[k] for k in state_b if k != "save"
+    }
 
 
 KILLS = 6
@@ -130,14 +154,21 @@ def test_kill_loop_at_random_moments(tmp_path, env, reference):
         resume = (run_dir / "config.yaml").exists()
         resumes += resume
         touched = steps_file.stat().st_mtime_ns if steps_file.exists() else 0
-        process = subprocess.Popen(train_command(run_dir, resume), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            train_command(run_dir, resume),
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if kills < KILLS:
             if kills == 0:
                 time.sleep(rng.uniform(0.2, 0.6) * duration)
             else:
                 while process.poll() is None and not (
-                        steps_file.exists() and steps_file.stat().st_mtime_ns != touched):
+                    steps_file.exists() and steps_file.stat().st_mtime_ns != touched
+                ):
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 1.0))
             if process.poll() is None:
@@ -160,8 +191,14 @@ def test_kill_loop_at_random_moments(tmp_path, env, reference):
 @pytest.mark.slow
 def test_kill_at_each_stage_of_the_save_sequence(tmp_path, env, reference):
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_driver.py"), str(run_dir), *RUN],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "crash_driver.py"), str(run_dir), *RUN],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert not summary["failures"], summary
@@ -178,14 +215,21 @@ def test_damaged_checkpoints_are_named(tmp_path, env, reference):
     shutil.copytree(reference[0], run_dir)
     for data in (run_dir / "checkpoints").glob("*.data-*"):
         data.write_bytes(data.read_bytes()[:64])
-    result = subprocess.run(train_command(run_dir, resume=True), env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        train_command(run_dir, resume=True), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode != 0
     assert "has no save that loads" in result.stderr, result.stderr[-2000:]
     newest = RunStore(run_dir).newest()["save"]
     assert f"{newest}: {newest}.data-00000-of-00001 has 64 bytes instead of" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "training.test", str(run_dir), "--checkpoint", "last"],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "training.test", str(run_dir), "--checkpoint", "last"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert f"checkpoint {run_dir / 'checkpoints' / newest} (" in result.stderr, result.stderr[-2000:]
     assert "is damaged" in result.stderr
@@ -198,11 +242,14 @@ def listing(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize("overrides, error", [
-    (["model.architecture=[simple, resnetb, no_such_block, global_average]"], "no_such_block"),
-    (["model.architecture=[simple, resnetb, resnetb_strided, resnetb]"], "global_average"),
-    (["dataset.name=ModelNet40", "dataset.path=/nonexistent/modelnet"], "/nonexistent/modelnet"),
-])
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (["model.architecture=[simple, resnetb, no_such_block, global_average]"], "no_such_block"),
+        (["model.architecture=[simple, resnetb, resnetb_strided, resnetb]"], "global_average"),
+        (["dataset.name=ModelNet40", "dataset.path=/nonexistent/modelnet"], "/nonexistent/modelnet"),
+    ],
+)
 def test_failed_starts_leave_the_results_folder_as_it_was(tmp_path, subprocess_cache, overrides, error):
     from training.train import train
 

@@ -128,7 +128,8 @@ def write_modelnet(root, rng, classes=("bowl", "night_stand", "cup")):
             normals /= np.linalg.norm(normals, axis=1, keepdims=True)
             data = np.concatenate([points, normals], 1).astype(np.float32)
             (root / cls / f"{shape}.txt").write_text(
-                "".join(",".join(f"{v:.6f}" for v in row) + "\n" for row in data))
+                "".join(",".join(f"{v:.6f}" for v in row) + "\n" for row in data)
+            )
             shapes[shape] = np.loadtxt(root / cls / f"{shape}.txt", delimiter=",", dtype=np.float32)
             splits["test" if k == 3 else "train"].append(shape)
     for split, names in splits.items():
@@ -217,7 +218,8 @@ def write_shapenetpart(root, rng):
             parts = rng.integers(0, NUM_PARTS[c], n) + PART_OFFSETS[c]
             data = np.concatenate([points, normals, parts[:, None]], 1)
             (root / synset / f"{shape_id}.txt").write_text(
-                "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in data))
+                "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in data)
+            )
             shapes[f"{synset}/{shape_id}"] = (np.loadtxt(root / synset / f"{shape_id}.txt"), c)
             lists[which].append(f"shape_data/{synset}/{shape_id}")
     for which, entries in lists.items():
@@ -231,8 +233,12 @@ def shapenet_reference(data, category, dl):
     xyz = data[:, :3] - (data[:, :3].min(0) + data[:, :3].max(0)) / 2
     xyz /= np.linalg.norm(xyz, axis=1).max()
     swap = [0, 2, 1]
-    return grid_reference(xyz[:, swap], dl, features=data[:, 3:6][:, swap],
-                          labels=data[:, 6].astype(int) - PART_OFFSETS[category])
+    return grid_reference(
+        xyz[:, swap],
+        dl,
+        features=data[:, 3:6][:, swap],
+        labels=data[:, 6].astype(int) - PART_OFFSETS[category],
+    )
 
 
 def test_shapenetpart_multi_and_single(tmp_path, monkeypatch):
@@ -244,7 +250,11 @@ def test_shapenetpart_multi_and_single(tmp_path, monkeypatch):
     config = config_for("ShapeNetPart", root)
     config.model.first_subsampling_dl = dl
     multi = from_config(config)
-    assert multi.task == "multi_segmentation" and multi.label_names == CATEGORIES and multi.num_parts == NUM_PARTS
+    assert (
+        multi.task == "multi_segmentation"
+        and multi.label_names == CATEGORIES
+        and multi.num_parts == NUM_PARTS
+    )
     train = multi.clouds("train")
     # Train is the official train + val lists, in that order.
     assert [c.name for c in train] == [e[11:] for e in lists["train"] + lists["val"]]
@@ -255,7 +265,7 @@ def test_shapenetpart_multi_and_single(tmp_path, monkeypatch):
         ref_points, ref_normals, ref_parts = shapenet_reference(data, category, dl)
         assert cloud.point_labels.dtype == np.int32
         assert_cloud(cloud.points, ref_points, (cloud.normals, ref_normals), (cloud.point_labels, ref_parts))
-        assert 0 <= cloud.point_labels.min() and cloud.point_labels.max() < NUM_PARTS[category]
+        assert cloud.point_labels.min() >= 0 and cloud.point_labels.max() < NUM_PARTS[category]
 
     monkeypatch.setattr("training.datasets.shapenetpart.read_table", lambda *a, **k: 1 / 0)
     config.dataset.split = "car"
@@ -305,7 +315,8 @@ def write_s3dis(root, rng, areas=(1, 2, 5)):
                 p = off_grid(rng.uniform(0, 2, (n, 3)) + (area, 0, 0), 0.3, decimals=3)
                 c = rng.integers(0, 256, (n, 3))
                 (folder / f"{cls}_{k}.txt").write_text(
-                    "".join(f"{x:.3f} {y:.3f} {z:.3f} {r} {g} {b}\n" for (x, y, z), (r, g, b) in zip(p, c)))
+                    "".join(f"{x:.3f} {y:.3f} {z:.3f} {r} {g} {b}\n" for (x, y, z), (r, g, b) in zip(p, c))
+                )
                 points.append(np.round(p, 3))
                 colors.append(c / 255)
                 labels.append(np.full(n, label))
@@ -376,18 +387,28 @@ def test_s3dis_bad_input(tmp_path):
 
 def write_semantic3d(root, rng, dl):
     root.mkdir(parents=True)
-    scans = {"bildstein_station1_xyz_intensity_rgb": True, "domfountain_station1_xyz_intensity_rgb": True,
-             "sg27_station1_intensity_rgb": True, "sg27_station10_rgb_intensity-reduced": False}
+    scans = {
+        "bildstein_station1_xyz_intensity_rgb": True,
+        "domfountain_station1_xyz_intensity_rgb": True,
+        "sg27_station1_intensity_rgb": True,
+        "sg27_station10_rgb_intensity-reduced": False,
+    }
     written = {}
     for s, (name, labelled) in enumerate(scans.items()):
         n = 150
         base = rng.uniform(0, 3, (n, 3)) + (10 * s, 0, 0)
         # Near-duplicates 2 mm apart so the 1 cm presampling merges points.
-        points = off_grid(np.concatenate([base, base + rng.uniform(-2e-3, 2e-3, base.shape)]), 0.01, decimals=4)
+        points = off_grid(
+            np.concatenate([base, base + rng.uniform(-2e-3, 2e-3, base.shape)]), 0.01, decimals=4
+        )
         intensity = rng.integers(-2000, 2000, len(points))
         colors = rng.integers(0, 256, (len(points), 3))
-        (root / f"{name}.txt").write_text("".join(
-            f"{x:.4f} {y:.4f} {z:.4f} {i} {r} {g} {b}\n" for (x, y, z), i, (r, g, b) in zip(points, intensity, colors)))
+        (root / f"{name}.txt").write_text(
+            "".join(
+                f"{x:.4f} {y:.4f} {z:.4f} {i} {r} {g} {b}\n"
+                for (x, y, z), i, (r, g, b) in zip(points, intensity, colors)
+            )
+        )
         labels = rng.integers(0, 9, len(points)) if labelled else None
         if labelled:
             (root / f"{name}.labels").write_text("".join(f"{v}\n" for v in labels))
@@ -405,8 +426,10 @@ def test_semantic3d_splits_presampling_and_cache(tmp_path, monkeypatch):
     config.model.first_subsampling_dl = dl
     dataset = from_config(config)
     assert dataset.label_names == CLASSES and len(CLASSES) == 8
-    assert [s.name for s in dataset.scenes("train")] == ["bildstein_station1_xyz_intensity_rgb",
-                                                         "sg27_station1_intensity_rgb"]
+    assert [s.name for s in dataset.scenes("train")] == [
+        "bildstein_station1_xyz_intensity_rgb",
+        "sg27_station1_intensity_rgb",
+    ]
     assert [s.name for s in dataset.scenes("validation")] == ["domfountain_station1_xyz_intensity_rgb"]
     assert [s.name for s in dataset.scenes("test")] == ["sg27_station10_rgb_intensity-reduced"]
     for split in ("train", "validation", "test"):
@@ -419,7 +442,9 @@ def test_semantic3d_splits_presampling_and_cache(tmp_path, monkeypatch):
                 full_points = points
             else:
                 labels = raw - 1  # 0 (unlabeled) -> -1
-                pre_points, pre_colors, pre_labels = grid_reference(points, 0.01, features=colors, labels=labels)
+                pre_points, pre_colors, pre_labels = grid_reference(
+                    points, 0.01, features=colors, labels=labels
+                )
                 assert len(pre_points) < len(points)
                 ref = grid_reference(pre_points, dl, features=pre_colors, labels=pre_labels)
                 if split == "validation":
@@ -474,12 +499,15 @@ def test_semantic3d_bad_input(tmp_path):
 
 def write_npm3d(root, rng):
     written = {}
-    for folder, names in (("training_points", ["Lille1_1", "Lille1_2", "Paris"]), ("test_points", ["ajaccio_2"])):
+    for folder, names in (
+        ("training_points", ["Lille1_1", "Lille1_2", "Paris"]),
+        ("test_points", ["ajaccio_2"]),
+    ):
         (root / folder).mkdir(parents=True)
         for s, name in enumerate(names):
             n = 120
-            fields = {k: v for k, v in zip("xyz", off_grid(rng.uniform(0, 6, (n, 3)) + (20 * s, 0, 0), 0.5).T)}
-            fields = {k: v.astype(np.float32) for k, v in fields.items()}
+            xyz = off_grid(rng.uniform(0, 6, (n, 3)) + (20 * s, 0, 0), 0.5).T
+            fields = {k: v.astype(np.float32) for k, v in zip("xyz", xyz)}
             fields["reflectance"] = rng.uniform(0, 120, n).astype(np.float32)
             if folder == "training_points":
                 fields["class"] = rng.integers(0, 10, n).astype(np.int32)
@@ -516,11 +544,16 @@ def test_npm3d_reflectance_labels_splits(tmp_path, monkeypatch):
                 if labels is not None:
                     np.testing.assert_array_equal(scene.full_labels, labels)
                 _, nearest = common.KDTree(scene.points).query(points)
-                np.testing.assert_allclose(np.linalg.norm(points - scene.points[scene.projection], axis=1),
-                                           np.linalg.norm(points - scene.points[nearest[:, 0]], axis=1), atol=1e-6)
+                np.testing.assert_allclose(
+                    np.linalg.norm(points - scene.points[scene.projection], axis=1),
+                    np.linalg.norm(points - scene.points[nearest[:, 0]], axis=1),
+                    atol=1e-6,
+                )
 
     monkeypatch.setattr("training.datasets.npm3d.read_ply_fields", lambda *a, **k: 1 / 0)
-    np.testing.assert_array_equal(NPM3D(root, dl).scenes("train")[1].colors, dataset.scenes("train")[1].colors)
+    np.testing.assert_array_equal(
+        NPM3D(root, dl).scenes("train")[1].colors, dataset.scenes("train")[1].colors
+    )
 
 
 def test_npm3d_bad_input(tmp_path):
@@ -556,6 +589,7 @@ def test_npm3d_bad_input(tmp_path):
 def write_mesh_ply(path, fields, faces):
     """Binary PLY with vertices and a triangle face element (as the ScanNet meshes); x, y, z and
     float arrays are written as floats, labels as ushort, the rest as uchar."""
+
     def ply_type(k):
         if k in "xyz" or np.issubdtype(np.asarray(fields[k]).dtype, np.floating):
             return "<f4"
@@ -566,7 +600,12 @@ def write_mesh_ply(path, fields, faces):
     vertices = np.empty(len(fields["x"]), dtype)
     for k in fields:
         vertices[k] = fields[k]
-    header = ["ply", "format binary_little_endian 1.0", "comment made by the test", f"element vertex {len(vertices)}"]
+    header = [
+        "ply",
+        "format binary_little_endian 1.0",
+        "comment made by the test",
+        f"element vertex {len(vertices)}",
+    ]
     header += [f"property {types[t]} {k}" for k, t in dtype]
     header += [f"element face {len(faces)}", "property list uchar int vertex_indices", "end_header"]
     face_data = np.empty(len(faces), [("n", "u1"), ("v", "<i4", (3,))])
@@ -576,15 +615,27 @@ def write_mesh_ply(path, fields, faces):
 
 def write_scannet(root, rng):
     written = {}
-    scenes = {"scene0000_00": "scans", "scene0001_00": "scans", "scene0002_00": "scans", "scene0707_00": "scans_test"}
-    for s, (scene, folder) in enumerate(scenes.items()):
+    scenes = {
+        "scene0000_00": "scans",
+        "scene0001_00": "scans",
+        "scene0002_00": "scans",
+        "scene0707_00": "scans_test",
+    }
+    for scene, folder in scenes.items():
         d = root / folder / scene
         d.mkdir(parents=True)
         n = 100
         points = off_grid(rng.uniform(0, 4, (n, 3)), 0.4).astype(np.float32)
         colors = rng.integers(0, 256, (n, 3))
-        fields = {"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "red": colors[:, 0], "green": colors[:, 1],
-                  "blue": colors[:, 2], "alpha": np.full(n, 255)}
+        fields = {
+            "x": points[:, 0],
+            "y": points[:, 1],
+            "z": points[:, 2],
+            "red": colors[:, 0],
+            "green": colors[:, 1],
+            "blue": colors[:, 2],
+            "alpha": np.full(n, 255),
+        }
         faces = rng.integers(0, n, (2 * n, 3))
         write_mesh_ply(d / f"{scene}_vh_clean_2.ply", fields, faces)
         labels = None
@@ -594,7 +645,8 @@ def write_scannet(root, rng):
         written[scene] = (points.astype(np.float64), colors / 255, labels)
     # A quarter turn about z and a shift, as the ScanNet meta files give.
     (root / "scans" / "scene0001_00" / "scene0001_00.txt").write_text(
-        "colorHeight = 968\naxisAlignment = 0 -1 0 1.5 1 0 0 -2 0 0 1 0.25 0 0 0 1\nnumDepthFrames = 10\n")
+        "colorHeight = 968\naxisAlignment = 0 -1 0 1.5 1 0 0 -2 0 0 1 0.25 0 0 0 1\nnumDepthFrames = 10\n"
+    )
     (root / "scannetv2_val.txt").write_text("scene0002_00\n")
     return written
 
@@ -630,8 +682,10 @@ def test_scannet_labels_alignment_splits(tmp_path, monkeypatch):
     assert dataset.scenes("test")[0].labels is None
 
     monkeypatch.setattr("training.datasets.scannet.read_ply_fields", lambda *a, **k: 1 / 0)
-    np.testing.assert_array_equal(Scannet(root, dl, mesh_sampling=None).scenes("validation")[0].labels,
-                                  dataset.scenes("validation")[0].labels)
+    np.testing.assert_array_equal(
+        Scannet(root, dl, mesh_sampling=None).scenes("validation")[0].labels,
+        dataset.scenes("validation")[0].labels,
+    )
     monkeypatch.undo()
     monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "cache"))
     # An explicit training list replaces "every scene not in validation".
@@ -677,8 +731,13 @@ def test_sample_mesh_covers_faces_with_nearest_vertices():
     tri = corners[face].astype(np.float64)  # [p, 3, 3]
     # Every sample lies inside its face: barycentric coordinates >= 0 that rebuild it.
     e1, e2, q = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], points - tri[:, 0]
-    gram = np.stack([np.stack([(e1 * e1).sum(1), (e1 * e2).sum(1)], 1),
-                     np.stack([(e1 * e2).sum(1), (e2 * e2).sum(1)], 1)], 1)
+    gram = np.stack(
+        [
+            np.stack([(e1 * e1).sum(1), (e1 * e2).sum(1)], 1),
+            np.stack([(e1 * e2).sum(1), (e2 * e2).sum(1)], 1),
+        ],
+        1,
+    )
     uv = np.linalg.solve(gram, np.stack([(q * e1).sum(1), (q * e2).sum(1)], 1)[..., None])[..., 0]
     np.testing.assert_allclose(tri[:, 0] + uv[:, :1] * e1 + uv[:, 1:] * e2, points, atol=1e-6)
     assert np.all(uv > -1e-6) and np.all(uv.sum(1) < 1 + 1e-6)
@@ -690,7 +749,11 @@ def test_sample_mesh_covers_faces_with_nearest_vertices():
     for f in range(5):
         ab = rng.random((2000, 2))
         ab = np.where(ab.sum(1, keepdims=True) > 1, 1 - ab, ab)
-        probe = corners[f, 0] + ab[:, :1] * (corners[f, 1] - corners[f, 0]) + ab[:, 1:] * (corners[f, 2] - corners[f, 0])
+        probe = (
+            corners[f, 0]
+            + ab[:, :1] * (corners[f, 1] - corners[f, 0])
+            + ab[:, 1:] * (corners[f, 2] - corners[f, 0])
+        )
         own = points[face == f]
         gap = np.sqrt(((probe[:, None, :] - own[None]) ** 2).sum(-1)).min(1)
         assert gap.max() <= spacing / np.sqrt(3) + 1e-9
@@ -708,8 +771,15 @@ def test_scannet_samples_faces_as_the_original(tmp_path):
     xyz = np.array(floor + wall, np.float32)
     colors = np.array([[200, 10, 10]] * 4 + [[10, 10, 200]] * 4)
     faces = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]])
-    fields = {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2], "red": colors[:, 0], "green": colors[:, 1],
-              "blue": colors[:, 2], "alpha": np.full(8, 255)}
+    fields = {
+        "x": xyz[:, 0],
+        "y": xyz[:, 1],
+        "z": xyz[:, 2],
+        "red": colors[:, 0],
+        "green": colors[:, 1],
+        "blue": colors[:, 2],
+        "alpha": np.full(8, 255),
+    }
     write_mesh_ply(d / "scene0005_00_vh_clean_2.ply", fields, faces)
     write_mesh_ply(d / "scene0005_00_vh_clean_2.labels.ply", {**fields, "label": [2] * 4 + [1] * 4}, faces)
     (root / "scannetv2_val.txt").write_text("scene0005_00\n")
@@ -721,8 +791,9 @@ def test_scannet_samples_faces_as_the_original(tmp_path):
     np.testing.assert_allclose(scene.points[on_wall, 0], 3.05, atol=1e-6)
     # wall (nyu 1) -> class 0, floor (nyu 2) -> class 1, colours from the mesh vertices.
     np.testing.assert_array_equal(scene.labels, np.where(on_wall, 0, 1))
-    np.testing.assert_allclose(scene.colors, np.where(on_wall[:, None], [10, 10, 200], [200, 10, 10]) / 255,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        scene.colors, np.where(on_wall[:, None], [10, 10, 200], [200, 10, 10]) / 255, atol=1e-6
+    )
     # The full-resolution cloud is the vertices.
     np.testing.assert_array_equal(scene.full_points(), xyz)
     np.testing.assert_array_equal(scene.full_labels, [1] * 4 + [0] * 4)
@@ -734,10 +805,17 @@ def test_scannet_samples_faces_as_the_original(tmp_path):
 # Training configurations
 
 
-@pytest.mark.parametrize("name, dl, radius, features, batch, epochs, period", [
-    ("ModelNet40", 0.02, None, 1, 16, 402, 80), ("ShapeNetPart", 0.02, None, 4, 16, 500, 80),
-    ("S3DIS", 0.04, 2.0, 5, 10, 500, 100), ("Scannet", 0.04, 2.0, 4, 10, 500, 100),
-    ("Semantic3D", 0.06, 3.0, 4, 10, 500, 100), ("NPM3D", 0.08, 4.0, 1, 8, 600, 100)])
+@pytest.mark.parametrize(
+    "name, dl, radius, features, batch, epochs, period",
+    [
+        ("ModelNet40", 0.02, None, 1, 16, 402, 80),
+        ("ShapeNetPart", 0.02, None, 4, 16, 500, 80),
+        ("S3DIS", 0.04, 2.0, 5, 10, 500, 100),
+        ("Scannet", 0.04, 2.0, 4, 10, 500, 100),
+        ("Semantic3D", 0.06, 3.0, 4, 10, 500, 100),
+        ("NPM3D", 0.08, 4.0, 1, 8, 600, 100),
+    ],
+)
 def test_original_training_configs(name, dl, radius, features, batch, epochs, period):
     config = Config.from_yaml(CONFIGS / f"{name.lower()}.yaml")
     assert config.dataset.name == name
@@ -806,7 +884,9 @@ def test_original_formats_feed_the_pipeline(name, tmp_path, monkeypatch):
     from training.pipeline import Pipeline
 
     # Neighbour calibration is the pipeline's own business (tested there); fixed widths keep this fast.
-    monkeypatch.setattr(Pipeline, "calibrate_neighbors", lambda self, *a, **k: [30] * self.config.model.num_layers)
+    monkeypatch.setattr(
+        Pipeline, "calibrate_neighbors", lambda self, *a, **k: [30] * self.config.model.num_layers
+    )
 
     root, dl, radius = _written(name, tmp_path / name, np.random.default_rng(14))
     config = config_for(name, root)

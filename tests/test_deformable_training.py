@@ -5,7 +5,6 @@ The measure is the share of "lost" kernel points (no input point within the exte
 rigid kernels on these objects, near 1 once the original's unbounded offsets have flown away.
 """
 
-
 import keras
 import numpy as np
 import pytest
@@ -22,13 +21,26 @@ from training.trainer import TrainingModel
 # 100 steps, and the test accuracy in inference mode then says more about them than about learning
 # (measured with 64 features on a 2-core AVX-512 machine: training accuracy 0.87 deformable / 0.86
 # rigid, test accuracy 0.34 / 0.47).
-SMALL = ["dataset.name=EmbeddedLidarObjects", "dataset.extra={train_per_class: 12, test_per_class: 10, seed: 2}",
-         "model.first_subsampling_dl=0.05", "model.first_features_dim=32", "model.batch_norm_momentum=0.9",
-         "train.epoch_steps=20", "train.seed=1", "model.kernel_seed=1"]
-RIGID = ["model.architecture=[simple, resnetb, resnetb_strided, resnetb, resnetb_strided, resnetb, resnetb_strided, "
-         "resnetb, resnetb_strided, resnetb, global_average]"]
-ORIGINAL_DEFINITION = ["model.offset_bound=0", "train.offsets_loss=fitting", "train.offsets_decay=0.1",
-                       "train.semantics=original"]
+SMALL = [
+    "dataset.name=EmbeddedLidarObjects",
+    "dataset.extra={train_per_class: 12, test_per_class: 10, seed: 2}",
+    "model.first_subsampling_dl=0.05",
+    "model.first_features_dim=32",
+    "model.batch_norm_momentum=0.9",
+    "train.epoch_steps=20",
+    "train.seed=1",
+    "model.kernel_seed=1",
+]
+RIGID = [
+    "model.architecture=[simple, resnetb, resnetb_strided, resnetb, resnetb_strided, resnetb, "
+    "resnetb_strided, resnetb, resnetb_strided, resnetb, global_average]"
+]
+ORIGINAL_DEFINITION = [
+    "model.offset_bound=0",
+    "train.offsets_loss=fitting",
+    "train.offsets_decay=0.1",
+    "train.semantics=original",
+]
 
 
 pytestmark = pytest.mark.usefixtures("module_cache")
@@ -43,8 +55,13 @@ def _train(overrides, epochs):
     pipeline = Pipeline(dataset, config)
     model = TrainingModel(build_network(config), config)
     model.compile()
-    history = model.fit(pipeline.dataset("train").repeat(), steps_per_epoch=config.train.epoch_steps,
-                        epochs=epochs, verbose=0, shuffle=False).history
+    history = model.fit(
+        pipeline.dataset("train").repeat(),
+        steps_per_epoch=config.train.epoch_steps,
+        epochs=epochs,
+        verbose=0,
+        shuffle=False,
+    ).history
     lost_keys = [k for k in history if k.startswith("lost_share_")]  # none for a rigid network
     lost = [np.mean([history[k][e] for k in lost_keys]) for e in range(epochs)] if lost_keys else []
     test = model.evaluate(pipeline.dataset("test", augment=False), verbose=0, return_dict=True)

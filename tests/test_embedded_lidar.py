@@ -5,9 +5,14 @@ import pytest
 
 from kpconv_tf.config import Config
 from training.datasets import configure, load_dataset
-from training.datasets.embedded_lidar import OBJECTS, EmbeddedLidarObjects, generate, scan_object, write_modelnet40_layout
+from training.datasets.embedded_lidar import (
+    OBJECTS,
+    EmbeddedLidarObjects,
+    generate,
+    scan_object,
+    write_modelnet40_layout,
+)
 from training.datasets.modelnet40 import ModelNet40
-
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -46,8 +51,10 @@ def test_deterministic_cached_and_registered(tmp_path, monkeypatch):
     assert len(a) == 2 * len(OBJECTS)
     assert sorted({c.label for c in a}) == list(range(len(OBJECTS)))
     with monkeypatch.context() as patch:
-        patch.setattr("training.datasets.embedded_lidar.scan_object",
-                      lambda *args, **kwargs: pytest.fail("regenerated instead of reading the cache"))
+        patch.setattr(
+            "training.datasets.embedded_lidar.scan_object",
+            lambda *args, **kwargs: pytest.fail("regenerated instead of reading the cache"),
+        )
         b = EmbeddedLidarObjects(0.05, (2, 1), seed=3).clouds("train")
     for x, y in zip(a, b):
         assert x.points.ndim == 2 and x.points.shape[1] == 3 and len(x.points) > 30
@@ -55,9 +62,12 @@ def test_deterministic_cached_and_registered(tmp_path, monkeypatch):
         assert not x.normals.any()  # lidar objects come without normals
     cells = np.floor(a[0].points / 0.05).astype(np.int64)
     assert len(np.unique(cells, axis=0)) >= 0.98 * len(a[0].points)  # about one point per grid cell
-    c = Config.from_dict({"dataset": {"name": "EmbeddedLidarObjects", "extra": {"train_per_class": 1,
-                                                                              "test_per_class": 1}},
-                          "model": {"first_subsampling_dl": 0.1}})
+    c = Config.from_dict(
+        {
+            "dataset": {"name": "EmbeddedLidarObjects", "extra": {"train_per_class": 1, "test_per_class": 1}},
+            "model": {"first_subsampling_dl": 0.1},
+        }
+    )
     dataset = load_dataset(c)
     configure(c, dataset)
     assert c.dataset.num_classes == len(OBJECTS) and c.model.network_model == "classification"
@@ -66,7 +76,9 @@ def test_deterministic_cached_and_registered(tmp_path, monkeypatch):
 
 
 def test_modelnet40_layout_reads_back(tmp_path):
-    root = write_modelnet40_layout(tmp_path / "lidar", per_class=(2, 1), seed=5, classes=["car", "pole", "bush"])
+    root = write_modelnet40_layout(
+        tmp_path / "lidar", per_class=(2, 1), seed=5, classes=["car", "pole", "bush"]
+    )
     data = ModelNet40(root, 0.02)
     assert data.label_names == ["car", "pole", "bush"]
     train, test = data.clouds("train"), data.clouds("test")

@@ -34,7 +34,14 @@ def dataset(cache):
 
 
 def scene_arrays(scene):
-    return [scene.points, scene.colors, scene.labels, scene.projection, scene.full_labels, scene.full_points()]
+    return [
+        scene.points,
+        scene.colors,
+        scene.labels,
+        scene.projection,
+        scene.full_labels,
+        scene.full_points(),
+    ]
 
 
 def test_generation_is_fast(dataset):
@@ -85,7 +92,9 @@ def test_scene_shapes_dtypes_and_ranges(dataset):
             # Rooms sit on z = 0, a few metres wide and high.
             lo, hi = full.min(0), full.max(0)
             assert np.all(lo > -0.1) and np.all(hi[:2] < 6.1) and 2.5 < hi[2] < 3.3
-            assert isinstance(scene.tree, KDTree) and np.array_equal(np.asarray(scene.tree.data), scene.points)
+            assert isinstance(scene.tree, KDTree) and np.array_equal(
+                np.asarray(scene.tree.data), scene.points
+            )
 
 
 def test_subsampling_and_projection(dataset):
@@ -97,7 +106,9 @@ def test_subsampling_and_projection(dataset):
         # the cell's points (float64 reference); a barycentre lies inside its own cell.
         dl = float(np.float32(DL))  # the op receives the cell size as float32
         origin = np.floor(full.min(0) / dl) * dl
-        cells, inverse = np.unique(np.floor((full - origin) / dl).astype(np.int64), axis=0, return_inverse=True)
+        cells, inverse = np.unique(
+            np.floor((full - origin) / dl).astype(np.int64), axis=0, return_inverse=True
+        )
         inverse = inverse.ravel()
         assert len(sub) == len(cells)
         barycentres = np.zeros((len(cells), 3))
@@ -164,7 +175,10 @@ def test_colour_and_height_alone_do_not_solve_it():
         return np.mean(ious)
 
     for columns, limit in (((3, 4, 5), 0.35), ((2, 3, 4, 5), 0.55)):
-        features = lambda rooms: np.concatenate([np.hstack([p, c])[:, columns] for p, c, _ in rooms])
+
+        def features(rooms):
+            return np.concatenate([np.hstack([p, c])[:, columns] for p, c, _ in rooms])
+
         tree = DecisionTreeClassifier(max_depth=12, random_state=0).fit(features(train)[::4], y_train[::4])
         score = miou(tree.predict(features(test)))
         assert 0.05 < score < limit, (columns, score)

@@ -5,7 +5,6 @@ import pytest
 
 from training.datasets.embedded_shapes import SHAPES, EmbeddedParts, EmbeddedShapes, sample_shape
 
-
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
@@ -25,8 +24,10 @@ def test_deterministic_and_cached(tmp_path, monkeypatch):
     a = EmbeddedShapes(0.1, (2, 1), seed=3).clouds("train")
     assert len(a) == 2 * len(SHAPES)
     with monkeypatch.context() as patch:
-        patch.setattr("training.datasets.embedded_shapes.sample_shape",
-                      lambda *args, **kwargs: pytest.fail("regenerated instead of reading the cache"))
+        patch.setattr(
+            "training.datasets.embedded_shapes.sample_shape",
+            lambda *args, **kwargs: pytest.fail("regenerated instead of reading the cache"),
+        )
         b = EmbeddedShapes(0.1, (2, 1), seed=3).clouds("train")
     monkeypatch.setenv("KPCONV_TF_CACHE", str(tmp_path / "other"))
     c = EmbeddedShapes(0.1, (2, 1), seed=3).clouds("train")  # regenerated elsewhere: same arrays
@@ -62,7 +63,7 @@ def test_parts_labels():
     seen = {}
     for cloud in data.clouds("train"):
         assert cloud.point_labels.shape == (len(cloud.points),)
-        assert 0 <= cloud.point_labels.min() and cloud.point_labels.max() < data.num_parts[cloud.label]
+        assert cloud.point_labels.min() >= 0 and cloud.point_labels.max() < data.num_parts[cloud.label]
         seen.setdefault(cloud.label, set()).update(np.unique(cloud.point_labels).tolist())
     assert all(len(parts) >= 2 for parts in seen.values())  # every category shows several parts
 
@@ -72,8 +73,20 @@ def global_statistics(points):
     q = p - p.mean(0)
     eigen = np.sort(np.linalg.eigvalsh(q.T @ q / len(q)))
     radius = np.linalg.norm(q, axis=1)
-    return np.concatenate([eigen, np.sort(np.ptp(p, 0)), [radius.mean(), radius.std(), len(p), q[:, 2].std(),
-                                                         np.abs(q[:, 2]).mean(), np.percentile(radius, 90)]])
+    return np.concatenate(
+        [
+            eigen,
+            np.sort(np.ptp(p, 0)),
+            [
+                radius.mean(),
+                radius.std(),
+                len(p),
+                q[:, 2].std(),
+                np.abs(q[:, 2]).mean(),
+                np.percentile(radius, 90),
+            ],
+        ]
+    )
 
 
 @pytest.mark.slow

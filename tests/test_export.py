@@ -20,9 +20,18 @@ ARCH = ["simple", "resnetb_strided", "resnetb_deformable", "global_average"]
 
 @pytest.mark.slow
 def test_export_round_trip_in_a_fresh_process(tmp_path):
-    config = Config.from_dict({"dataset": {"num_classes": 5},
-                               "model": dict(architecture=ARCH, first_features_dim=8, first_subsampling_dl=0.05,
-                                             density_parameter=5.0, kernel_seed=3)})
+    config = Config.from_dict(
+        {
+            "dataset": {"num_classes": 5},
+            "model": dict(
+                architecture=ARCH,
+                first_features_dim=8,
+                first_subsampling_dl=0.05,
+                density_parameter=5.0,
+                kernel_seed=3,
+            ),
+        }
+    )
     model = convert.build_model(config)
     rng = np.random.default_rng(0)
     points = rng.normal(size=(500, 3)).astype(np.float32) * 0.3
@@ -38,8 +47,8 @@ import json, numpy as np, tensorflow as tf
 from kpconv_tf.export import load_exported
 from kpconv_tf.pyramid import build_pyramid
 from kpconv_tf.config import Config
-d = np.load({str(tmp_path / 'batch.npz')!r})
-m = load_exported({str(tmp_path / 'saved')!r})
+d = np.load({str(tmp_path / "batch.npz")!r})
+m = load_exported({str(tmp_path / "saved")!r})
 raw = m.signatures['serving_default'](points=tf.constant(d['points']), features=tf.constant(d['features']),
                                       lengths=tf.constant(d['lengths']))['probabilities'].numpy()
 print(json.dumps(raw.tolist()))
@@ -57,9 +66,18 @@ print(json.dumps(raw.tolist()))
 
 
 def test_precomputed_signature_matches_the_model(tmp_path):
-    config = Config.from_dict({"dataset": {"num_classes": 4},
-                               "model": dict(architecture=ARCH, first_features_dim=8, first_subsampling_dl=0.05,
-                                             density_parameter=5.0, kernel_seed=2)})
+    config = Config.from_dict(
+        {
+            "dataset": {"num_classes": 4},
+            "model": dict(
+                architecture=ARCH,
+                first_features_dim=8,
+                first_subsampling_dl=0.05,
+                density_parameter=5.0,
+                kernel_seed=2,
+            ),
+        }
+    )
     model = convert.build_model(config)
     points = np.random.default_rng(1).normal(size=(300, 3)).astype(np.float32) * 0.3
     inputs = build_pyramid(points, np.array([300], np.int32), np.ones((300, 1), np.float32), config.model)
@@ -72,12 +90,19 @@ def test_precomputed_signature_matches_the_model(tmp_path):
 def test_keras_file_round_trip(tmp_path):
     import keras
 
-    config = Config.from_dict({"dataset": {"num_classes": 3},
-                               "model": dict(network_model="segmentation",
-                                             architecture=["simple", "resnetb_deformable_strided", "resnetb",
-                                                           "nearest_upsample", "unary"],
-                                             first_features_dim=8, first_subsampling_dl=0.05,
-                                             density_parameter=5.0, kernel_seed=4)})
+    config = Config.from_dict(
+        {
+            "dataset": {"num_classes": 3},
+            "model": dict(
+                network_model="segmentation",
+                architecture=["simple", "resnetb_deformable_strided", "resnetb", "nearest_upsample", "unary"],
+                first_features_dim=8,
+                first_subsampling_dl=0.05,
+                density_parameter=5.0,
+                kernel_seed=4,
+            ),
+        }
+    )
     model = convert.build_model(config)
     points = np.random.default_rng(2).normal(size=(200, 3)).astype(np.float32) * 0.3
     inputs = build_pyramid(points, np.array([200], np.int32), np.ones((200, 1), np.float32), config.model)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from sklearn.neighbors import KDTree
-
 from test_predict import ROOMS_TINY, SHAPES, SHAPES_TINY, synthetic_room, write_room
 from tiny_runs import train_tiny
+
 from training import export, predict
 from utils.point_files import read_point_file
 
@@ -92,11 +92,11 @@ def test_portable_savedmodel_loads_without_the_ops_and_matches_the_run(rooms_run
 import json, sys
 sys.modules["tf_custom_ops"] = None  # any import of the compiled ops fails
 import numpy as np, tensorflow as tf
-d = np.load({str(tmp_path / 'sphere.npz')!r})
+d = np.load({str(tmp_path / "sphere.npz")!r})
 m = tf.saved_model.load({str(rooms_saved)!r})
 out = m.signatures["serving_default"](points=tf.constant(d["points"]), features=tf.constant(d["features"]),
                                       lengths=tf.constant([len(d["points"])], tf.int32))
-np.save({str(tmp_path / 'probs.npy')!r}, out["probabilities"].numpy())
+np.save({str(tmp_path / "probs.npy")!r}, out["probabilities"].numpy())
 print(json.dumps({{"task": m.task.numpy().decode(), "classes": [c.decode() for c in m.class_names.numpy()],
                   "portable": bool(m.portable.numpy()), "yaml": len(m.config_yaml.numpy())}}))
 """
@@ -119,7 +119,8 @@ def test_subsampled_signature_matches_the_run(rooms_run, rooms_saved):
     assert saved.config.to_dict() == model.config.to_dict()
     points, features = sphere_inputs(model.config, seed=4)
     sub_points, sub_lengths, sub_features = export.grid_subsampling(
-        points, [len(points)], model.config.model.first_subsampling_dl, features, "standard")
+        points, [len(points)], model.config.model.first_subsampling_dl, features, "standard"
+    )
     args = sub_points.numpy(), sub_features.numpy(), sub_lengths.numpy()
     np.testing.assert_allclose(saved.probabilities(*args), model.probabilities(*args), atol=1e-5)
 
@@ -132,7 +133,8 @@ def test_standard_subsampling_averages_features_as_the_compiled_op():
     features = rng.random((3000, 4)).astype(np.float32)
     compiled = export.grid_subsampling(points, lengths, 0.1, features, "compiled")
     standard = tf.function(lambda p, l, f: export.grid_subsampling(p, l, 0.1, f, "standard"))(
-        points, lengths, features)
+        points, lengths, features
+    )
     for a, b in zip(compiled, standard):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7)
 
@@ -143,8 +145,24 @@ def test_predict_driven_by_the_savedmodel_equals_the_run_directory(rooms_run, ro
     outputs = {}
     for name, model in (("run", rooms_run), ("saved", rooms_saved)):
         out = tmp_path / name
-        assert predict.main([str(model), str(tmp_path / "tile.las"), "--out", str(out), "--votes", "1.5",
-                             "--probabilities", "--checkpoint", "last", "--implementation", "standard"]) == 0
+        assert (
+            predict.main(
+                [
+                    str(model),
+                    str(tmp_path / "tile.las"),
+                    "--out",
+                    str(out),
+                    "--votes",
+                    "1.5",
+                    "--probabilities",
+                    "--checkpoint",
+                    "last",
+                    "--implementation",
+                    "standard",
+                ]
+            )
+            == 0
+        )
         outputs[name] = read_point_file(out / "tile.ply").fields
     from training.datasets.embedded_rooms import CLASSES
 
@@ -152,8 +170,9 @@ def test_predict_driven_by_the_savedmodel_equals_the_run_directory(rooms_run, ro
     np.testing.assert_allclose(probs["saved"], probs["run"], atol=1e-5)
     top2 = np.sort(probs["run"], 1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 1e-4
-    np.testing.assert_array_equal(np.asarray(outputs["saved"]["pred"])[clear],
-                                  np.asarray(outputs["run"]["pred"])[clear])
+    np.testing.assert_array_equal(
+        np.asarray(outputs["saved"]["pred"])[clear], np.asarray(outputs["run"]["pred"])[clear]
+    )
 
 
 @pytest.mark.slow
@@ -165,16 +184,23 @@ def test_classification_export_serves_batched_raw_clouds(module_cache, tmp_path_
     model = predict.open_model(run_dir, "last")
     clouds = EmbeddedShapes(0.04, (1, 1), seed=6, classes=SHAPES).clouds("test")[:2]
     points = np.concatenate([c.points for c in clouds]).astype(np.float32)
-    features = np.concatenate([np.ones((len(points), 1), np.float32),
-                               np.concatenate([c.normals for c in clouds]).astype(np.float32)], 1)
+    features = np.concatenate(
+        [
+            np.ones((len(points), 1), np.float32),
+            np.concatenate([c.normals for c in clouds]).astype(np.float32),
+        ],
+        1,
+    )
     lengths = np.array([len(c.points) for c in clouds], np.int32)
-    sub = export.grid_subsampling(points, lengths, model.config.model.first_subsampling_dl, features[:, 1:],
-                                  "compiled")
+    sub = export.grid_subsampling(
+        points, lengths, model.config.model.first_subsampling_dl, features[:, 1:], "compiled"
+    )
     sub_features = np.concatenate([np.ones((len(sub[0]), 1), np.float32), sub[2].numpy()], 1)
     expected = model.probabilities(sub[0].numpy(), sub_features, sub[1].numpy())
     loaded = tf.saved_model.load(str(tmp_path / "saved"))
-    got = loaded.signatures["serving_default"](points=tf.constant(points), features=tf.constant(features),
-                                               lengths=tf.constant(lengths))["probabilities"].numpy()
+    got = loaded.signatures["serving_default"](
+        points=tf.constant(points), features=tf.constant(features), lengths=tf.constant(lengths)
+    )["probabilities"].numpy()
     assert got.shape == (2, len(SHAPES)) and loaded.task.numpy() == b"classification"
     np.testing.assert_allclose(got, expected, atol=1e-5)
 

@@ -9,8 +9,14 @@ import pytest
 from kpconv_tf import kernel_points as kp
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "original_tf", "public")
-TABLE4 = {7: [1, 4, 1], 13: [1, 5, 5, 1], 15: [1, 6, 6, 1], 18: [1, 5, 5, 5, 1],
-          19: [1, 4, 4, 4, 4, 1], 25: [4, 4, 4, 4, 4, 4]}
+TABLE4 = {
+    7: [1, 4, 1],
+    13: [1, 5, 5, 1],
+    15: [1, 6, 6, 1],
+    18: [1, 5, 5, 5, 1],
+    19: [1, 4, 4, 4, 4, 1],
+    25: [4, 4, 4, 4, 4, 4],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +38,9 @@ def _groups(points, axis, tol):
 def _has_symmetry_groups(points, expected, tol=0.02):
     outer = points[np.linalg.norm(points, axis=1) > 1e-6]
     candidates = list(outer) + [a + b for a, b in itertools.combinations(outer, 2)]
-    return any(_groups(outer, c / np.linalg.norm(c), tol) == expected
-               for c in candidates if np.linalg.norm(c) > 1e-6)
+    return any(
+        _groups(outer, c / np.linalg.norm(c), tol) == expected for c in candidates if np.linalg.norm(c) > 1e-6
+    )
 
 
 def _pairwise(points):

@@ -7,17 +7,24 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from kpconv_tf.layers import KPConv
 from kpconv_reference import kpconv_reference, random_problem
 from test_kpconv_ops import FIXTURES, rel_err
 
+from kpconv_tf.layers import KPConv
+
 
 def _deformable_layer_from_fixture(d, implementation="auto"):
-    layer = KPConv(int(d["K_values"].shape[2]), 15, extent=float(d["KP_extent"]),
-                   influence=str(d["influence"]), aggregation=str(d["aggregation"]),
-                   deformable=True, modulated=bool(d["modulated"]), kernel_seed=0,
-                   implementation=implementation)
+    layer = KPConv(
+        int(d["K_values"].shape[2]),
+        15,
+        extent=float(d["KP_extent"]),
+        influence=str(d["influence"]),
+        aggregation=str(d["aggregation"]),
+        deformable=True,
+        modulated=bool(d["modulated"]),
+        kernel_seed=0,
+        implementation=implementation,
+    )
     layer(d["query_points"], d["support_points"], d["neighbors"], d["features"])
     layer.kernel_points.assign(d["K_points"])
     layer.kernel.assign(d["K_values"])
@@ -27,8 +34,9 @@ def _deformable_layer_from_fixture(d, implementation="auto"):
 
 
 @pytest.mark.parametrize("implementation", ["standard", "fused"])
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(FIXTURES, "kpconv_deform_*.npz"))),
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(FIXTURES, "kpconv_deform_*.npz"))), ids=os.path.basename
+)
 def test_deformable_layer_matches_original(path, implementation):
     d = np.load(path)
     layer = _deformable_layer_from_fixture(d, implementation)
@@ -66,8 +74,9 @@ def test_rigid_layer_variables_and_reference():
     assert not layer.kernel_points.trainable and layer.offset_variables == []
     radii = np.linalg.norm(layer.kernel_points.numpy(), axis=1)
     assert np.mean(radii[radii > 0.1]) == pytest.approx(1.5 * 0.3, rel=0.05)
-    ref = kpconv_reference(q, s, n, f, layer.kernel_points.numpy(), layer.kernel.numpy(), 0.3,
-                           "linear", "sum")
+    ref = kpconv_reference(
+        q, s, n, f, layer.kernel_points.numpy(), layer.kernel.numpy(), 0.3, "linear", "sum"
+    )
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
     # Original initialisation: truncated normal rounded to 1e-3, std sqrt(2 / Dout).
     w = layer.kernel.numpy()
@@ -87,8 +96,18 @@ def test_deformable_layer_variables():
     # Zero offsets and modulations 2*sigmoid(0) = 1: the deformable layer equals the rigid form
     # restricted to in-range neighbours.
     out = layer(q, s, n, f).numpy()
-    ref = kpconv_reference(q, s, n, f, layer.kernel_points.numpy(), layer.kernel.numpy(), 0.3,
-                           "linear", "sum", np.zeros((q.shape[0], 15, 3)))
+    ref = kpconv_reference(
+        q,
+        s,
+        n,
+        f,
+        layer.kernel_points.numpy(),
+        layer.kernel.numpy(),
+        0.3,
+        "linear",
+        "sum",
+        np.zeros((q.shape[0], 15, 3)),
+    )
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -96,8 +115,16 @@ def test_deformable_layer_variables():
 def test_serialisation_round_trip(tmp_path, deformable):
     rng = np.random.default_rng(2)
     q, s, n, f, _, _ = random_problem(rng, d_in=4)
-    layer = KPConv(3, 7, extent=0.3, influence="gaussian", aggregation="closest",
-                   deformable=deformable, kernel_seed=5, name="conv")
+    layer = KPConv(
+        3,
+        7,
+        extent=0.3,
+        influence="gaussian",
+        aggregation="closest",
+        deformable=deformable,
+        kernel_seed=5,
+        name="conv",
+    )
     out = layer(q, s, n, f)
     clone = KPConv.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
@@ -107,8 +134,7 @@ def test_serialisation_round_trip(tmp_path, deformable):
     path = tmp_path / "kpconv.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(loaded([q, s, n, f]).numpy(), out.numpy(),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(loaded([q, s, n, f]).numpy(), out.numpy(), rtol=1e-6, atol=1e-6)
     restored = [v for v in loaded.weights if "kernel_points" in v.path][0]
     np.testing.assert_array_equal(restored.numpy(), layer.kernel_points.numpy())
 
@@ -116,8 +142,12 @@ def test_serialisation_round_trip(tmp_path, deformable):
 def test_dynamic_shapes_in_tf_function():
     rng = np.random.default_rng(4)
     layer = KPConv(4, 15, extent=0.3, deformable=True, kernel_seed=0)
-    spec = [tf.TensorSpec([None, 3]), tf.TensorSpec([None, 3]), tf.TensorSpec([None, None], tf.int32),
-            tf.TensorSpec([None, 4])]
+    spec = [
+        tf.TensorSpec([None, 3]),
+        tf.TensorSpec([None, 3]),
+        tf.TensorSpec([None, None], tf.int32),
+        tf.TensorSpec([None, 4]),
+    ]
     fn = tf.function(layer.__call__, input_signature=spec)
     for nq, ns, h in ((20, 40, 5), (33, 70, 9)):
         q, s, n, f, _, _ = random_problem(rng, nq=nq, ns=ns, h=h)
@@ -141,8 +171,12 @@ def test_bad_arguments():
 def test_fused_and_standard_layers_agree(deformable):
     rng = np.random.default_rng(8)
     q, s, n, f, _, _ = random_problem(rng, d_in=4)
-    standard, fused = (KPConv(5, 15, extent=0.3, deformable=deformable, modulated=deformable,
-                              kernel_seed=1, implementation=impl) for impl in ("standard", "fused"))
+    standard, fused = (
+        KPConv(
+            5, 15, extent=0.3, deformable=deformable, modulated=deformable, kernel_seed=1, implementation=impl
+        )
+        for impl in ("standard", "fused")
+    )
     x = tf.constant(f)
     standard(q, s, n, x)
     fused(q, s, n, x)

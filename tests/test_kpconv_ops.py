@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from kpconv_reference import kpconv_reference, random_problem
 
 from kpconv_tf import ops
-from kpconv_reference import kpconv_reference, random_problem
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "original_tf", "public")
 MODES = [(i, a) for i in ops.INFLUENCES for a in ops.AGGREGATIONS]
@@ -22,16 +22,26 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(FIXTURES, "kpconv_rigid_*.npz"))),
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(FIXTURES, "kpconv_rigid_*.npz"))), ids=os.path.basename
+)
 def test_rigid_matches_original(path, implementation):
     d = np.load(path)
     x, kp, kv = (tf.constant(d[k]) for k in ("features", "K_points", "K_values"))
     with tf.GradientTape() as tape:
         tape.watch([x, kp, kv])
-        out = ops.kpconv(d["query_points"], d["support_points"], d["neighbors"], x, kp, kv,
-                         float(d["KP_extent"]), str(d["influence"]), str(d["aggregation"]),
-                         implementation=implementation)
+        out = ops.kpconv(
+            d["query_points"],
+            d["support_points"],
+            d["neighbors"],
+            x,
+            kp,
+            kv,
+            float(d["KP_extent"]),
+            str(d["influence"]),
+            str(d["aggregation"]),
+            implementation=implementation,
+        )
         loss = tf.reduce_sum(out * d["R"])
     gx, gkp, gkv = tape.gradient(loss, [x, kp, kv])
     assert rel_err(out, d["output"]) < 1e-5
@@ -64,8 +74,9 @@ def test_deformable_matches_float64_reference(influence, aggregation, modulated,
     q, s, n, f, kp, w = random_problem(rng)
     offsets = (rng.normal(size=(q.shape[0], kp.shape[0], 3)) * 0.1).astype(np.float32)
     mods = rng.uniform(0, 2, (q.shape[0], kp.shape[0])).astype(np.float32) if modulated else None
-    out = ops.kpconv_deformable(q, s, n, f, kp, offsets, w, 0.3, influence, aggregation, mods,
-                                implementation).numpy()
+    out = ops.kpconv_deformable(
+        q, s, n, f, kp, offsets, w, 0.3, influence, aggregation, mods, implementation
+    ).numpy()
     ref = kpconv_reference(q, s, n, f, kp, w, 0.3, influence, aggregation, offsets, mods)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -77,9 +88,10 @@ def test_sum_is_invariant_to_neighbor_order(implementation):
     perm = np.stack([rng.permutation(n.shape[1]) for _ in range(n.shape[0])])
     shuffled = np.take_along_axis(n, perm, 1)
     offsets = np.zeros((q.shape[0], 15, 3), np.float32)
-    for fn in (lambda nn: ops.kpconv(q, s, nn, f, kp, w, 0.3, implementation=implementation),
-               lambda nn: ops.kpconv_deformable(q, s, nn, f, kp, offsets, w, 0.3,
-                                                implementation=implementation)):
+    for fn in (
+        lambda nn: ops.kpconv(q, s, nn, f, kp, w, 0.3, implementation=implementation),
+        lambda nn: ops.kpconv_deformable(q, s, nn, f, kp, offsets, w, 0.3, implementation=implementation),
+    ):
         np.testing.assert_allclose(fn(n).numpy(), fn(shuffled).numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -104,9 +116,14 @@ def test_gradients_match_finite_differences(influence):
 
 def test_dynamic_shapes_and_xla():
     rng = np.random.default_rng(5)
-    spec = [tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None, 3], tf.float32),
-            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, 4], tf.float32),
-            tf.TensorSpec([15, 3], tf.float32), tf.TensorSpec([15, 4, 5], tf.float32)]
+    spec = [
+        tf.TensorSpec([None, 3], tf.float32),
+        tf.TensorSpec([None, 3], tf.float32),
+        tf.TensorSpec([None, None], tf.int32),
+        tf.TensorSpec([None, 4], tf.float32),
+        tf.TensorSpec([15, 3], tf.float32),
+        tf.TensorSpec([15, 4, 5], tf.float32),
+    ]
 
     @tf.function(input_signature=spec)
     def dynamic(q, s, n, f, kp, w):
@@ -118,36 +135,75 @@ def test_dynamic_shapes_and_xla():
 
     for nq, ns, h in ((30, 50, 7), (11, 64, 13)):
         q, s, n, f, kp, w = random_problem(rng, nq=nq, ns=ns, h=h)
-        np.testing.assert_allclose(dynamic(q, s, n, f, kp, w).numpy(),
-                                   kpconv_reference(q, s, n, f, kp, w, 0.3, "linear", "sum"),
-                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            dynamic(q, s, n, f, kp, w).numpy(),
+            kpconv_reference(q, s, n, f, kp, w, 0.3, "linear", "sum"),
+            rtol=1e-4,
+            atol=1e-4,
+        )
         offsets = np.zeros((nq, 15, 3), np.float32)
-        np.testing.assert_allclose(compiled(q, s, n, f, kp, w, offsets).numpy(),
-                                   ops.kpconv_deformable(q, s, n, f, kp, offsets, w, 0.3).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            compiled(q, s, n, f, kp, w, offsets).numpy(),
+            ops.kpconv_deformable(q, s, n, f, kp, offsets, w, 0.3).numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_in_range_compaction_matches_original():
     d = np.load(os.path.join(FIXTURES, "kpconv_deform_linear_sum_mod0.npz"))
-    new_max, cols = ops.in_range_compaction(d["query_points"], d["support_points"], d["neighbors"],
-                                            d["deformed_K_points"], float(d["KP_extent"]))
+    new_max, cols = ops.in_range_compaction(
+        d["query_points"], d["support_points"], d["neighbors"], d["deformed_K_points"], float(d["KP_extent"])
+    )
     assert int(new_max) == int(d["new_max_neighb"])
     np.testing.assert_array_equal(cols.numpy(), d["topk_indices"])
 
 
 def test_bad_modes_raise():
     with pytest.raises(ValueError, match="influence"):
-        ops.kpconv(np.zeros((1, 3)), np.zeros((1, 3)), [[0]], np.zeros((1, 1)), np.zeros((1, 3)),
-                   np.zeros((1, 1, 1)), 1.0, influence="cubic")
+        ops.kpconv(
+            np.zeros((1, 3)),
+            np.zeros((1, 3)),
+            [[0]],
+            np.zeros((1, 1)),
+            np.zeros((1, 3)),
+            np.zeros((1, 1, 1)),
+            1.0,
+            influence="cubic",
+        )
     with pytest.raises(ValueError, match="aggregation"):
-        ops.kpconv(np.zeros((1, 3)), np.zeros((1, 3)), [[0]], np.zeros((1, 1)), np.zeros((1, 3)),
-                   np.zeros((1, 1, 1)), 1.0, aggregation="max")
+        ops.kpconv(
+            np.zeros((1, 3)),
+            np.zeros((1, 3)),
+            [[0]],
+            np.zeros((1, 1)),
+            np.zeros((1, 3)),
+            np.zeros((1, 1, 1)),
+            1.0,
+            aggregation="max",
+        )
     with pytest.raises(ValueError, match="implementation"):
-        ops.kpconv(np.zeros((1, 3)), np.zeros((1, 3)), [[0]], np.zeros((1, 1)), np.zeros((1, 3)),
-                   np.zeros((1, 1, 1)), 1.0, implementation="cuda")
+        ops.kpconv(
+            np.zeros((1, 3)),
+            np.zeros((1, 3)),
+            [[0]],
+            np.zeros((1, 1)),
+            np.zeros((1, 3)),
+            np.zeros((1, 1, 1)),
+            1.0,
+            implementation="cuda",
+        )
     with pytest.raises(TypeError, match="float32"):
-        ops.kpconv(np.zeros((1, 3)), np.zeros((1, 3)), [[0]], np.zeros((1, 1)), np.zeros((1, 3)),
-                   np.zeros((1, 1, 1)), 1.0, implementation="fused")  # float64 features
+        ops.kpconv(
+            np.zeros((1, 3)),
+            np.zeros((1, 3)),
+            [[0]],
+            np.zeros((1, 1)),
+            np.zeros((1, 3)),
+            np.zeros((1, 1, 1)),
+            1.0,
+            implementation="fused",
+        )  # float64 features
 
 
 def test_implementation_resolution(monkeypatch):
@@ -157,8 +213,9 @@ def test_implementation_resolution(monkeypatch):
     expected = "standard" if tf.config.list_logical_devices("GPU") else "fused"
     assert ops.resolve_implementation("auto", tf.float32) == expected
     # With a GPU visible, "auto" keeps the network on standard ops (the fused op is CPU-only).
-    monkeypatch.setattr(tf.config, "list_logical_devices",
-                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    monkeypatch.setattr(
+        tf.config, "list_logical_devices", lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else []
+    )
     assert ops.resolve_implementation("auto", tf.float32) == "standard"
 
 
@@ -173,5 +230,9 @@ def test_auto_falls_back_when_the_compiled_ops_are_missing(monkeypatch):
         ops.resolve_implementation("fused", tf.float32)
     rng = np.random.default_rng(12)
     q, s, n, f, kp, w = random_problem(rng)
-    np.testing.assert_allclose(ops.kpconv(q, s, n, f, kp, w, 0.3, implementation="auto").numpy(),
-                               kpconv_reference(q, s, n, f, kp, w, 0.3, "linear", "sum"), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        ops.kpconv(q, s, n, f, kp, w, 0.3, implementation="auto").numpy(),
+        kpconv_reference(q, s, n, f, kp, w, 0.3, "linear", "sum"),
+        rtol=1e-4,
+        atol=1e-4,
+    )

@@ -52,12 +52,14 @@ def test_numpy_metrics_match_sklearn(seed, ignore_label):
     present = np.unique(true)
     assert len(present) < num_classes  # the case exercises absent classes
     assert metrics.mean_iou(conf) == pytest.approx(
-        skm.jaccard_score(true, pred, labels=present, average="macro"), rel=1e-14)
+        skm.jaccard_score(true, pred, labels=present, average="macro"), rel=1e-14
+    )
 
     expected_recalls = skm.recall_score(true, pred, labels=classes, average=None, zero_division=np.nan)
     np.testing.assert_allclose(metrics.recall_per_class(conf), expected_recalls, rtol=1e-14, equal_nan=True)
     assert metrics.mean_recall(conf) == pytest.approx(
-        skm.recall_score(true, pred, labels=present, average="macro"), rel=1e-14)
+        skm.recall_score(true, pred, labels=present, average="macro"), rel=1e-14
+    )
     assert metrics.mean_recall(conf) == pytest.approx(skm.balanced_accuracy_score(true, pred), rel=1e-14)
 
 
@@ -84,16 +86,19 @@ def test_empty_confusion_gives_nan():
     assert summary["mean_iou"] is None and summary["per_class_iou"] == {"a": None, "b": None, "c": None}
 
 
-@pytest.mark.parametrize("labels, predictions, num_classes, match", [
-    (np.array([0, 1]), np.array([0, 1, 1]), 3, "same shape"),
-    (np.array([0, 1]), np.array([0, 3]), 3, "predictions"),
-    (np.array([0, 1]), np.array([0, -1]), 3, "predictions"),
-    (np.array([0, 5]), np.array([0, 1]), 3, "labels"),
-    (np.array([0.0, 1.0]), np.array([0, 1]), 3, "labels"),
-    (np.array([0, 1]), np.array([0.0, 1.0]), 3, "predictions"),
-    (np.array([0, 1]), np.array([0, 1]), 0, "num_classes"),
-    (np.array([0, 1]), np.array([0, 1]), 2.0, "num_classes"),
-])
+@pytest.mark.parametrize(
+    "labels, predictions, num_classes, match",
+    [
+        (np.array([0, 1]), np.array([0, 1, 1]), 3, "same shape"),
+        (np.array([0, 1]), np.array([0, 3]), 3, "predictions"),
+        (np.array([0, 1]), np.array([0, -1]), 3, "predictions"),
+        (np.array([0, 5]), np.array([0, 1]), 3, "labels"),
+        (np.array([0.0, 1.0]), np.array([0, 1]), 3, "labels"),
+        (np.array([0, 1]), np.array([0.0, 1.0]), 3, "predictions"),
+        (np.array([0, 1]), np.array([0, 1]), 0, "num_classes"),
+        (np.array([0, 1]), np.array([0, 1]), 2.0, "num_classes"),
+    ],
+)
 def test_confusion_matrix_rejects_bad_input(labels, predictions, num_classes, match):
     with pytest.raises(ValueError, match=match):
         metrics.confusion_matrix(labels, predictions, num_classes)
@@ -143,7 +148,9 @@ def test_keras_metrics_match_numpy_over_several_updates(seed):
             metric.update_state(labels, logits)
         all_labels.append(labels)
         all_predictions.append(np.argmax(logits, axis=1))
-    expected = metrics.confusion_matrix(np.concatenate(all_labels), np.concatenate(all_predictions), num_classes)
+    expected = metrics.confusion_matrix(
+        np.concatenate(all_labels), np.concatenate(all_predictions), num_classes
+    )
     np.testing.assert_array_equal(confusion.result().numpy(), expected)
     assert float(miou.result()) == pytest.approx(metrics.mean_iou(expected), rel=1e-6)
     assert float(accuracy.result()) == pytest.approx(metrics.overall_accuracy(expected), rel=1e-6)
@@ -167,8 +174,9 @@ def test_keras_metric_inside_tf_function_with_ignore_label(jit_compile):
         update(tf.constant(labels[:, None]), tf.constant(logits[:, None, :]))
         all_labels.append(labels)
         all_predictions.append(np.argmax(logits, axis=1))
-    expected = metrics.confusion_matrix(np.concatenate(all_labels), np.concatenate(all_predictions), num_classes,
-                                        ignore_label=0)
+    expected = metrics.confusion_matrix(
+        np.concatenate(all_labels), np.concatenate(all_predictions), num_classes, ignore_label=0
+    )
     assert expected[0].sum() == 0
     np.testing.assert_array_equal(metric.confusion.numpy(), expected)
     assert float(metric.result()) == pytest.approx(metrics.mean_iou(expected), rel=1e-6)
@@ -180,7 +188,10 @@ def test_keras_metrics_in_model_evaluate():
     x = rng.normal(size=(64, 4)).astype(np.float32)
     y = rng.integers(-1, num_classes, 64).astype(np.int32)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(num_classes)])
-    model.compile(loss=lambda y_true, y_pred: keras.ops.mean(y_pred ** 2), metrics=[metrics.ConfusionMeanIoU(num_classes), metrics.ConfusionAccuracy(num_classes)])
+    model.compile(
+        loss=lambda y_true, y_pred: keras.ops.mean(y_pred**2),
+        metrics=[metrics.ConfusionMeanIoU(num_classes), metrics.ConfusionAccuracy(num_classes)],
+    )
     results = model.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
     predictions = np.argmax(model.predict(x, verbose=0), axis=1)
     expected = metrics.confusion_matrix(y, predictions, num_classes)
@@ -200,7 +211,9 @@ def test_keras_metric_rejects_bad_input():
         metrics.ConfusionMeanIoU(0)
 
 
-@pytest.mark.parametrize("cls", [metrics.ConfusionMatrixMetric, metrics.ConfusionMeanIoU, metrics.ConfusionAccuracy])
+@pytest.mark.parametrize(
+    "cls", [metrics.ConfusionMatrixMetric, metrics.ConfusionMeanIoU, metrics.ConfusionAccuracy]
+)
 def test_keras_metric_serialization_round_trip(cls):
     metric = cls(7, ignore_label=3, name="custom")
     config = keras.saving.serialize_keras_object(metric)
@@ -217,7 +230,8 @@ def test_shape_part_ious_hand_cases():
     # part 0: I=2, U=3; part 1: I=2, U=4; part 2: only predicted (IoU 0); part 3 absent.
     assert metrics.shape_part_ious(labels, predictions, 4) == pytest.approx((2 / 3 + 1 / 2) / 2)
     assert metrics.shape_part_ious(labels, predictions, 4, convention="pointnet") == pytest.approx(
-        (2 / 3 + 1 / 2 + 0 + 1) / 4)
+        (2 / 3 + 1 / 2 + 0 + 1) / 4
+    )
     perfect = np.array([1, 1, 2])
     assert metrics.shape_part_ious(perfect, perfect, 3) == 1.0
     assert metrics.shape_part_ious(perfect, perfect, 3, convention="pointnet") == 1.0
@@ -231,9 +245,14 @@ def test_shape_part_ious_hand_cases():
 
 def test_part_segmentation_summary():
     summary = metrics.part_segmentation_summary(
-        [1.0, 0.5, 0.6, 0.9], np.array([0, 0, 0, 2]), ["airplane", "bag", "cap"])
+        [1.0, 0.5, 0.6, 0.9], np.array([0, 0, 0, 2]), ["airplane", "bag", "cap"]
+    )
     assert summary["instance_miou"] == pytest.approx(0.75)
-    assert summary["per_category_miou"] == {"airplane": pytest.approx(0.7), "bag": None, "cap": pytest.approx(0.9)}
+    assert summary["per_category_miou"] == {
+        "airplane": pytest.approx(0.7),
+        "bag": None,
+        "cap": pytest.approx(0.9),
+    }
     assert summary["class_miou"] == pytest.approx(0.8)
     json.dumps(summary, allow_nan=False)
     with pytest.raises(ValueError, match="shape_categories"):

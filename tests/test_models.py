@@ -1,6 +1,7 @@
 """Blocks and KP-CNN: the original checkpoint's outputs, every block, per-cloud independence, sizes."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +14,33 @@ from kpconv_tf.pyramid import build_pyramid
 from training.trainer import l2_regularization
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "original_tf", "public")
-RIGID = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided",
-         "resnetb", "resnetb_strided", "resnetb", "global_average"]
+RIGID = [
+    "simple",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "global_average",
+]
 # The paper's deformable KP-CNN: the last 5 KPConv blocks are deformable (supplementary A).
-DEFORMABLE = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided", "resnetb_deformable",
-              "resnetb_deformable_strided", "resnetb_deformable", "resnetb_deformable_strided",
-              "resnetb_deformable", "global_average"]
+DEFORMABLE = [
+    "simple",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb_deformable",
+    "resnetb_deformable_strided",
+    "resnetb_deformable",
+    "resnetb_deformable_strided",
+    "resnetb_deformable",
+    "global_average",
+]
 
 
 def rel_err(a, b):
@@ -55,7 +77,8 @@ def test_checkpoint_import_reproduces_the_original(original):
     assert rel_err(logits, d["logits"]) < 1e-4
     assert float(model.offsets_loss()) == pytest.approx(float(d["offsets_loss"]), rel=1e-4)
     assert float(l2_regularization(model.variables, config.train.weights_decay)) == pytest.approx(
-        float(d["regularization_loss"]), rel=1e-5)
+        float(d["regularization_loss"]), rel=1e-5
+    )
     loss = model.output_loss(d["labels"], logits)
     assert float(loss) == pytest.approx(float(d["output_loss"]), rel=1e-4)
 
@@ -77,10 +100,22 @@ def test_mismatched_checkpoint_lists_the_variables(original):
 
 
 def _config(arch, **model):
-    return Config.from_dict({"dataset": {"num_classes": 40},
-                             "model": {**dict(architecture=arch, first_features_dim=64, density_parameter=5.0,
-                                              kp_influence="linear", convolution_mode="sum", kernel_seed=0),
-                                       **model}})
+    return Config.from_dict(
+        {
+            "dataset": {"num_classes": 40},
+            "model": {
+                **dict(
+                    architecture=arch,
+                    first_features_dim=64,
+                    density_parameter=5.0,
+                    kp_influence="linear",
+                    convolution_mode="sum",
+                    kernel_seed=0,
+                ),
+                **model,
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("arch,expected", [(RIGID, 14.3e6), (DEFORMABLE, 15.2e6)])
@@ -95,7 +130,9 @@ def _two_clouds(seed=0, sizes=(300, 420)):
     clouds = []
     for n in sizes:
         p = rng.normal(size=(n, 3))
-        clouds.append((p / np.linalg.norm(p, axis=1, keepdims=True) * rng.uniform(0.3, 0.5)).astype(np.float32))
+        clouds.append(
+            (p / np.linalg.norm(p, axis=1, keepdims=True) * rng.uniform(0.3, 0.5)).astype(np.float32)
+        )
     return clouds
 
 
@@ -112,8 +149,13 @@ SMALL_ARCHS = {
     "max_pool": ["simple", "max_pool", "resnetb", "max_pool_wide", "resnetb_deformable", "global_average"],
     "deformable": ["simple", "resnetb_deformable", "resnetb_deformable_strided", "resnetb", "global_average"],
     "resnet_vgg": ["simple", "resnet", "resnetb_strided", "vgg", "resnet", "global_average"],
-    "inception": ["simple", "inception_deformable", "inception_deformable_strided", "inception_deformable",
-                  "global_average"],
+    "inception": [
+        "simple",
+        "inception_deformable",
+        "inception_deformable_strided",
+        "inception_deformable",
+        "global_average",
+    ],
 }
 
 
@@ -132,8 +174,11 @@ def test_every_block_runs_and_clouds_are_independent(name):
 
 
 def test_upsampling_blocks_run():
-    config = _config(["simple", "resnetb_strided", "resnetb", "nearest_upsample", "unary"], first_features_dim=8,
-                     first_subsampling_dl=0.05)
+    config = _config(
+        ["simple", "resnetb_strided", "resnetb", "nearest_upsample", "unary"],
+        first_features_dim=8,
+        first_subsampling_dl=0.05,
+    )
     inputs = _batch(_two_clouds(), config)
     for name in ("nearest_upsample", "simple_upsample", "resnetb_upsample"):
         block = blocks.make_block(name, 1, 0.5, 8, config.model)
@@ -147,23 +192,59 @@ def test_unknown_block():
 
 
 def test_every_original_block_name_is_available():
-    names = ["unary", "simple", "simple_strided", "resnet", "resnetb", "resnetb_light", "resnetb_strided",
-             "resnetb_light_strided", "resnetb_deformable", "resnetb_deformable_strided", "inception_deformable",
-             "inception_deformable_strided", "vgg", "max_pool", "max_pool_wide", "global_average",
-             "nearest_upsample", "simple_upsample", "resnetb_upsample"]
+    names = [
+        "unary",
+        "simple",
+        "simple_strided",
+        "resnet",
+        "resnetb",
+        "resnetb_light",
+        "resnetb_strided",
+        "resnetb_light_strided",
+        "resnetb_deformable",
+        "resnetb_deformable_strided",
+        "inception_deformable",
+        "inception_deformable_strided",
+        "vgg",
+        "max_pool",
+        "max_pool_wide",
+        "global_average",
+        "nearest_upsample",
+        "simple_upsample",
+        "resnetb_upsample",
+    ]
     for name in names:
         assert blocks.make_block(name, 1, 0.1, 8, _config(RIGID).model).block_type == name
 
 
-S3DIS_LIKE = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_deformable_strided",
-              "resnetb_deformable", "nearest_upsample", "unary", "nearest_upsample", "unary"]
+S3DIS_LIKE = [
+    "simple",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_deformable_strided",
+    "resnetb_deformable",
+    "nearest_upsample",
+    "unary",
+    "nearest_upsample",
+    "unary",
+]
 
 
 def test_kpfcnn_runs_per_point_and_maps_original_names():
-    config = Config.from_dict({"dataset": {"num_classes": 7},
-                               "model": dict(network_model="segmentation", architecture=S3DIS_LIKE,
-                                             first_features_dim=8, first_subsampling_dl=0.05,
-                                             density_parameter=5.0, kernel_seed=1)})
+    config = Config.from_dict(
+        {
+            "dataset": {"num_classes": 7},
+            "model": dict(
+                network_model="segmentation",
+                architecture=S3DIS_LIKE,
+                first_features_dim=8,
+                first_subsampling_dl=0.05,
+                density_parameter=5.0,
+                kernel_seed=1,
+            ),
+        }
+    )
     model = convert.build_model(config)
     clouds = _two_clouds()
     inputs = _batch(clouds, config)
@@ -186,9 +267,18 @@ def test_kpfcnn_parameter_counts_match_table3_scenes(arch_name, expected):
     # Scannet / Semantic3D configuration of Table 3 (first_features_dim 64, 5 layers).
     encoder = RIGID[:-1] if arch_name == "rigid" else DEFORMABLE[:-1]
     decoder = ["nearest_upsample", "unary"] * 4
-    config = Config.from_dict({"dataset": {"num_classes": 20, "in_features_dim": 4},
-                               "model": dict(network_model="segmentation", architecture=encoder + decoder,
-                                             first_features_dim=64, density_parameter=5.0, kernel_seed=0)})
+    config = Config.from_dict(
+        {
+            "dataset": {"num_classes": 20, "in_features_dim": 4},
+            "model": dict(
+                network_model="segmentation",
+                architecture=encoder + decoder,
+                first_features_dim=64,
+                density_parameter=5.0,
+                kernel_seed=0,
+            ),
+        }
+    )
     model = convert.build_model(config)
     count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert count == pytest.approx(expected, rel=0.01)
@@ -200,8 +290,8 @@ def test_convert_cli_writes_config_and_weights(original, tmp_path):
     (run / "snapshots").mkdir(parents=True)
     for suffix in ("index", "data-00000-of-00001"):
         src = os.path.join(FIXTURES, "model_kpcnn_ckpt", f"model.ckpt.{suffix}")
-        (run / "snapshots" / f"snap-7.{suffix}").write_bytes(open(src, "rb").read())
-    (run / "parameters.txt").write_text(open(os.path.join(FIXTURES, "model_kpcnn_parameters.txt")).read())
+        (run / "snapshots" / f"snap-7.{suffix}").write_bytes(Path(src).read_bytes())
+    (run / "parameters.txt").write_text(Path(FIXTURES, "model_kpcnn_parameters.txt").read_text())
     convert.main([str(run), str(tmp_path / "out")])
     restored_config = Config.from_yaml(tmp_path / "out" / "config.yaml")
     assert restored_config.to_dict() == config.to_dict()
@@ -211,10 +301,19 @@ def test_convert_cli_writes_config_and_weights(original, tmp_path):
 
 
 def test_multi_head_part_segmentation_uses_each_clouds_head():
-    config = Config.from_dict({"dataset": {"num_classes": [4, 2, 3]},
-                               "model": dict(network_model="multi_segmentation", architecture=S3DIS_LIKE,
-                                             first_features_dim=8, first_subsampling_dl=0.05,
-                                             density_parameter=5.0, kernel_seed=1)})
+    config = Config.from_dict(
+        {
+            "dataset": {"num_classes": [4, 2, 3]},
+            "model": dict(
+                network_model="multi_segmentation",
+                architecture=S3DIS_LIKE,
+                first_features_dim=8,
+                first_subsampling_dl=0.05,
+                density_parameter=5.0,
+                kernel_seed=1,
+            ),
+        }
+    )
     model = convert.build_model(config)
     clouds = _two_clouds()
     inputs = dict(_batch(clouds, config))
@@ -233,9 +332,18 @@ def test_multi_head_part_segmentation_uses_each_clouds_head():
 
 
 def test_inputs_from_original_segmentation_order():
-    config = Config.from_dict({"dataset": {"num_classes": [3, 2]},
-                               "model": dict(network_model="multi_segmentation", architecture=S3DIS_LIKE,
-                                             first_features_dim=8, first_subsampling_dl=0.05, density_parameter=5.0)})
+    config = Config.from_dict(
+        {
+            "dataset": {"num_classes": [3, 2]},
+            "model": dict(
+                network_model="multi_segmentation",
+                architecture=S3DIS_LIKE,
+                first_features_dim=8,
+                first_subsampling_dl=0.05,
+                density_parameter=5.0,
+            ),
+        }
+    )
     clouds = _two_clouds()
     ours = _batch(clouds, config)
     L = config.model.num_layers
@@ -245,11 +353,23 @@ def test_inputs_from_original_segmentation_order():
     for b, (start, n) in enumerate(zip([0, lengths[0]], lengths)):
         in_batches[b, :n] = np.arange(start, start + n)
     point_objects = np.repeat([1, 0], lengths).astype(np.int32)
-    flat = ([ours[f"points_{l}"] for l in range(L)] + [ours[f"neighbors_{l}"] for l in range(L)]
-            + [ours[f"pools_{l}"] if l < L - 1 else np.zeros((0, 1), np.int32) for l in range(L)]
-            + [ours[f"upsamples_{l}"] if l < L - 1 else np.zeros((0, 1), np.int32) for l in range(L)]
-            + [ours["features"], np.ones(n0, np.float32), in_batches, in_batches, np.zeros(n0, np.int32),
-               point_objects, np.ones((2, 3), np.float32), np.eye(3)[None].repeat(2, 0), np.arange(2)])
+    flat = (
+        [ours[f"points_{l}"] for l in range(L)]
+        + [ours[f"neighbors_{l}"] for l in range(L)]
+        + [ours[f"pools_{l}"] if l < L - 1 else np.zeros((0, 1), np.int32) for l in range(L)]
+        + [ours[f"upsamples_{l}"] if l < L - 1 else np.zeros((0, 1), np.int32) for l in range(L)]
+        + [
+            ours["features"],
+            np.ones(n0, np.float32),
+            in_batches,
+            in_batches,
+            np.zeros(n0, np.int32),
+            point_objects,
+            np.ones((2, 3), np.float32),
+            np.eye(3)[None].repeat(2, 0),
+            np.arange(2),
+        ]
+    )
     inputs = convert.inputs_from_original(flat, config)
     for key, value in ours.items():
         np.testing.assert_array_equal(inputs[key], value)

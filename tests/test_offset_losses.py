@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from kpconv_tf import losses
 from test_kpconv_layers import _deformable_layer_from_fixture
 from test_kpconv_ops import FIXTURES, rel_err
+
+from kpconv_tf import losses
 
 DEFORM = sorted(glob.glob(os.path.join(FIXTURES, "kpconv_deform_*.npz")))
 
@@ -20,9 +20,17 @@ def _loss(d, network, layer, rows=None):
         q, n = q[rows], n[rows]
     _, deformed = layer(q, d["support_points"], n, d["features"], return_deformed=True)
     term = losses.deformable_layer_offsets_loss(
-        "fitting", network, deformed, q, d["support_points"], n, layer=int(d["layer"]),
+        "fitting",
+        network,
+        deformed,
+        q,
+        d["support_points"],
+        n,
+        layer=int(d["layer"]),
         first_subsampling_dl=float(d["first_subsampling_dl"]),
-        density_parameter=float(d["density_parameter"]), kp_extent=float(d["config_KP_extent"]))
+        density_parameter=float(d["density_parameter"]),
+        kp_extent=float(d["config_KP_extent"]),
+    )
     return float(d["offsets_decay"]) * term
 
 
@@ -58,7 +66,7 @@ def _fitting_reference(deformed, q, s, n, norm):
     """float64 mean over queries and kernel points of min_h |y_h - k'|^2 / norm^2 (shadows at 1000)."""
     pad = np.concatenate([s, np.full((1, 3), 1000.0)])
     y = pad[n] - q[:, None]
-    return np.mean(np.sum((y[:, :, None] - deformed[:, None]) ** 2, -1).min(axis=1)) / norm ** 2
+    return np.mean(np.sum((y[:, :, None] - deformed[:, None]) ** 2, -1).min(axis=1)) / norm**2
 
 
 def test_repulsive_and_fitting_against_float64():
@@ -100,19 +108,23 @@ def test_point2point_against_float64():
     s = rng.normal(size=(10, 3)) * 0.5
     n = np.concatenate([rng.integers(0, 10, (6, 5)), np.full((6, 1), 10)], axis=1).astype(np.int32)
     dl, kp_extent, layer = 0.05, 1.2, 2
-    extent = dl * kp_extent * 2 ** layer
-    expected = (2 * _fitting_reference(deformed, q, s, n, extent)
-                + _repulsive_reference(deformed, extent, 1.2) / 4)
+    extent = dl * kp_extent * 2**layer
+    expected = (
+        2 * _fitting_reference(deformed, q, s, n, extent) + _repulsive_reference(deformed, extent, 1.2) / 4
+    )
     for network in ("kpcnn", "kpfcnn"):  # the same definition for both networks
-        value = losses.deformable_layer_offsets_loss("point2point", network, deformed, q, s, n, layer, dl, 5.0,
-                                                     kp_extent, repulse_extent=1.2)
+        value = losses.deformable_layer_offsets_loss(
+            "point2point", network, deformed, q, s, n, layer, dl, 5.0, kp_extent, repulse_extent=1.2
+        )
         assert float(value) == pytest.approx(expected, rel=1e-9)
 
 
 def test_deformation_statistics_lost_share_and_offset_norm():
     rng = np.random.default_rng(4)
     extent = 0.1
-    support = rng.uniform(-0.3, 0.3, (4000, 3))  # dense: every rigid kernel point has a point within the extent
+    support = rng.uniform(
+        -0.3, 0.3, (4000, 3)
+    )  # dense: every rigid kernel point has a point within the extent
     query = np.zeros((5, 3))
     neighbors = np.tile(np.arange(4000, dtype=np.int32), (5, 1))
     kernel = rng.normal(size=(15, 3))

@@ -14,7 +14,7 @@ def brute_force(queries, supports, q_lengths, s_lengths, radius, max_neighbors=0
     ss = np.concatenate([[0], np.cumsum(s_lengths)])
     rows = []
     for b in range(len(q_lengths)):
-        sup = s[ss[b]:ss[b + 1]]
+        sup = s[ss[b] : ss[b + 1]]
         for i in range(qs[b], qs[b + 1]):
             d2 = np.sum((sup - q[i]) ** 2, axis=1)
             idx = np.nonzero(d2 <= float(np.float32(radius)) ** 2)[0]
@@ -23,7 +23,7 @@ def brute_force(queries, supports, q_lengths, s_lengths, radius, max_neighbors=0
     width = max([len(r) for r in rows], default=0)
     out = np.full((len(rows), width), len(s), np.int32)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
+        out[i, : len(r)] = r
     return out
 
 
@@ -37,7 +37,6 @@ def random_batch(rng, sizes, scale=1.0, duplicates=False):
 
 
 class BatchNeighborsTest(tf.test.TestCase):
-
     def test_random_batches_match_brute_force(self):
         rng = np.random.default_rng(0)
         for seed in range(12):
@@ -94,6 +93,7 @@ class BatchNeighborsTest(tf.test.TestCase):
 
     def test_matches_ckdtree_on_a_large_cloud(self):
         from scipy.spatial import cKDTree
+
         rng = np.random.default_rng(2)
         points = rng.random((20000, 3)).astype(np.float32)
         got = ops.neighbors(points, points, 0.03).numpy()
@@ -102,7 +102,7 @@ class BatchNeighborsTest(tf.test.TestCase):
         counts = (got < len(points)).sum(axis=1)
         self.assertAllEqual(counts, [len(e) for e in expected])
         for i in rng.integers(0, len(points), 200):
-            self.assertAllEqual(np.sort(got[i, :counts[i]]), np.sort(expected[i]))
+            self.assertAllEqual(np.sort(got[i, : counts[i]]), np.sort(expected[i]))
 
     def test_same_tensor_as_queries_and_supports(self):
         # Convolution queries are the supports themselves; the op then reuses the support index's
@@ -123,6 +123,7 @@ class BatchNeighborsTest(tf.test.TestCase):
         import subprocess
         import sys
         import tempfile
+
         rng = np.random.default_rng(7)
         points, lengths = random_batch(rng, [1200, 0, 3, 900], duplicates=True)
         # Plus a lattice cloud: runs of equal distances, rows of fewer and more than 128 hits.
@@ -134,9 +135,11 @@ class BatchNeighborsTest(tf.test.TestCase):
             script = (
                 "import numpy as np, tf_custom_ops as ops, sys\n"
                 "d = np.load(sys.argv[1] + '/in.npz')\n"
-                "out = {f'r{i}': ops.batch_neighbors(d['points'], d['points'], d['lengths'], d['lengths'], r).numpy()\n"
+                "pts, lens = d['points'], d['lengths']\n"
+                "out = {f'r{i}': ops.batch_neighbors(pts, pts, lens, lens, r).numpy()\n"
                 "       for i, r in enumerate((0.01, 0.025, 0.06, 0.3))}\n"
-                "np.savez(sys.argv[1] + '/out.npz', **out)\n")
+                "np.savez(sys.argv[1] + '/out.npz', **out)\n"
+            )
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = dict(os.environ, KPCONV_TF_NO_SIMD="1", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=root)
             subprocess.run([sys.executable, "-c", script, tmp], check=True, env=env)
@@ -158,13 +161,17 @@ class BatchNeighborsTest(tf.test.TestCase):
         fn = tf.function(ops.batch_neighbors)
         want = brute_force(points, points, lengths, lengths, 0.3)
         self.assertAllEqual(fn(points, points, lengths, lengths, 0.3), want)
-        ds = tf.data.Dataset.from_tensors((points, lengths)).repeat(4).map(
-            lambda p, l: ops.batch_neighbors(p, p, l, l, 0.3), num_parallel_calls=2)
+        ds = (
+            tf.data.Dataset.from_tensors((points, lengths))
+            .repeat(4)
+            .map(lambda p, l: ops.batch_neighbors(p, p, l, l, 0.3), num_parallel_calls=2)
+        )
         for got in ds:
             self.assertAllEqual(got, want)
         spec = tf.TensorSpec([None, 3], tf.float32)
-        concrete = tf.function(lambda q: ops.batch_neighbors(q, q, tf.shape(q)[:1], tf.shape(q)[:1], 0.1)
-                               ).get_concrete_function(spec)
+        concrete = tf.function(
+            lambda q: ops.batch_neighbors(q, q, tf.shape(q)[:1], tf.shape(q)[:1], 0.1)
+        ).get_concrete_function(spec)
         self.assertEqual(concrete.output_shapes.as_list(), [None, None])
 
     def test_float64_converted_and_gradient_not_defined(self):
@@ -188,26 +195,42 @@ BAD_INPUTS = [
     (dict(radius=float("nan")), ValueError, "radius"),
     (dict(radius=float("inf")), ValueError, "radius"),
     (dict(max_neighbors=-1), ValueError, "max_neighbors"),
-    (dict(supports=np.array([[0, 0, np.nan], [0, 0, 0], [1, 1, 1]], np.float32)),
-     tf.errors.InvalidArgumentError, "supports"),
-    (dict(queries=np.array([[0, 0, np.inf], [0, 0, 0], [1, 1, 1]], np.float32)),
-     tf.errors.InvalidArgumentError, "queries"),
+    (
+        dict(supports=np.array([[0, 0, np.nan], [0, 0, 0], [1, 1, 1]], np.float32)),
+        tf.errors.InvalidArgumentError,
+        "supports",
+    ),
+    (
+        dict(queries=np.array([[0, 0, np.inf], [0, 0, 0], [1, 1, 1]], np.float32)),
+        tf.errors.InvalidArgumentError,
+        "queries",
+    ),
 ]
 
 
 @pytest.mark.parametrize("change,error,name", BAD_INPUTS)
 @pytest.mark.parametrize("graph", [False, True])
 def test_bad_input_names_the_argument(change, error, name, graph):
-    args = dict(queries=np.zeros((3, 3), np.float32), supports=np.zeros((3, 3), np.float32),
-                q_lengths=np.array([3], np.int32), s_lengths=np.array([3], np.int32), radius=1.0,
-                max_neighbors=0)
+    args = dict(
+        queries=np.zeros((3, 3), np.float32),
+        supports=np.zeros((3, 3), np.float32),
+        q_lengths=np.array([3], np.int32),
+        s_lengths=np.array([3], np.int32),
+        radius=1.0,
+        max_neighbors=0,
+    )
     args.update(change)
     if graph:
         if error is tf.errors.InvalidArgumentError:
             fn = tf.function(lambda q, s, ql, sl, r: ops.batch_neighbors(q, s, ql, sl, r))
             with pytest.raises(error, match=name):
-                fn(args["queries"], args["supports"], args["q_lengths"], args["s_lengths"],
-                   tf.constant(args["radius"]))
+                fn(
+                    args["queries"],
+                    args["supports"],
+                    args["q_lengths"],
+                    args["s_lengths"],
+                    tf.constant(args["radius"]),
+                )
         else:  # statically detectable: raised while tracing
             with pytest.raises(error, match=name):
                 tf.function(lambda: ops.batch_neighbors(**args))()
@@ -224,6 +247,8 @@ def test_bad_radius_tensor_in_graph(radius):
 
 
 def test_bad_max_neighbors_tensor_in_graph():
-    fn = tf.function(lambda m: ops.neighbors(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), 1.0, m))
+    fn = tf.function(
+        lambda m: ops.neighbors(np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32), 1.0, m)
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_neighbors"):
         fn(tf.constant(-2))

@@ -15,6 +15,7 @@ def test_library_is_cached_per_tf_version_and_sources():
     path = ops_build.build()
     assert path.is_file()
     import tensorflow as tf
+
     assert f"tf{tf.__version__}-" in path.parent.name
     assert ops_build.build() == path  # second call: no rebuild
 
@@ -39,10 +40,16 @@ def test_compiler_errors_are_shown(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_concurrent_first_imports_share_one_build(tmp_path):
     env = dict(os.environ, KPCONV_TF_CACHE=str(tmp_path), PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    code = ("import tf_custom_ops as o, numpy as np;"
-            "print(o.neighbors(np.zeros((2,3),np.float32), np.zeros((2,3),np.float32), 1.0).numpy().tolist())")
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    code = (
+        "import tf_custom_ops as o, numpy as np;"
+        "print(o.neighbors(np.zeros((2,3),np.float32), np.zeros((2,3),np.float32), 1.0).numpy().tolist())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-2000:]

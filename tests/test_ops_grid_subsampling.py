@@ -36,7 +36,6 @@ def reference(points, dl, features=None, labels=None):
 
 
 class GridSubsamplingTest(tf.test.TestCase):
-
     def test_random_batches_match_reference(self):
         rng = np.random.default_rng(0)
         for seed in range(10):
@@ -53,12 +52,13 @@ class GridSubsamplingTest(tf.test.TestCase):
             self.assertEqual(int(np.sum(sl)), sp.shape[0])
             start = sub_start = 0
             for n, m in zip(lengths, sl.numpy()):
-                bary, f, lab = reference(points[start:start + n], dl, feats[start:start + n],
-                                         labels[start:start + n])
+                bary, f, lab = reference(
+                    points[start : start + n], dl, feats[start : start + n], labels[start : start + n]
+                )
                 self.assertEqual(m, len(bary))
-                self.assertAllClose(sp[sub_start:sub_start + m], bary, atol=1e-6, rtol=1e-6)
-                self.assertAllClose(sf[sub_start:sub_start + m], f, atol=1e-5, rtol=1e-5)
-                self.assertAllEqual(slab[sub_start:sub_start + m], lab)
+                self.assertAllClose(sp[sub_start : sub_start + m], bary, atol=1e-6, rtol=1e-6)
+                self.assertAllClose(sf[sub_start : sub_start + m], f, atol=1e-5, rtol=1e-5)
+                self.assertAllEqual(slab[sub_start : sub_start + m], lab)
                 start += n
                 sub_start += m
 
@@ -82,7 +82,9 @@ class GridSubsamplingTest(tf.test.TestCase):
     def test_reproduces_the_original_pyramid(self):
         d = np.load(os.path.join(FIXTURES, "model_kpcnn_pyramid.npz"))
         for l in range(4):
-            sp, sl = ops.batch_grid_subsampling(d[f"points_{l}"], d[f"stack_lengths_{l}"], 0.02 * 2 ** (l + 1))
+            sp, sl = ops.batch_grid_subsampling(
+                d[f"points_{l}"], d[f"stack_lengths_{l}"], 0.02 * 2 ** (l + 1)
+            )
             self.assertAllEqual(sl, d[f"stack_lengths_{l + 1}"])
             ours = np.round(sp.numpy(), 5)
             theirs = np.round(d[f"points_{l + 1}"], 5)
@@ -97,8 +99,11 @@ class GridSubsamplingTest(tf.test.TestCase):
         fn = tf.function(lambda p, l: ops.batch_grid_subsampling(p, l, 0.1))
         got = fn(points, np.array([200, 300], np.int32))
         self.assertAllEqual(got[0], want[0])
-        ds = tf.data.Dataset.from_tensors(points).repeat(3).map(
-            lambda p: ops.batch_grid_subsampling(p, [200, 300], 0.1)[1], num_parallel_calls=2)
+        ds = (
+            tf.data.Dataset.from_tensors(points)
+            .repeat(3)
+            .map(lambda p: ops.batch_grid_subsampling(p, [200, 300], 0.1)[1], num_parallel_calls=2)
+        )
         for lengths in ds:
             self.assertAllEqual(lengths, want[1])
 
@@ -115,17 +120,28 @@ BAD = [
     (dict(features=np.zeros((3, 2), np.float32)), tf.errors.InvalidArgumentError, "features"),
     (dict(labels=np.zeros((3,), np.int32)), tf.errors.InvalidArgumentError, "labels"),
     (dict(labels=np.zeros((4,), np.float32)), TypeError, "labels"),
-    (dict(points=np.array([[0, 0, 0], [1, 1, 1], [np.nan, 0, 0], [2, 2, 2]], np.float32)),
-     tf.errors.InvalidArgumentError, "points"),
-    (dict(points=np.array([[0, 0, 0], [1, 1, 1], [0, -np.inf, 0], [2, 2, 2]], np.float32)),
-     tf.errors.InvalidArgumentError, "points"),
+    (
+        dict(points=np.array([[0, 0, 0], [1, 1, 1], [np.nan, 0, 0], [2, 2, 2]], np.float32)),
+        tf.errors.InvalidArgumentError,
+        "points",
+    ),
+    (
+        dict(points=np.array([[0, 0, 0], [1, 1, 1], [0, -np.inf, 0], [2, 2, 2]], np.float32)),
+        tf.errors.InvalidArgumentError,
+        "points",
+    ),
 ]
 
 
 @pytest.mark.parametrize("change,error,name", BAD)
 def test_bad_input_names_the_argument(change, error, name):
-    args = dict(points=np.array([[0, 0, 0], [1, 1, 1], [3, 0, 0], [2, 2, 2]], np.float32), lengths=[4],
-                sample_dl=0.5, features=None, labels=None)
+    args = dict(
+        points=np.array([[0, 0, 0], [1, 1, 1], [3, 0, 0], [2, 2, 2]], np.float32),
+        lengths=[4],
+        sample_dl=0.5,
+        features=None,
+        labels=None,
+    )
     args.update(change)
     with pytest.raises(error, match=name):
         ops.batch_grid_subsampling(**args)
@@ -133,7 +149,10 @@ def test_bad_input_names_the_argument(change, error, name):
         with pytest.raises(error, match=name):
             tf.function(lambda: ops.batch_grid_subsampling(**args))()
     else:
-        fn = tf.function(lambda p: ops.batch_grid_subsampling(p, args["lengths"], args["sample_dl"],
-                                                             args["features"], args["labels"]))
+        fn = tf.function(
+            lambda p: ops.batch_grid_subsampling(
+                p, args["lengths"], args["sample_dl"], args["features"], args["labels"]
+            )
+        )
         with pytest.raises(error, match=name):
             fn(args["points"])

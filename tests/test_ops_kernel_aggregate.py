@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from kpconv_reference import influence as reference_influence
+from kpconv_reference import random_problem
 
 import tf_custom_ops
-from kpconv_reference import influence as reference_influence, random_problem
 from kpconv_tf import ops
 
 MODES = [(i, a) for i in ops.INFLUENCES for a in ops.AGGREGATIONS]
@@ -23,7 +24,7 @@ def reference_sums(q, s, n, f, kernel_points, extent, infl, agg):
             if j == s.shape[0]:
                 continue
             d2 = np.sum((s[j] - q[i] - kp) ** 2, axis=1)
-            if deformable and not np.any(d2 < extent ** 2):
+            if deformable and not np.any(d2 < extent**2):
                 continue
             w = reference_influence(d2[None], extent, infl, agg, deformable)[0]
             out[i] += w[:, None] * f[j][None]
@@ -39,15 +40,19 @@ def _problem(seed, deformable, **kwargs):
 
 
 class KernelAggregateTest(tf.test.TestCase):
-
     def test_matches_float64_reference_in_every_mode(self):
         for deformable in (False, True):
             for seed, (infl, agg) in enumerate(MODES):
                 q, s, n, f, kp = _problem(seed, deformable)
                 out = tf_custom_ops.kernel_aggregate(q, s, n, f, kp, 0.3, infl, agg)
                 ref = reference_sums(q, s, n, f, kp, 0.3, infl, agg)
-                self.assertAllClose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(),
-                                    msg=f"{infl}/{agg} deformable={deformable}")
+                self.assertAllClose(
+                    out,
+                    ref,
+                    rtol=1e-5,
+                    atol=1e-5 * np.abs(ref).max(),
+                    msg=f"{infl}/{agg} deformable={deformable}",
+                )
                 # The last queries are isolated: every neighbour is a shadow.
                 self.assertAllEqual(out[-3:], np.zeros_like(out[-3:]))
 
@@ -68,35 +73,55 @@ class KernelAggregateTest(tf.test.TestCase):
                             k, d = kp.shape[-2], f.shape[1]
                             eye = tf.reshape(tf.eye(k * d, dtype=dtype), [k, d, k * d])
                             if deformable:
-                                flat = ops.kpconv_deformable(qt, st, n, ft, tf.zeros_like(kt[0]), kt, eye,
-                                                             0.3, infl, agg)
+                                flat = ops.kpconv_deformable(
+                                    qt, st, n, ft, tf.zeros_like(kt[0]), kt, eye, 0.3, infl, agg
+                                )
                             else:
                                 flat = ops.kpconv(qt, st, n, ft, kt, eye, 0.3, infl, agg)
                             sums = tf.reshape(flat, [-1, k, d])
                         loss = tf.reduce_sum(sums * tf.constant(r, dtype))
-                    grads.append([None if g is None else tf.convert_to_tensor(g).numpy()
-                                  for g in tape.gradient(loss, args)])
-                for name, fused, reference in zip(("queries", "supports", "features", "kernel points"),
-                                                  *grads):
+                    grads.append(
+                        [
+                            None if g is None else tf.convert_to_tensor(g).numpy()
+                            for g in tape.gradient(loss, args)
+                        ]
+                    )
+                for name, fused, reference in zip(
+                    ("queries", "supports", "features", "kernel points"), *grads
+                ):
                     if reference is None:  # constant influence: no geometric gradient
                         self.assertAllEqual(fused, np.zeros_like(fused))
                         continue
                     scale = max(np.abs(reference).max(), 1e-12)
-                    self.assertLess(np.abs(fused - reference).max() / scale, 2e-4,
-                                    msg=f"{name}: {infl}/{agg} deformable={deformable}")
+                    self.assertLess(
+                        np.abs(fused - reference).max() / scale,
+                        2e-4,
+                        msg=f"{name}: {infl}/{agg} deformable={deformable}",
+                    )
 
     def test_edge_cases(self):
         rng = np.random.default_rng(3)
         kp = rng.normal(size=(5, 3)).astype(np.float32) * 0.1
         f4 = rng.normal(size=(4, 2)).astype(np.float32)
         # No queries, no supports (every neighbour a shadow), no columns.
-        self.assertEqual(tf_custom_ops.kernel_aggregate(np.zeros((0, 3)), np.zeros((4, 3)),
-                                                        np.zeros((0, 3), np.int32), f4, kp, 0.2).shape, (0, 5, 2))
-        out = tf_custom_ops.kernel_aggregate(np.zeros((2, 3)), np.zeros((0, 3)), np.zeros((2, 3), np.int32),
-                                             np.zeros((0, 2), np.float32), kp, 0.2)
+        self.assertEqual(
+            tf_custom_ops.kernel_aggregate(
+                np.zeros((0, 3)), np.zeros((4, 3)), np.zeros((0, 3), np.int32), f4, kp, 0.2
+            ).shape,
+            (0, 5, 2),
+        )
+        out = tf_custom_ops.kernel_aggregate(
+            np.zeros((2, 3)),
+            np.zeros((0, 3)),
+            np.zeros((2, 3), np.int32),
+            np.zeros((0, 2), np.float32),
+            kp,
+            0.2,
+        )
         self.assertAllEqual(out, np.zeros((2, 5, 2)))
-        out = tf_custom_ops.kernel_aggregate(np.zeros((2, 3)), np.zeros((4, 3)), np.zeros((2, 0), np.int32),
-                                             f4, kp, 0.2)
+        out = tf_custom_ops.kernel_aggregate(
+            np.zeros((2, 3)), np.zeros((4, 3)), np.zeros((2, 0), np.int32), f4, kp, 0.2
+        )
         self.assertAllEqual(out, np.zeros((2, 5, 2)))
         # Duplicate neighbours count as often as they are listed; one point is its own neighbour.
         p = np.zeros((1, 3), np.float32)
@@ -106,14 +131,24 @@ class KernelAggregateTest(tf.test.TestCase):
         self.assertAllClose(once, reference_sums(p, p, np.array([[0]]), f4[:1], kp, 0.5, "gaussian", "sum"))
         # A huge extent reaches every kernel point; a tiny one none (linear).
         q, s, n, f, kp15 = _problem(4, False)
-        self.assertAllClose(tf_custom_ops.kernel_aggregate(q, s, n, f, kp15, 1e6),
-                            reference_sums(q, s, n, f, kp15, 1e6, "linear", "sum"), rtol=1e-5, atol=1e-4)
-        self.assertAllEqual(tf_custom_ops.kernel_aggregate(q, s, n, f, kp15, 1e-12),
-                            np.zeros((q.shape[0], 15, f.shape[1])))
+        self.assertAllClose(
+            tf_custom_ops.kernel_aggregate(q, s, n, f, kp15, 1e6),
+            reference_sums(q, s, n, f, kp15, 1e6, "linear", "sum"),
+            rtol=1e-5,
+            atol=1e-4,
+        )
+        self.assertAllEqual(
+            tf_custom_ops.kernel_aggregate(q, s, n, f, kp15, 1e-12), np.zeros((q.shape[0], 15, f.shape[1]))
+        )
 
     def test_dynamic_shapes_in_tf_function(self):
-        spec = [tf.TensorSpec([None, 3]), tf.TensorSpec([None, 3]), tf.TensorSpec([None, None], tf.int32),
-                tf.TensorSpec([None, None]), tf.TensorSpec([None, None, 3])]
+        spec = [
+            tf.TensorSpec([None, 3]),
+            tf.TensorSpec([None, 3]),
+            tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([None, None]),
+            tf.TensorSpec([None, None, 3]),
+        ]
 
         @tf.function(input_signature=spec)
         def aggregate(q, s, n, f, kp):
@@ -123,8 +158,12 @@ class KernelAggregateTest(tf.test.TestCase):
 
         for nq, ns, h in ((20, 30, 4), (35, 50, 9)):
             q, s, n, f, kp = _problem(nq, True, nq=nq, ns=ns, h=h)
-            self.assertAllClose(aggregate(q, s, n, f, kp), reference_sums(q, s, n, f, kp, 0.3, "linear", "sum"),
-                                rtol=1e-5, atol=1e-5)
+            self.assertAllClose(
+                aggregate(q, s, n, f, kp),
+                reference_sums(q, s, n, f, kp, 0.3, "linear", "sum"),
+                rtol=1e-5,
+                atol=1e-5,
+            )
 
     def test_bad_input_names_the_argument(self):
         q, s, n, f, kp = _problem(5, False, nq=10, ns=12, h=4)

@@ -37,8 +37,14 @@ def _batch(batches, t, config):
 
 def _stats(values):
     """float64 (sum, l2, maxabs) per name, as log.npz stores them."""
-    return {n: (np.sum(v, dtype=np.float64), np.linalg.norm(v.astype(np.float64).ravel()),
-                float(np.max(np.abs(v))) if v.size else 0.0) for n, v in values.items()}
+    return {
+        n: (
+            np.sum(v, dtype=np.float64),
+            np.linalg.norm(v.astype(np.float64).ravel()),
+            float(np.max(np.abs(v))) if v.size else 0.0,
+        )
+        for n, v in values.items()
+    }
 
 
 class Replay:
@@ -64,8 +70,9 @@ class Replay:
         inputs, labels, uniform = _batch(self.batches, t, self.config)
         result = {k: v.numpy() for k, v in self.step(inputs, labels, dropout_uniform=uniform).items()}
         index = {id(v): i for i, v in enumerate(self.step.variables)}
-        result["grad_norm"] = {n: result["grad_norms"][index[id(v)]]
-                               for n, v in self.variable_map.items() if id(v) in index}
+        result["grad_norm"] = {
+            n: result["grad_norms"][index[id(v)]] for n, v in self.variable_map.items() if id(v) in index
+        }
         result["var_stats"] = _stats(self.values())
         result["slot_stats"] = _stats(self.slots())
         self.history.append(result)
@@ -85,8 +92,13 @@ def _relative(ours, ref):
 
 
 def _loss_errors(replay, log, steps):
-    return {name: max(abs(float(replay.history[t][name]) - float(log[name][t])) / abs(float(log[name][t]))
-                      for t in steps) for name in LOSSES}
+    return {
+        name: max(
+            abs(float(replay.history[t][name]) - float(log[name][t])) / abs(float(log[name][t]))
+            for t in steps
+        )
+        for name in LOSSES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +125,24 @@ def _check_first_step(replay, log):
     ours_g = np.array([first["grad_norm"][n] for n in names])
     errors["grad_norm"] = float(np.max(np.abs(ours_g - log["grad_norm"][0]) / log["grad_norm"][0]))
     # per-entry norms before clipping: the original's entry e is scale * g of its variable
-    entry_norm = np.array([float(s) * first["grad_norm"][str(n)] for n, s in
-                           zip(log["update_entry_variable"], log["update_entry_scale"])])
+    entry_norm = np.array(
+        [
+            float(s) * first["grad_norm"][str(n)]
+            for n, s in zip(log["update_entry_variable"], log["update_entry_scale"])
+        ]
+    )
     ref_entry = log["entry_pre_clip_norm"][0]
     clear = np.abs(ref_entry - 100.0) > 1e-2 * 100.0  # decisions away from the threshold
     np.testing.assert_array_equal((entry_norm > 100.0)[clear], log["entry_clipped"][0][clear] == 1)
-    slot_names = [str(n)[len("optimizer/"):-len("/Momentum")] for n in log["slot_names"]]
-    errors["slot_l2"] = max(abs(first["slot_stats"][n][1] - log["slot_l2"][0, j]) / log["slot_l2"][0, j]
-                            for j, n in enumerate(slot_names))
-    errors["slot_maxabs"] = max(abs(first["slot_stats"][n][2] - log["slot_maxabs"][0, j])
-                                / log["slot_maxabs"][0, j] for j, n in enumerate(slot_names))
+    slot_names = [str(n)[len("optimizer/") : -len("/Momentum")] for n in log["slot_names"]]
+    errors["slot_l2"] = max(
+        abs(first["slot_stats"][n][1] - log["slot_l2"][0, j]) / log["slot_l2"][0, j]
+        for j, n in enumerate(slot_names)
+    )
+    errors["slot_maxabs"] = max(
+        abs(first["slot_stats"][n][2] - log["slot_maxabs"][0, j]) / log["slot_maxabs"][0, j]
+        for j, n in enumerate(slot_names)
+    )
     # batch-norm moving statistics (not slots): compare the change of their sums, with a float32
     # rounding allowance; trainable variables moved by exactly -lr * slot in this first step
     initial = _stats(replay.initial)
@@ -182,17 +202,29 @@ def test_trajectory_sensitivity(run_1e3, run_1e3_perturbed):
         if "kernel_points" in name:
             np.testing.assert_array_equal(final[name], replay.values()[name])
     slots_npz = np.load(FIXTURES / "lr_0.001" / "final_slots.npz")
-    ref_slots = {k[len("optimizer/"):-len("/Momentum")]: slots_npz[k] for k in slots_npz.files}
+    ref_slots = {k[len("optimizer/") : -len("/Momentum")]: slots_npz[k] for k in slots_npz.files}
     assert sorted(ref_slots) == sorted(replay.slots())
     to_reference = _final_errors(replay, final, ref_slots)
     to_reference.update(_loss_errors(replay, log, range(5)))
     other = run_1e3_perturbed
     spread = _final_errors(replay, other.values(), other.slots())
-    spread.update({n: max(abs(float(replay.history[t][n]) - float(other.history[t][n]))
-                          / abs(float(log[n][t])) for t in range(5)) for n in LOSSES})
-    print("lr 1e-3, 5 steps, max relative error to the original:", {k: f"{v:.1e}" for k, v in to_reference.items()})
-    print("lr 1e-3, 5 steps, spread of our runs for a 1e-7 weight perturbation:",
-          {k: f"{v:.1e}" for k, v in spread.items()})
+    spread.update(
+        {
+            n: max(
+                abs(float(replay.history[t][n]) - float(other.history[t][n])) / abs(float(log[n][t]))
+                for t in range(5)
+            )
+            for n in LOSSES
+        }
+    )
+    print(
+        "lr 1e-3, 5 steps, max relative error to the original:",
+        {k: f"{v:.1e}" for k, v in to_reference.items()},
+    )
+    print(
+        "lr 1e-3, 5 steps, spread of our runs for a 1e-7 weight perturbation:",
+        {k: f"{v:.1e}" for k, v in spread.items()},
+    )
     assert spread["output_loss"] > 100 * TOLERANCE  # the 1e-4 target is below the trajectory's conditioning
     for key in ("weights", "batch_norm", "slots", "output_loss", "total_loss"):
         assert to_reference[key] <= 3 * spread[key], (key, to_reference[key], spread[key])
@@ -220,9 +252,17 @@ def test_learning_rate_005():
         spread[f"var_l2_{t}"] = float(np.max(np.abs(ours - theirs) / log["var_l2"][t]))
         for n in ("output_loss", "total_loss"):
             to_reference[f"{n}_{t}"] = abs(float(replay.history[t][n]) - float(log[n][t])) / float(log[n][t])
-            spread[f"{n}_{t}"] = abs(float(replay.history[t][n]) - float(other.history[t][n])) / float(log[n][t])
-    print("lr 0.05, steps 1-4, relative error to the original:", {k: f"{v:.1e}" for k, v in to_reference.items()})
-    print("lr 0.05, steps 1-4, spread for a 1e-7 weight perturbation:", {k: f"{v:.1e}" for k, v in spread.items()})
+            spread[f"{n}_{t}"] = abs(float(replay.history[t][n]) - float(other.history[t][n])) / float(
+                log[n][t]
+            )
+    print(
+        "lr 0.05, steps 1-4, relative error to the original:",
+        {k: f"{v:.1e}" for k, v in to_reference.items()},
+    )
+    print(
+        "lr 0.05, steps 1-4, spread for a 1e-7 weight perturbation:",
+        {k: f"{v:.1e}" for k, v in spread.items()},
+    )
     worst_ref, worst_spread = max(to_reference.values()), max(spread.values())
     assert worst_spread > 10 * TOLERANCE
     assert worst_ref <= 3 * worst_spread, (worst_ref, worst_spread)
@@ -248,5 +288,6 @@ def test_paper_semantics_differ_only_on_offset_variables():
         np.testing.assert_allclose(np.linalg.norm(slots_paper[name]), min(0.1 * norm, 100.0), rtol=1e-5)
         if name.endswith("bias"):
             scale = np.abs(slots_paper[name]).max()
-            np.testing.assert_allclose(slots_paper[name], slots_original[name] * (0.1 / 1.098),
-                                       rtol=1e-4, atol=1e-6 * scale)
+            np.testing.assert_allclose(
+                slots_paper[name], slots_original[name] * (0.1 / 1.098), rtol=1e-4, atol=1e-6 * scale
+            )

@@ -32,8 +32,10 @@ class TinyObjects(ObjectDataset):
         self.label_names = ["x", "y", "z"]
         self.num_parts = [2, 2, 2] if task != "classification" else None
         rng = np.random.default_rng(seed)
-        self._clouds = {split: [self._cloud(rng, i, split) for i in range(n)]
-                        for split, n in (("train", n_train), ("test", n_test))}
+        self._clouds = {
+            split: [self._cloud(rng, i, split) for i in range(n)]
+            for split, n in (("train", n_train), ("test", n_test))
+        }
 
     def _cloud(self, rng, i, split):
         label = i % 3
@@ -50,8 +52,11 @@ class TinyObjects(ObjectDataset):
 
 def make_config(task="classification", batch_num=4, **augment):
     config = Config()
-    config.model.architecture = list(ARCH) if task == "classification" else \
-        ARCH[:-1] + ["nearest_upsample", "unary", "nearest_upsample", "unary"]
+    config.model.architecture = (
+        list(ARCH)
+        if task == "classification"
+        else ARCH[:-1] + ["nearest_upsample", "unary", "nearest_upsample", "unary"]
+    )
     config.model.first_subsampling_dl = 0.05
     config.model.density_parameter = 5.0
     config.model.first_features_dim = 8
@@ -73,7 +78,9 @@ def check_batch(inputs, labels, config, task):
     specs = layer_specs(config.model)
     lengths0 = inputs["lengths_0"].numpy()
     assert inputs["points_0"].shape[0] == lengths0.sum() == inputs["features"].shape[0]
-    np.testing.assert_array_equal(inputs["batch_index"].numpy(), np.repeat(np.arange(len(lengths0)), lengths0))
+    np.testing.assert_array_equal(
+        inputs["batch_index"].numpy(), np.repeat(np.arange(len(lengths0)), lengths0)
+    )
     if task == "classification":
         assert labels.shape == (len(lengths0),)
     else:
@@ -160,7 +167,7 @@ def test_calibration_is_cached_and_reused(monkeypatch):
     assert again.neighbor_limits == limits and again.batch_limit == batch_limit
     config.train.batch_num += 1  # another key: must calibrate again
     with pytest.raises(AssertionError, match="recalibrated"):
-        Pipeline(data, config).batch_limit
+        _ = Pipeline(data, config).batch_limit
 
 
 def test_augmentation_is_seeded_and_keeps_labels_and_lengths():
@@ -186,15 +193,18 @@ def test_augmentation_geometry():
     out = out.numpy()
     # a vertical rotation keeps heights and horizontal radii
     np.testing.assert_allclose(out[:, 2], points[:, 2], atol=1e-6)
-    np.testing.assert_allclose(np.hypot(out[:, 0], out[:, 1]), np.hypot(points[:, 0], points[:, 1]), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.hypot(out[:, 0], out[:, 1]), np.hypot(points[:, 0], points[:, 1]), rtol=1e-5
+    )
     config.rotation, config.scale_min, config.scale_max, config.scale_anisotropic = "all", 0.5, 2.0, False
     out, _, scales, rotations = augment_points(points, batch_index, 2, config, [1, 3])
     r = rotations.numpy()
     np.testing.assert_allclose(r @ r.transpose(0, 2, 1), np.eye(3)[None].repeat(2, 0), atol=1e-5)
     s = scales.numpy()
-    assert np.allclose(s[:, 0], s[:, 1]) and (0.5 <= s).all() and (s <= 2.0).all()
-    np.testing.assert_allclose(np.linalg.norm(out.numpy(), axis=1),
-                               np.linalg.norm(points, axis=1) * s[batch_index, 0], rtol=1e-5)
+    assert np.allclose(s[:, 0], s[:, 1]) and (s >= 0.5).all() and (s <= 2.0).all()
+    np.testing.assert_allclose(
+        np.linalg.norm(out.numpy(), axis=1), np.linalg.norm(points, axis=1) * s[batch_index, 0], rtol=1e-5
+    )
 
 
 def test_start_batch_resumes_the_same_stream():
@@ -221,7 +231,9 @@ def test_validation_by_potentials_and_sequential_test_cover_the_split():
     for _ in range(3):  # each pass takes the least-seen objects: 3 x batch_num covers 12 of 10
         seen += [int(i) for _, _, m in val for i in m["cloud_indices"].numpy()]
     assert sorted(set(seen)) == list(range(10))
-    test = [int(i) for _, _, m in pipeline.dataset("test", with_meta=True) for i in m["cloud_indices"].numpy()]
+    test = [
+        int(i) for _, _, m in pipeline.dataset("test", with_meta=True) for i in m["cloud_indices"].numpy()
+    ]
     assert test == list(range(10))
 
 
@@ -247,10 +259,16 @@ def test_matches_the_original_layer_sizes():
     configure(config, data)
     pipeline = Pipeline(data, config)
     points = d["points_0"]
-    batch = {"points": tf.constant(points), "extra": tf.zeros_like(points),
-             "lengths": tf.constant(d["stack_lengths_0"], tf.int32), "labels": tf.zeros([2], tf.int32),
-             "object_labels": tf.zeros([2], tf.int32), "cloud_indices": tf.range(2),
-             "point_indices": tf.range(len(points)), "number": tf.constant(0, tf.int64)}
+    batch = {
+        "points": tf.constant(points),
+        "extra": tf.zeros_like(points),
+        "lengths": tf.constant(d["stack_lengths_0"], tf.int32),
+        "labels": tf.zeros([2], tf.int32),
+        "object_labels": tf.zeros([2], tf.int32),
+        "cloud_indices": tf.range(2),
+        "point_indices": tf.range(len(points)),
+        "number": tf.constant(0, tf.int64),
+    }
     limits = [int(v) for v in d["neighborhood_limits"]]
     inputs, _ = pipeline.map_batch(batch, limits, seed=0, with_meta=False, augment=False)
     for l in range(config.model.num_layers):
@@ -278,8 +296,8 @@ def test_scene_batches_from_embedded_rooms():
         scenes = data.scenes("train")
         offsets = np.concatenate([[0], np.cumsum(inputs["lengths_0"].numpy())])
         for b, s in enumerate(meta["cloud_indices"].numpy()):
-            idx = meta["point_indices"].numpy()[offsets[b]:offsets[b + 1]]
-            np.testing.assert_array_equal(labels[offsets[b]:offsets[b + 1]], scenes[s].labels[idx])
+            idx = meta["point_indices"].numpy()[offsets[b] : offsets[b + 1]]
+            np.testing.assert_array_equal(labels[offsets[b] : offsets[b + 1]], scenes[s].labels[idx])
 
 
 DISTRIBUTED = """
@@ -308,9 +326,20 @@ def test_tf_distribute_gives_each_replica_its_own_stacked_batch(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, KPCONV_TF_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", DISTRIBUTED, os.path.dirname(__file__)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        KPCONV_TF_CACHE=str(tmp_path / "cache"),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED, os.path.dirname(__file__)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok")

@@ -26,13 +26,35 @@ def write_log(run_dir, header, rows):
 
 def classification_run(run_dir, epochs=5, seed=0):
     rng = np.random.default_rng(seed)
-    header = ["epoch", "steps", "loss", "output_loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
-              "seconds", "something_new"]
+    header = [
+        "epoch",
+        "steps",
+        "loss",
+        "output_loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+        "seconds",
+        "something_new",
+    ]
     rows = []
     for epoch in range(1, epochs + 1):
         loss = 2.0 / epoch + 0.05 * rng.random()
-        rows.append([epoch, 10 * epoch, loss, 0.9 * loss, 1 - loss / 3, loss * 1.1, 1 - loss / 2.5,
-                     0.01 * 0.9 ** epoch, 3.5, "x"])
+        rows.append(
+            [
+                epoch,
+                10 * epoch,
+                loss,
+                0.9 * loss,
+                1 - loss / 3,
+                loss * 1.1,
+                1 - loss / 2.5,
+                0.01 * 0.9**epoch,
+                3.5,
+                "x",
+            ]
+        )
     return write_log(run_dir, header, rows)
 
 
@@ -63,8 +85,11 @@ def assert_png(path, min_pixels=200):
 
 
 def test_read_training_log_parses_sorts_and_keeps_last_duplicate(tmp_path):
-    run = write_log(tmp_path / "run", ["epoch", "loss", "val_mean_iou", "unknown"],
-                    [[2, 0.5, "", "a"], [1, 0.9, 0.2, "b"], [2, 0.4, 0.35, "c"], [3, 0.3, "", "d"]])
+    run = write_log(
+        tmp_path / "run",
+        ["epoch", "loss", "val_mean_iou", "unknown"],
+        [[2, 0.5, "", "a"], [1, 0.9, 0.2, "b"], [2, 0.4, 0.35, "c"], [3, 0.3, "", "d"]],
+    )
     log = plots.read_training_log(run)
     assert set(log) == {"epoch", "loss", "val_mean_iou"}
     np.testing.assert_array_equal(log["epoch"], [1, 2, 3])
@@ -97,8 +122,11 @@ def test_plot_convergence_writes_only_logged_quantities(tmp_path):
     run = classification_run(tmp_path / "run")
     out = tmp_path / "plots"
     written = plots.plot_convergence(run, out)
-    assert {path.name for path in written} == {"convergence_loss.png", "convergence_accuracy.png",
-                                               "convergence_learning_rate.png"}
+    assert {path.name for path in written} == {
+        "convergence_loss.png",
+        "convergence_accuracy.png",
+        "convergence_learning_rate.png",
+    }
     assert all(path.parent == out for path in written)
     assert not (out / "convergence_miou.png").exists()
 
@@ -154,7 +182,9 @@ def test_main_writes_into_run_dirs_and_out(tmp_path, capsys):
     written = plots.main([str(first), str(second), "--out", str(out)])
     # Both runs are named "run": file names are made unique.
     assert {p.name for p in written if p.name.startswith("confusion")} == {
-        "confusion_matrix_run_1.png", "confusion_matrix_run_2.png"}
+        "confusion_matrix_run_1.png",
+        "confusion_matrix_run_2.png",
+    }
     assert all(p.parent == out for p in written)
 
 
@@ -170,16 +200,29 @@ def test_command_line(tmp_path):
     write_metrics(run)
     env = dict(os.environ, PYTHONPATH=str(REPO), MPLBACKEND="")
     env.pop("DISPLAY", None)
-    result = subprocess.run([sys.executable, "-m", "utils.plots", str(run)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.plots", str(run)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     printed = [Path(line) for line in result.stdout.split()]
-    assert set(printed) == {run / f"convergence_{q}.png" for q in ("loss", "accuracy", "miou", "learning_rate")} | {
-        run / "confusion_matrix.png"}
+    assert set(printed) == {
+        run / f"convergence_{q}.png" for q in ("loss", "accuracy", "miou", "learning_rate")
+    } | {run / "confusion_matrix.png"}
     for path in printed:
         assert_png(path)
 
-    result = subprocess.run([sys.executable, "-m", "utils.plots", str(tmp_path / "absent")], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.plots", str(tmp_path / "absent")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "training_log.csv not found" in result.stderr

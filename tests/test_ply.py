@@ -6,8 +6,12 @@ from utils.ply import PlyError, read_ply, write_ply
 
 def test_round_trip_types(tmp_path):
     rng = np.random.default_rng(0)
-    fields = {"x": rng.random(10).astype(np.float32), "y": rng.random(10), "red": np.arange(10, dtype=np.uint8),
-              "class": np.arange(10, dtype=np.int32)}
+    fields = {
+        "x": rng.random(10).astype(np.float32),
+        "y": rng.random(10),
+        "red": np.arange(10, dtype=np.uint8),
+        "class": np.arange(10, dtype=np.int32),
+    }
     write_ply(tmp_path / "a.ply", fields)
     data = read_ply(tmp_path / "a.ply")
     for name, values in fields.items():
@@ -17,8 +21,10 @@ def test_round_trip_types(tmp_path):
 
 def test_ascii_and_errors(tmp_path):
     path = tmp_path / "b.ply"
-    path.write_text("ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nproperty int label\n"
-                    "end_header\n1.5 3\n-2 4\n")
+    path.write_text(
+        "ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nproperty int label\n"
+        "end_header\n1.5 3\n-2 4\n"
+    )
     data = read_ply(path)
     np.testing.assert_allclose(data["x"], [1.5, -2])
     np.testing.assert_array_equal(data["label"], [3, 4])

@@ -53,16 +53,28 @@ def write_plot(path, plot, label_values=(0, 1, 2)):
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix
     if suffix == ".ply":
-        write_ply(path, {"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "red": colors[:, 0],
-                         "green": colors[:, 1], "blue": colors[:, 2], "intensity": intensity,
-                         "label": values.astype(np.int32)})
+        write_ply(
+            path,
+            {
+                "x": points[:, 0],
+                "y": points[:, 1],
+                "z": points[:, 2],
+                "red": colors[:, 0],
+                "green": colors[:, 1],
+                "blue": colors[:, 2],
+                "intensity": intensity,
+                "label": values.astype(np.int32),
+            },
+        )
     elif suffix in (".las", ".laz"):
         write_las(path, points, colors, intensity, values)
     elif suffix == ".npy":
         np.save(path, np.c_[points, colors, values].astype(np.float64))
     else:
-        rows = [f"{x:.3f} {y:.3f} {z:.3f} {r} {g} {b} {k}"
-                for (x, y, z), (r, g, b), k in zip(points, colors, values)]
+        rows = [
+            f"{x:.3f} {y:.3f} {z:.3f} {r} {g} {b} {k}"
+            for (x, y, z), (r, g, b), k in zip(points, colors, values)
+        ]
         header = "x,y,z,red,green,blue,label\n" if suffix == ".csv" else ""
         separator = "," if suffix == ".csv" else " "
         path.write_text(header + "\n".join(r.replace(" ", separator) for r in rows) + "\n")
@@ -97,7 +109,8 @@ def write_s3dis_forest(root, rng, areas=(1, 2), classes=("ground", "tree", "clut
                 p = rng.uniform(0, 3, (n, 3)) + (3 * area, 0, 0)
                 c = rng.integers(0, 256, (n, 3))
                 (folder / f"{name}_{k}.txt").write_text(
-                    "".join(f"{x:.3f} {y:.3f} {z:.3f} {r} {g} {b}\n" for (x, y, z), (r, g, b) in zip(p, c)))
+                    "".join(f"{x:.3f} {y:.3f} {z:.3f} {r} {g} {b}\n" for (x, y, z), (r, g, b) in zip(p, c))
+                )
         files = sorted((root / f"Area_{area}").glob("*/Annotations/*.txt"))
         names[area] = [f.stem.rsplit("_", 1)[0] for f in files for _ in f.read_text().splitlines()]
     return names
@@ -108,8 +121,9 @@ def test_s3dis_layout_takes_its_classes_from_the_file_names(tmp_path, private_ca
 
     root = tmp_path / "forest"
     names = write_s3dis_forest(root, np.random.default_rng(0))
-    config = Config.from_yaml(f"{CONFIGS}/s3dis.yaml",
-                              ["dataset.split=Area_2", "model.first_subsampling_dl=0.2"])
+    config = Config.from_yaml(
+        f"{CONFIGS}/s3dis.yaml", ["dataset.split=Area_2", "model.first_subsampling_dl=0.2"]
+    )
     config.dataset.path = str(root)
     dataset = load_dataset(config)
     assert isinstance(dataset, S3DIS) and dataset.label_names == sorted(FOREST)
@@ -133,16 +147,18 @@ def test_s3dis_layout_class_names_fix_the_order_and_add_a_class(tmp_path, privat
     root = tmp_path / "forest"
     names = write_s3dis_forest(root, np.random.default_rng(2))
     order = ["tree", "ground", "deadwood", "clutter"]
-    config = Config.from_yaml(f"{CONFIGS}/s3dis.yaml", ["dataset.split=Area_1",
-                                                       "model.first_subsampling_dl=0.2",
-                                                       f"dataset.class_names={order}"])
+    config = Config.from_yaml(
+        f"{CONFIGS}/s3dis.yaml",
+        ["dataset.split=Area_1", "model.first_subsampling_dl=0.2", f"dataset.class_names={order}"],
+    )
     config.dataset.path = str(root)
     dataset = load_dataset(config)
     assert dataset.label_names == order
     configure(config, dataset)
     assert config.dataset.num_classes == 4
-    np.testing.assert_array_equal(dataset.scenes("validation")[0].full_labels,
-                                  [order.index(n) for n in names[1]])
+    np.testing.assert_array_equal(
+        dataset.scenes("validation")[0].full_labels, [order.index(n) for n in names[1]]
+    )
     unknown = r"Area_\d/plot_1/Annotations/clutter_1\.txt: unknown class 'clutter'"
     with pytest.raises(DatasetError, match=unknown):
         S3DIS(root, 0.2, test_area=1, class_names=["tree", "ground"]).scenes("train")
@@ -158,8 +174,11 @@ def test_every_format_trains_validates_and_tests(tmp_path, private_cache, monkey
     rng = np.random.default_rng(3)
     root = tmp_path / "plots"
     written = {}
-    for split, names in (("train", ["a.ply", "b.las", "c.laz", "d.txt", "e.npy"]), ("validation", ["f.laz"]),
-                         ("test", ["g.npy", "h.ply"])):
+    for split, names in (
+        ("train", ["a.ply", "b.las", "c.laz", "d.txt", "e.npy"]),
+        ("validation", ["f.laz"]),
+        ("test", ["g.npy", "h.ply"]),
+    ):
         for i, name in enumerate(names):
             plot = forest_plot(rng, offset=(5.0 * i, 0.0))
             written[name] = (plot, write_plot(root / split / name, plot))
@@ -213,13 +232,17 @@ def test_splits_by_patterns_and_names(tmp_path, private_cache):
         write_plot(root / name, forest_plot(rng, trees=1))
     config = folder_config(root, extra={"validation": "val_*.csv", "test": ["held.csv"]})
     dataset = load_dataset(config)
-    assert dataset.files["train"] == sorted([root / "tile_01.csv", root / "tile_02.csv", root / "tile_03.csv",
-                                             root / "sub/tile_04.csv"])
+    assert dataset.files["train"] == sorted(
+        [root / "tile_01.csv", root / "tile_02.csv", root / "tile_03.csv", root / "sub/tile_04.csv"]
+    )
     assert [s.name for s in dataset.scenes("validation")] == ["val_01"]
     assert [s.name for s in dataset.scenes("test")] == ["held"]
     assert dataset.label_names == ["class_0", "class_1", "class_2"]  # from the training files
-    dataset = load_dataset(folder_config(root, extra={"train": ["tile_0[12].csv", "**/tile_04.csv"],
-                                                      "validation": ["tile_03.csv"]}))
+    dataset = load_dataset(
+        folder_config(
+            root, extra={"train": ["tile_0[12].csv", "**/tile_04.csv"], "validation": ["tile_03.csv"]}
+        )
+    )
     assert [p.name for p in dataset.files["train"]] == ["tile_04.csv", "tile_01.csv", "tile_02.csv"]
     assert dataset.files["test"] == dataset.files["validation"] == [root / "tile_03.csv"]
     with pytest.raises(DatasetError, match="tile_03.csv is both a training and a validation"):
@@ -287,8 +310,10 @@ def test_features_missing_labels_and_bad_files(tmp_path, private_cache, capsys):
     root = tmp_path / "plots"
     points, colors, intensity, labels = forest_plot(rng)
     (root / "train").mkdir(parents=True)
-    write_ply(root / "train" / "geometry.ply",
-              {"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "label": labels.astype(np.int32)})
+    write_ply(
+        root / "train" / "geometry.ply",
+        {"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "label": labels.astype(np.int32)},
+    )
     np.save(root / "train" / "nan.npy", np.c_[points, labels].astype(np.float64) * [1, 1, np.nan, 1])
     write_plot(root / "test" / "t.ply", forest_plot(rng))
     with pytest.raises(DatasetError, match="geometry.ply: neither colours .* nor intensity"):
@@ -296,24 +321,33 @@ def test_features_missing_labels_and_bad_files(tmp_path, private_cache, capsys):
     geometry = load_dataset(folder_config(root, extra={"train": "train/geometry.ply"}, in_features_dim=2))
     assert not geometry.scenes("train")[0].colors.any()
     with pytest.raises(DatasetError, match=r"nan.npy: point 0: non-finite coordinates"):
-        load_dataset(folder_config(root, extra={"train": "train/nan.npy", "columns": "x,y,z,label"},
-                                   in_features_dim=1)).scenes("train")
+        load_dataset(
+            folder_config(root, extra={"train": "train/nan.npy", "columns": "x,y,z,label"}, in_features_dim=1)
+        ).scenes("train")
     with pytest.raises(DatasetError, match="geometry.ply: no red, green, blue field"):
-        load_dataset(folder_config(root, extra={"train": "train/geometry.ply", "color_features": "rgb"},
-                                   in_features_dim=1)).scenes("train")
+        load_dataset(
+            folder_config(
+                root, extra={"train": "train/geometry.ply", "color_features": "rgb"}, in_features_dim=1
+            )
+        ).scenes("train")
     with pytest.raises(DatasetError, match="geometry.ply: no label field 'class'"):
-        load_dataset(folder_config(root, extra={"train": "train/geometry.ply", "label_field": "class"},
-                                   in_features_dim=1)).scenes("train")
+        load_dataset(
+            folder_config(
+                root, extra={"train": "train/geometry.ply", "label_field": "class"}, in_features_dim=1
+            )
+        ).scenes("train")
     # Test files without labels give unlabelled scenes.
     (root / "test" / "u.txt").write_text("".join(f"{x} {y} {z}\n" for x, y, z in points))
-    unlabelled = load_dataset(folder_config(root, extra={"train": "train/geometry.ply", "test": "test/u.txt"},
-                                            in_features_dim=1))
+    unlabelled = load_dataset(
+        folder_config(root, extra={"train": "train/geometry.ply", "test": "test/u.txt"}, in_features_dim=1)
+    )
     assert unlabelled.scenes("test")[0].labels is None
     with pytest.raises(DatasetError, match="u.txt: no label field 'label'"):
         unlabelled.scenes("validation")  # the test files validate, and validation needs labels
     (root / "train" / "bad.las").write_bytes(b"LASF broken")
-    skipping = load_dataset(folder_config(root, extra={"train": "train/*"}, in_features_dim=1,
-                                          on_bad_file="skip"))
+    skipping = load_dataset(
+        folder_config(root, extra={"train": "train/*"}, in_features_dim=1, on_bad_file="skip")
+    )
     assert [s.name for s in skipping.scenes("train")] == ["geometry"]
     assert "skipped 2 of 3 files" in capsys.readouterr().err
 
@@ -331,10 +365,16 @@ def test_training_and_testing_on_a_folder_write_predictions(tmp_path, private_ca
     write_plot(root / "test" / "c.las", test_plot)
     (root / "classes.txt").write_text("ground\ntree\nclutter\n")
     tiny = [
-        f"dataset.path={root}", "dataset.extra={class_names_file: classes.txt}", "dataset.in_radius=1.0",
-        "dataset.validation_size=1", "model.first_subsampling_dl=0.12", "model.first_features_dim=8",
+        f"dataset.path={root}",
+        "dataset.extra={class_names_file: classes.txt}",
+        "dataset.in_radius=1.0",
+        "dataset.validation_size=1",
+        "model.first_subsampling_dl=0.12",
+        "model.first_features_dim=8",
         "model.architecture=[simple, resnetb_strided, resnetb, nearest_upsample, unary]",
-        "train.batch_num=2", "train.epoch_steps=2", "train.max_epoch=1",
+        "train.batch_num=2",
+        "train.epoch_steps=2",
+        "train.max_epoch=1",
     ]
     run_dir = train("point_cloud_folder", tiny, run_dir=tmp_path / "run", verbose=0)
     result = run_test(run_dir, votes=0.3, log=lambda *a: None)

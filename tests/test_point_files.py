@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from utils.ply import write_ply
-from utils.point_files import (POINT_FILE_SUFFIXES, PointFile, PointFileError, colors_of, read_point_file,
-                               write_point_file)
+from utils.point_files import (
+    POINT_FILE_SUFFIXES,
+    PointFile,
+    PointFileError,
+    colors_of,
+    read_point_file,
+    write_point_file,
+)
 
 
 def _cloud(n=40, seed=0):
@@ -27,9 +33,11 @@ def _write_las(path, points, rng, point_format=3, colors16=True):
     las = laspy.LasData(header)
     las.x, las.y, las.z = points[:, 0], points[:, 1], points[:, 2]
     n = len(points)
-    fields = {"classification": rng.integers(0, 7, n).astype(np.uint8),
-              "intensity": rng.integers(0, 65536, n).astype(np.uint16),
-              "confidence": rng.uniform(0, 1, n).astype(np.float32)}
+    fields = {
+        "classification": rng.integers(0, 7, n).astype(np.uint8),
+        "intensity": rng.integers(0, 65536, n).astype(np.uint16),
+        "confidence": rng.uniform(0, 1, n).astype(np.float32),
+    }
     if point_format in (2, 3, 7):
         top = 65536 if colors16 else 256
         fields.update({c: rng.integers(0, top, n).astype(np.uint16) for c in ("red", "green", "blue")})
@@ -64,9 +72,12 @@ def test_las_round_trip_keeps_the_header_and_maps_fields(tmp_path, suffix):
     cloud = read_point_file(source)
     preds = rng.integers(0, 5, len(points))
     probs = rng.uniform(0, 1, len(points))
-    out = write_point_file(tmp_path / f"out{suffix}", cloud.points,
-                           {"classification": preds, "prob_tree": probs, "red": cloud.fields["red"]},
-                           las_header=cloud.las_header)
+    out = write_point_file(
+        tmp_path / f"out{suffix}",
+        cloud.points,
+        {"classification": preds, "prob_tree": probs, "red": cloud.fields["red"]},
+        las_header=cloud.las_header,
+    )
     assert out == tmp_path / f"out{suffix}"
     back = read_point_file(out)
     np.testing.assert_allclose(back.points, points, atol=1e-6)
@@ -140,8 +151,11 @@ def test_interrupted_ply_write_leaves_no_file(tmp_path, monkeypatch):
 
 def test_ply_round_trip_keeps_every_field(tmp_path):
     points, rng = _cloud()
-    fields = {"red": rng.integers(0, 256, 40).astype(np.uint8), "scalar_height": rng.normal(size=40),
-              "label": rng.integers(0, 3, 40).astype(np.int32)}
+    fields = {
+        "red": rng.integers(0, 256, 40).astype(np.uint8),
+        "scalar_height": rng.normal(size=40),
+        "label": rng.integers(0, 3, 40).astype(np.int32),
+    }
     write_point_file(tmp_path / "a.ply", points, fields)
     back = read_point_file(tmp_path / "a.ply")
     np.testing.assert_array_equal(back.points, points)  # written as doubles
@@ -149,8 +163,14 @@ def test_ply_round_trip_keeps_every_field(tmp_path):
     for name, values in fields.items():
         np.testing.assert_array_equal(back.fields[name], values)
         assert back.fields[name].dtype == values.dtype
-    write_ply(tmp_path / "f.ply", {"x": points[:, 0].astype(np.float32), "y": points[:, 1].astype(np.float32),
-                                   "z": points[:, 2].astype(np.float32)})
+    write_ply(
+        tmp_path / "f.ply",
+        {
+            "x": points[:, 0].astype(np.float32),
+            "y": points[:, 1].astype(np.float32),
+            "z": points[:, 2].astype(np.float32),
+        },
+    )
     assert read_point_file(tmp_path / "f.ply").points.dtype == np.float64
 
 
@@ -158,8 +178,9 @@ def test_text_files_with_and_without_names(tmp_path):
     points, rng = _cloud(6)
     colors = rng.integers(0, 256, (6, 3))
     labels = rng.integers(0, 3, 6)
-    rows = [f"{x:.3f},{y:.3f},{z:.3f},{r},{g},{b},{k}"
-            for (x, y, z), (r, g, b), k in zip(points, colors, labels)]
+    rows = [
+        f"{x:.3f},{y:.3f},{z:.3f},{r},{g},{b},{k}" for (x, y, z), (r, g, b), k in zip(points, colors, labels)
+    ]
     (tmp_path / "a.csv").write_text("X,Y,Z,Red,Green,Blue,label\n" + "\n".join(rows) + "\n")
     cloud = read_point_file(tmp_path / "a.csv")
     np.testing.assert_array_equal(cloud.points, points)
@@ -168,8 +189,13 @@ def test_text_files_with_and_without_names(tmp_path):
     np.testing.assert_allclose(colors_of(cloud), colors / 255, rtol=1e-6)
 
     # Whitespace, a comment, a blank line, default names; then the same named by ``columns``.
-    body = "# scanner export\n" + "\n".join(r.replace(",", " ") for r in rows[:3]) + "\n\n" + \
-        "\n".join(r.replace(",", "\t") for r in rows[3:]) + "\n"
+    body = (
+        "# scanner export\n"
+        + "\n".join(r.replace(",", " ") for r in rows[:3])
+        + "\n\n"
+        + "\n".join(r.replace(",", "\t") for r in rows[3:])
+        + "\n"
+    )
     (tmp_path / "b.xyz").write_text(body)
     cloud = read_point_file(tmp_path / "b.xyz")
     np.testing.assert_array_equal(cloud.points, points)
@@ -206,21 +232,33 @@ def test_colors_scaling():
     points = np.zeros((n, 3))
 
     def cloud(values, dtype, las=False):
-        return PointFile("c", points, {c: np.asarray(values, dtype) for c in ("red", "green", "blue")},
-                         las_header=object() if las else None)
+        return PointFile(
+            "c",
+            points,
+            {c: np.asarray(values, dtype) for c in ("red", "green", "blue")},
+            las_header=object() if las else None,
+        )
 
-    np.testing.assert_allclose(colors_of(cloud([0, 1000, 30000, 65535], np.uint16, las=True)),
-                               np.repeat(np.array([0, 1000, 30000, 65535])[:, None] / 65535, 3, 1), rtol=1e-6)
+    np.testing.assert_allclose(
+        colors_of(cloud([0, 1000, 30000, 65535], np.uint16, las=True)),
+        np.repeat(np.array([0, 1000, 30000, 65535])[:, None] / 65535, 3, 1),
+        rtol=1e-6,
+    )
     # 8-bit values in LAS's 16-bit fields, as many writers store them.
-    np.testing.assert_allclose(colors_of(cloud([0, 10, 200, 255], np.uint16, las=True))[:, 0],
-                               np.array([0, 10, 200, 255]) / 255, rtol=1e-6)
-    np.testing.assert_allclose(colors_of(cloud([0, 10, 200, 255], np.uint8))[:, 1],
-                               np.array([0, 10, 200, 255]) / 255, rtol=1e-6)
+    np.testing.assert_allclose(
+        colors_of(cloud([0, 10, 200, 255], np.uint16, las=True))[:, 0],
+        np.array([0, 10, 200, 255]) / 255,
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        colors_of(cloud([0, 10, 200, 255], np.uint8))[:, 1], np.array([0, 10, 200, 255]) / 255, rtol=1e-6
+    )
     kept = colors_of(cloud([0, 0.25, 0.5, 1], np.float32))
     assert kept.dtype == np.float32 and kept.shape == (n, 3)
     np.testing.assert_array_equal(kept[:, 2], [0, 0.25, 0.5, 1])
-    np.testing.assert_allclose(colors_of(cloud([0, 2.0, 128.0, 255.0], np.float64))[:, 0],
-                               [0, 2 / 255, 128 / 255, 1])
+    np.testing.assert_allclose(
+        colors_of(cloud([0, 2.0, 128.0, 255.0], np.float64))[:, 0], [0, 2 / 255, 128 / 255, 1]
+    )
     assert colors_of(PointFile("c", points, {"red": np.zeros(n), "green": np.zeros(n)})) is None
     short_names = PointFile("c", points, {c: np.ones(n) * 9 for c in "rgb"})
     assert colors_of(short_names)[0, 0] == pytest.approx(9 / 255)
@@ -264,8 +302,11 @@ def test_non_finite_coordinates_name_the_point_and_line(tmp_path):
 
 def test_fewer_columns_than_asked(tmp_path):
     (tmp_path / "a.txt").write_text("1 2 3 4\n")
-    message = _bad(tmp_path / "a.txt", "line 1 has 4 columns, fewer than the 6 asked",
-                   ["x", "y", "z", "red", "green", "blue"])
+    message = _bad(
+        tmp_path / "a.txt",
+        "line 1 has 4 columns, fewer than the 6 asked",
+        ["x", "y", "z", "red", "green", "blue"],
+    )
     assert "red, green, blue" in message
     (tmp_path / "b.txt").write_text("1 2 3 4\n5 6 7 8\n5 6 7\n")
     _bad(tmp_path / "b.txt", "line 3 has 3 columns, fewer than the 4 expected")
@@ -301,8 +342,10 @@ def test_unknown_missing_and_corrupt_files(tmp_path):
     data = (tmp_path / "d.ply").read_bytes()
     (tmp_path / "d.ply").write_bytes(data[:-10])
     _bad(tmp_path / "d.ply", "unreadable PLY.*truncated")
-    (tmp_path / "e.ply").write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\n"
-                                    "property float y\nproperty float z\nend_header\n0 0 0\n1 1\n")
+    (tmp_path / "e.ply").write_text(
+        "ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\n"
+        "property float y\nproperty float z\nend_header\n0 0 0\n1 1\n"
+    )
     _bad(tmp_path / "e.ply", "unreadable PLY")
     (tmp_path / "f.ply").write_text("solid cube\n")
     _bad(tmp_path / "f.ply", "unreadable PLY")

@@ -7,23 +7,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny_runs import train_tiny
+
 from training import predict
 from utils.point_files import read_point_file, write_point_file
 
 ROOMS_TINY = [
-    "dataset.extra={num_train: 2, num_test: 1, seed: 1}", "dataset.validation_size=1",
+    "dataset.extra={num_train: 2, num_test: 1, seed: 1}",
+    "dataset.validation_size=1",
     "dataset.in_radius=1.5",
-    "model.first_subsampling_dl=0.15", "model.first_features_dim=8", "train.batch_num=2",
-    "train.epoch_steps=2", "train.max_epoch=1", "train.votes=1",
+    "model.first_subsampling_dl=0.15",
+    "model.first_features_dim=8",
+    "train.batch_num=2",
+    "train.epoch_steps=2",
+    "train.max_epoch=1",
+    "train.votes=1",
 ]
 SHAPES = ["table", "mug", "dumbbell"]
 SHAPES_TINY = [
     f"dataset.extra={{train_per_class: 3, test_per_class: 2, seed: 1, classes: {SHAPES}}}",
-    "dataset.validation_size=1", "model.first_subsampling_dl=0.15", "model.first_features_dim=8",
+    "dataset.validation_size=1",
+    "model.first_subsampling_dl=0.15",
+    "model.first_features_dim=8",
     "model.architecture=[simple, resnetb_strided, resnetb, global_average]",
-    "train.batch_num=3", "train.epoch_steps=2", "train.max_epoch=1",
+    "train.batch_num=3",
+    "train.epoch_steps=2",
+    "train.max_epoch=1",
 ]
 
 
@@ -44,15 +53,33 @@ def synthetic_room(n=6000, seed=0, offset=(0.0, 0.0, 0.0)):
     surface = rng.integers(0, 7, n)
     size = np.array([4.0, 3.0, 2.5])
     points = np.zeros((n, 3))
-    for s, (a, b, axis, value) in enumerate([(0, 1, 2, 0.0), (0, 1, 2, 2.5), (0, 2, 1, 0.0), (0, 2, 1, 3.0),
-                                             (1, 2, 0, 0.0), (1, 2, 0, 4.0), (0, 1, 2, 0.8)]):
+    for s, (a, b, axis, value) in enumerate(
+        [
+            (0, 1, 2, 0.0),
+            (0, 1, 2, 2.5),
+            (0, 2, 1, 0.0),
+            (0, 2, 1, 3.0),
+            (1, 2, 0, 0.0),
+            (1, 2, 0, 4.0),
+            (0, 1, 2, 0.8),
+        ]
+    ):
         rows = surface == s
         points[rows, a] = u[rows, 0] * (size[a] if s < 6 else 1.2) + (0 if s < 6 else 1.5)
         points[rows, b] = u[rows, 1] * (size[b] if s < 6 else 0.8) + (0 if s < 6 else 1.0)
         points[rows, axis] = value
     points += rng.normal(scale=0.005, size=points.shape) + np.asarray(offset)
-    palette = np.array([[120, 100, 80], [230, 230, 230], [200, 180, 160], [190, 190, 170], [210, 200, 150],
-                        [180, 180, 200], [90, 50, 20]])
+    palette = np.array(
+        [
+            [120, 100, 80],
+            [230, 230, 230],
+            [200, 180, 160],
+            [190, 190, 170],
+            [210, 200, 150],
+            [180, 180, 200],
+            [90, 50, 20],
+        ]
+    )
     colors = (palette[surface] + rng.integers(-10, 10, (n, 3))).astype(np.uint8)
     return points, colors
 
@@ -61,8 +88,11 @@ def write_room(path, n=6000, colors=True, seed=0, offset=(0.0, 0.0, 0.0)):
     points, rgb = synthetic_room(n, seed, offset)
     fields = {"intensity": np.arange(n, dtype=np.uint16)}
     if colors:
-        fields.update(red=rgb[:, 0].astype(np.uint16) * 256, green=rgb[:, 1].astype(np.uint16) * 256,
-                      blue=rgb[:, 2].astype(np.uint16) * 256)
+        fields.update(
+            red=rgb[:, 0].astype(np.uint16) * 256,
+            green=rgb[:, 1].astype(np.uint16) * 256,
+            blue=rgb[:, 2].astype(np.uint16) * 256,
+        )
     write_point_file(path, points, fields)
     return points
 
@@ -79,8 +109,19 @@ def test_scene_ply_and_las_every_input_point_labelled(rooms_run, tmp_path, capsy
     room = write_room(tmp_path / "room.ply")
     tile = write_room(tmp_path / "tile.las", n=4000, seed=1, offset=(512000.0, 5400000.0, 300.0))
     out = tmp_path / "out"
-    assert run_predict(rooms_run, tmp_path / "room.ply", tmp_path / "tile.las", "--out", out, "--votes", 2,
-                       "--probabilities") == 0
+    assert (
+        run_predict(
+            rooms_run,
+            tmp_path / "room.ply",
+            tmp_path / "tile.las",
+            "--out",
+            out,
+            "--votes",
+            2,
+            "--probabilities",
+        )
+        == 0
+    )
     assert listing(out) == ["room.ply", "tile.las", "tile.ply"]
     from training.datasets.embedded_rooms import CLASSES
 
@@ -95,8 +136,9 @@ def test_scene_ply_and_las_every_input_point_labelled(rooms_run, tmp_path, capsy
         np.testing.assert_array_equal(np.argmax(probs, 1), pred)
     las = read_point_file(out / "tile.las")
     np.testing.assert_allclose(las.points, tile, atol=1e-3)
-    np.testing.assert_array_equal(np.asarray(las.fields["classification"]),
-                                  np.asarray(read_point_file(out / "tile.ply").fields["pred"]))
+    np.testing.assert_array_equal(
+        np.asarray(las.fields["classification"]), np.asarray(read_point_file(out / "tile.ply").fields["pred"])
+    )
     assert las.las_header is not None and "intensity" in las.fields
     printed = capsys.readouterr().out
     assert "room.ply: 6000 points" in printed and all(c in printed for c in CLASSES)
@@ -146,10 +188,13 @@ def bad_inputs(folder: Path):
     np.savetxt(folder / "three_columns.txt", synthetic_room(500)[0])
     write_room(folder / "grey.las", n=500, colors=False)
     (folder / "cloud.foo").write_text("1 2 3\n")
-    return {"empty": ("empty.txt", [], []), "nan": ("nan.txt", [], []),
-            "columns": ("three_columns.txt", ["--columns", "x,y,z,r,g,b"], []),
-            "no colours": ("grey.las", [], ["colour", "--features ones"]),
-            "extension": ("cloud.foo", [], [])}
+    return {
+        "empty": ("empty.txt", [], []),
+        "nan": ("nan.txt", [], []),
+        "columns": ("three_columns.txt", ["--columns", "x,y,z,r,g,b"], []),
+        "no colours": ("grey.las", [], ["colour", "--features ones"]),
+        "extension": ("cloud.foo", [], []),
+    }
 
 
 @pytest.mark.parametrize("case", ["empty", "nan", "columns", "no colours", "extension"])
@@ -165,16 +210,19 @@ def test_bad_input_is_an_error_naming_the_file(rooms_run, tmp_path, capsys, case
 def test_missing_colours_can_be_fed_as_ones(rooms_run, tmp_path):
     write_room(tmp_path / "grey.las", n=800, colors=False)
     out = tmp_path / "out"
-    assert run_predict(rooms_run, tmp_path / "grey.las", "--out", out, "--votes", 0.5,
-                       "--features", "ones") == 0
+    assert (
+        run_predict(rooms_run, tmp_path / "grey.las", "--out", out, "--votes", 0.5, "--features", "ones") == 0
+    )
     assert listing(out) == ["grey.las", "grey.ply"]
 
 
 def test_a_bad_file_in_a_folder_is_skipped_unless_strict(rooms_run, tmp_path, capsys):
     folder = tmp_path / "scans"
     folder.mkdir()
-    (folder / "a_empty.ply").write_text("ply\nformat ascii 1.0\nelement vertex 0\nproperty float x\n"
-                                        "property float y\nproperty float z\nend_header\n")
+    (folder / "a_empty.ply").write_text(
+        "ply\nformat ascii 1.0\nelement vertex 0\nproperty float x\n"
+        "property float y\nproperty float z\nend_header\n"
+    )
     write_room(folder / "b_room.ply", n=1500)
     out = tmp_path / "out"
     assert run_predict(rooms_run, folder, "--out", out, "--votes", 0.5) == 1
@@ -199,8 +247,9 @@ def test_ctrl_c_mid_run_leaves_no_output_file(rooms_run, tmp_path, monkeypatch):
         return original(self, *args)
 
     monkeypatch.setattr(predict.RunModel, "probabilities", interrupted)
-    assert run_predict(rooms_run, tmp_path / "tile.las", "--out", out, "--votes", 3,
-                       "--batch-spheres", 1) == 130
+    assert (
+        run_predict(rooms_run, tmp_path / "tile.las", "--out", out, "--votes", 3, "--batch-spheres", 1) == 130
+    )
     assert len(calls) == 2 and listing(out) == []
 
 

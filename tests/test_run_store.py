@@ -85,8 +85,9 @@ def test_resume_cuts_logs_back_to_the_commit(run):
     assert [p.read_text() for p in logs] == ["header\nline 1\n"] * 2
 
 
-@pytest.mark.parametrize("damage", ["truncated data", "empty index", "missing data", "garbage record",
-                                    "bit flip"])
+@pytest.mark.parametrize(
+    "damage", ["truncated data", "empty index", "missing data", "garbage record", "bit flip"]
+)
 def test_damaged_newest_save_is_named_skipped_and_removed(run, damage):
     store, logs = run
     commit_state(store, 1, logs)

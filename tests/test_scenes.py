@@ -5,8 +5,14 @@ import pytest
 from sklearn.neighbors import KDTree
 
 from training.datasets.base import DatasetError, Scene
-from training.scenes import (SceneVoter, SphereCrop, SphereSampler, features_for,
-                             semantic3d_submission_name, write_predictions)
+from training.scenes import (
+    SceneVoter,
+    SphereCrop,
+    SphereSampler,
+    features_for,
+    semantic3d_submission_name,
+    write_predictions,
+)
 from utils.ply import read_ply
 
 
@@ -17,11 +23,18 @@ def make_scene(seed, n=600, m=1500, extent=(3.0, 2.0, 1.0), labelled=True, num_c
     # Projection: nearest subsampled point of every full point, by float64 brute force.
     d2 = ((full[:, None, :].astype(np.float64) - points[None].astype(np.float64)) ** 2).sum(-1)
     projection = np.argmin(d2, axis=1).astype(np.int32)
-    labels = (np.floor(points[:, 0] / extent[0] * num_classes).astype(np.int32) if labelled else None)
+    labels = np.floor(points[:, 0] / extent[0] * num_classes).astype(np.int32) if labelled else None
     full_labels = labels[projection] if labelled else None
-    return Scene(name=name or f"scene_{seed}", points=points, colors=rng.random((n, 3)).astype(np.float32),
-                 labels=labels, tree=KDTree(points), projection=projection, full_labels=full_labels,
-                 full_points_loader=lambda: full)
+    return Scene(
+        name=name or f"scene_{seed}",
+        points=points,
+        colors=rng.random((n, 3)).astype(np.float32),
+        labels=labels,
+        tree=KDTree(points),
+        projection=projection,
+        full_labels=full_labels,
+        full_points_loader=lambda: full,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +43,12 @@ def scenes():
 
 
 def crops_equal(a: SphereCrop, b: SphereCrop):
-    return (a.scene_index == b.scene_index and np.array_equal(a.input_indices, b.input_indices)
-            and np.array_equal(a.points, b.points) and np.array_equal(a.center, b.center))
+    return (
+        a.scene_index == b.scene_index
+        and np.array_equal(a.input_indices, b.input_indices)
+        and np.array_equal(a.points, b.points)
+        and np.array_equal(a.center, b.center)
+    )
 
 
 @pytest.mark.parametrize("mode", ["random", "potentials"])
@@ -105,8 +122,10 @@ def test_potentials_follow_the_tukey_update(scenes):
     lowest = scenes[expected_scene].points[np.argmin(before[expected_scene])]
     assert np.linalg.norm(crop.center - lowest) < radius
     d2 = np.sum((scenes[expected_scene].points.astype(np.float64) - crop.center.astype(np.float64)) ** 2, 1)
-    weights = np.where(d2 <= radius ** 2, (1 - d2 / radius ** 2) ** 2, 0.0)
-    np.testing.assert_allclose(sampler.potentials[expected_scene], before[expected_scene] + weights, atol=1e-5)
+    weights = np.where(d2 <= radius**2, (1 - d2 / radius**2) ** 2, 0.0)
+    np.testing.assert_allclose(
+        sampler.potentials[expected_scene], before[expected_scene] + weights, atol=1e-5
+    )
     for i in range(len(scenes)):
         if i != expected_scene:
             np.testing.assert_array_equal(sampler.potentials[i], before[i])
@@ -149,15 +168,23 @@ def test_max_points_keeps_a_random_subset(scenes):
 
 def test_features_for_stacks_the_original_columns():
     rng = np.random.default_rng(0)
-    crop = SphereCrop(points=rng.random((6, 3)).astype(np.float32), colors=rng.random((6, 3)).astype(np.float32),
-                      heights=rng.random(6).astype(np.float32), labels=None,
-                      input_indices=np.arange(6, dtype=np.int32), scene_index=0, center=np.zeros(3, np.float32))
+    crop = SphereCrop(
+        points=rng.random((6, 3)).astype(np.float32),
+        colors=rng.random((6, 3)).astype(np.float32),
+        heights=rng.random(6).astype(np.float32),
+        labels=None,
+        input_indices=np.arange(6, dtype=np.int32),
+        scene_index=0,
+        center=np.zeros(3, np.float32),
+    )
     ones = np.ones((6, 1))
     np.testing.assert_array_equal(features_for(crop, 1), ones)
     np.testing.assert_array_equal(features_for(crop, 2), np.hstack([ones, crop.heights[:, None]]))
     np.testing.assert_array_equal(features_for(crop, 3), crop.colors)
     np.testing.assert_array_equal(features_for(crop, 4), np.hstack([ones, crop.colors]))
-    np.testing.assert_array_equal(features_for(crop, 5), np.hstack([ones, crop.colors, crop.heights[:, None]]))
+    np.testing.assert_array_equal(
+        features_for(crop, 5), np.hstack([ones, crop.colors, crop.heights[:, None]])
+    )
     np.testing.assert_array_equal(features_for(crop, 7), np.hstack([ones, crop.colors, crop.points]))
     dropped = np.zeros_like(crop.colors)
     np.testing.assert_array_equal(features_for(crop, 4, colors=dropped), np.hstack([ones, dropped]))
@@ -221,10 +248,15 @@ def test_write_predictions_full_resolution(tmp_path, scenes):
     probs = rng.random((m, 4)).astype(np.float32)
     preds = np.argmax(probs, 1).astype(np.int32)
     pots = rng.random(m)
-    paths = write_predictions(tmp_path, scene, preds, names, probs=probs,
-                              formats=("ply", "npm3d", "semantic3d"), potentials=pots)
+    paths = write_predictions(
+        tmp_path, scene, preds, names, probs=probs, formats=("ply", "npm3d", "semantic3d"), potentials=pots
+    )
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
-        "predictions/scene_1.ply", "probs/scene_1.ply", "predictions/scene_1.labels", "predictions/scene_1.txt"]
+        "predictions/scene_1.ply",
+        "probs/scene_1.ply",
+        "predictions/scene_1.labels",
+        "predictions/scene_1.txt",
+    ]
     cloud = read_ply(paths[0])
     assert cloud.dtype.names == ("x", "y", "z", "preds", "labels", "pots")
     full = scene.full_points()
@@ -259,8 +291,13 @@ def test_write_predictions_errors(tmp_path, scenes):
     with pytest.raises(ValueError, match="predictions must lie"):
         write_predictions(tmp_path, scene, np.full(len(scene.points), 4), ["a", "b"])
     with pytest.raises(ValueError, match="probs"):
-        write_predictions(tmp_path, scene, np.zeros(len(scene.points), int), ["a", "b"],
-                          probs=np.zeros((len(scene.points), 3)))
+        write_predictions(
+            tmp_path,
+            scene,
+            np.zeros(len(scene.points), int),
+            ["a", "b"],
+            probs=np.zeros((len(scene.points), 3)),
+        )
     bare = Scene("bare", scene.points, scene.colors, None, scene.tree, projection=scene.projection)
     with pytest.raises(DatasetError, match="bare"):
         write_predictions(tmp_path, bare, np.zeros(len(scene.projection), int), ["a"])

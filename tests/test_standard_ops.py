@@ -32,7 +32,6 @@ def random_batch(rng, sizes, scale=1.0, offset=0.0, duplicates=False):
 
 
 class StandardOpsTest(tf.test.TestCase):
-
     def assertSubsamplingEqual(self, points, lengths, dl, fn=standard.batch_grid_subsampling):
         want_points, want_lengths = compiled.batch_grid_subsampling(points, lengths, dl)
         got_points, got_lengths = fn(points, lengths, dl)
@@ -72,8 +71,19 @@ class StandardOpsTest(tf.test.TestCase):
         self.assertEqual(full.shape, (len(points), lengths.max()))
 
     def test_points_exactly_at_the_radius_and_float64_order(self):
-        supports = np.array([[0, 0, 0], [0.5, 0, 0], [0, -0.5, 0], [0.5, 0.5, 0], [0.3, 0.4, 0],
-                             [0, 0.4, 0.3], [0, 0, 0.5], [0, 0, -0.5000001]], np.float32)
+        supports = np.array(
+            [
+                [0, 0, 0],
+                [0.5, 0, 0],
+                [0, -0.5, 0],
+                [0.5, 0.5, 0],
+                [0.3, 0.4, 0],
+                [0, 0.4, 0.3],
+                [0, 0, 0.5],
+                [0, 0, -0.5000001],
+            ],
+            np.float32,
+        )
         queries = np.array([[0, 0, 0], [0.25, 0.25, 0], [0.5, 0, 0]], np.float32)
         for radius in (0.5, 0.25 * np.sqrt(2), np.float32(0.5000001), 0.7071068):
             self.assertNeighborsEqual(queries, supports, [3], [8], radius)
@@ -121,10 +131,20 @@ class StandardOpsTest(tf.test.TestCase):
             standard.batch_grid_subsampling(np.zeros((3, 3), np.float32), [3], 0.1, features=np.ones((2, 1)))
 
     def test_tf_function_with_unknown_shapes(self):
-        subsample = tf.function(standard.batch_grid_subsampling,
-                                input_signature=[CLOUDS, LENGTHS, tf.TensorSpec([], tf.float32)])
-        neighbors = tf.function(standard.batch_neighbors, input_signature=[
-            CLOUDS, CLOUDS, LENGTHS, LENGTHS, tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32)])
+        subsample = tf.function(
+            standard.batch_grid_subsampling, input_signature=[CLOUDS, LENGTHS, tf.TensorSpec([], tf.float32)]
+        )
+        neighbors = tf.function(
+            standard.batch_neighbors,
+            input_signature=[
+                CLOUDS,
+                CLOUDS,
+                LENGTHS,
+                LENGTHS,
+                tf.TensorSpec([], tf.float32),
+                tf.TensorSpec([], tf.int32),
+            ],
+        )
         rng = np.random.default_rng(4)
         for sizes in ([0, 300, 1, 120], [0], [5, 0, 0, 400]):
             points, lengths = random_batch(rng, sizes, duplicates=True)
@@ -134,8 +154,11 @@ class StandardOpsTest(tf.test.TestCase):
                 self.assertNeighborsEqual(sub, points, sub_lengths, lengths, 0.2, max_n, fn=neighbors)
 
     def test_subsampling_under_xla(self):
-        subsample = tf.function(lambda p, l: standard.batch_grid_subsampling(p, l, 0.08), jit_compile=True,
-                                input_signature=[CLOUDS, LENGTHS])
+        subsample = tf.function(
+            lambda p, l: standard.batch_grid_subsampling(p, l, 0.08),
+            jit_compile=True,
+            input_signature=[CLOUDS, LENGTHS],
+        )
         rng = np.random.default_rng(5)
         for sizes in ([0, 300, 1, 120], [700], [0, 0]):
             points, lengths = random_batch(rng, sizes, duplicates=True)
@@ -161,20 +184,53 @@ class StandardOpsTest(tf.test.TestCase):
             standard.batch_neighbors(points, points, [20, -5], lengths, 0.1)
 
 
-RIGID_KPCNN = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_strided", "resnetb",
-               "resnetb_strided", "resnetb", "global_average"]
-KPFCNN = ["simple", "resnetb", "resnetb_strided", "resnetb", "resnetb_deformable_strided",
-          "resnetb_deformable", "nearest_upsample", "unary", "nearest_upsample", "unary"]
+RIGID_KPCNN = [
+    "simple",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "global_average",
+]
+KPFCNN = [
+    "simple",
+    "resnetb",
+    "resnetb_strided",
+    "resnetb",
+    "resnetb_deformable_strided",
+    "resnetb_deformable",
+    "nearest_upsample",
+    "unary",
+    "nearest_upsample",
+    "unary",
+]
 
 
-@pytest.mark.parametrize("network,arch,limits", [("classification", RIGID_KPCNN, None),
-                                                 ("classification", RIGID_KPCNN, [12, 20, 25, 30]),
-                                                 ("segmentation", KPFCNN, None),
-                                                 ("segmentation", KPFCNN, [10, 0, 15])])
+@pytest.mark.parametrize(
+    "network,arch,limits",
+    [
+        ("classification", RIGID_KPCNN, None),
+        ("classification", RIGID_KPCNN, [12, 20, 25, 30]),
+        ("segmentation", KPFCNN, None),
+        ("segmentation", KPFCNN, [10, 0, 15]),
+    ],
+)
 def test_standard_pyramid_equals_the_compiled_one(network, arch, limits):
-    config = Config.from_dict({"dataset": {"num_classes": 5},
-                               "model": dict(network_model=network, architecture=arch, pyramid="standard",
-                                             first_subsampling_dl=0.05, density_parameter=5.0)})
+    config = Config.from_dict(
+        {
+            "dataset": {"num_classes": 5},
+            "model": dict(
+                network_model=network,
+                architecture=arch,
+                pyramid="standard",
+                first_subsampling_dl=0.05,
+                density_parameter=5.0,
+            ),
+        }
+    )
     points, lengths = random_batch(np.random.default_rng(7), [500, 0, 1, 350], duplicates=True)
     features = np.ones((len(points), 1), np.float32)
     want = build_pyramid(points, lengths, features, config.model, limits)
@@ -219,8 +275,13 @@ def test_pyramid_choice_is_validated():
     config = Config.from_dict({"model": dict(architecture=["simple", "resnetb", "global_average"])})
     assert config.model.pyramid == "compiled"
     with pytest.raises(ValueError, match="implementation must be one of"):
-        build_pyramid(np.zeros((1, 3), np.float32), [1], np.ones((1, 1), np.float32), config.model,
-                      implementation="fast")
+        build_pyramid(
+            np.zeros((1, 3), np.float32),
+            [1],
+            np.ones((1, 1), np.float32),
+            config.model,
+            implementation="fast",
+        )
 
 
 def test_standard_pyramid_without_the_custom_ops(tmp_path):
@@ -242,7 +303,8 @@ def test_standard_pyramid_without_the_custom_ops(tmp_path):
             print("ok", sorted(inputs), inputs["neighbors_0"].shape[0])
     """)
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("ok ") and "'neighbors_1'" in result.stdout and "200" in result.stdout

@@ -17,28 +17,45 @@ from training.run_store import RunStore
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ["table", "mug", "dumbbell"]
 TINY = [
-    "dataset.name=EmbeddedShapes", "dataset.in_features_dim=4", "dataset.validation_size=1",
+    "dataset.name=EmbeddedShapes",
+    "dataset.in_features_dim=4",
+    "dataset.validation_size=1",
     f"dataset.extra={{train_per_class: 6, test_per_class: 2, seed: 1, classes: {SHAPES}}}",
-    "model.first_subsampling_dl=0.15", "model.first_features_dim=8", "model.density_parameter=3.0",
+    "model.first_subsampling_dl=0.15",
+    "model.first_features_dim=8",
+    "model.density_parameter=3.0",
     "model.architecture=[simple, resnetb, resnetb_strided, resnetb, global_average]",
-    "train.batch_num=4", "train.epoch_steps=4", "train.max_epoch=3", "train.learning_rate=0.002",
-    "train.momentum=0.9", "train.snapshot_gap=2", "train.votes=2",
+    "train.batch_num=4",
+    "train.epoch_steps=4",
+    "train.max_epoch=3",
+    "train.learning_rate=0.002",
+    "train.momentum=0.9",
+    "train.snapshot_gap=2",
+    "train.votes=2",
 ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return dict(os.environ, KPCONV_TF_CACHE=str(cache), PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2",
-                KPCONV_TF_DETERMINISTIC="1")
+    return dict(
+        os.environ,
+        KPCONV_TF_CACHE=str(cache),
+        PYTHONPATH=str(ROOT),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        KPCONV_TF_DETERMINISTIC="1",
+    )
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, env):
     """One uninterrupted 3-epoch run, shared by the tests that inspect a run."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0",
-                                        *sets(TINY)], env)
+    result = run_cli(
+        "training.train",
+        ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0", *sets(TINY)],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -48,8 +65,15 @@ def sets(items):
 
 
 def run_cli(module, args, env, **kwargs):
-    return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 def read_log(run_dir):
@@ -101,8 +125,21 @@ def test_train_writes_a_run_and_test_votes(straight_run, env):
 @pytest.mark.slow
 def test_time_budget_stops_with_a_checkpoint(tmp_path, env):
     run_dir = tmp_path / "budget"
-    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0",
-                                        "--max-minutes", "0.001", *sets(TINY)], env)
+    result = run_cli(
+        "training.train",
+        [
+            "--config",
+            "embedded_shapes",
+            "--run-dir",
+            str(run_dir),
+            "--verbose",
+            "0",
+            "--max-minutes",
+            "0.001",
+            *sets(TINY),
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "time budget" in result.stdout
     state = json.loads((run_dir / "state.json").read_text())
@@ -129,14 +166,25 @@ def test_config_errors_name_the_key(tmp_path, monkeypatch):
 def test_scene_training_and_test_write_predictions(tmp_path, env, monkeypatch):
     run_dir = tmp_path / "rooms"
     rooms = [
-        "dataset.name=EmbeddedRooms", "dataset.in_features_dim=5", "dataset.in_radius=1.0",
-        "dataset.validation_size=2", "dataset.extra={num_train: 1, num_test: 1, seed: 2}",
-        "model.first_subsampling_dl=0.12", "model.first_features_dim=8", "model.density_parameter=3.0",
+        "dataset.name=EmbeddedRooms",
+        "dataset.in_features_dim=5",
+        "dataset.in_radius=1.0",
+        "dataset.validation_size=2",
+        "dataset.extra={num_train: 1, num_test: 1, seed: 2}",
+        "model.first_subsampling_dl=0.12",
+        "model.first_features_dim=8",
+        "model.density_parameter=3.0",
         "model.architecture=[simple, resnetb_strided, resnetb, nearest_upsample, unary]",
-        "train.batch_num=2", "train.epoch_steps=3", "train.max_epoch=1", "train.learning_rate=0.002",
+        "train.batch_num=2",
+        "train.epoch_steps=3",
+        "train.max_epoch=1",
+        "train.learning_rate=0.002",
     ]
-    result = run_cli("training.train", ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0",
-                                        *sets(rooms)], env)
+    result = run_cli(
+        "training.train",
+        ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0", *sets(rooms)],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_log(run_dir)[0]["val_mean_iou"] != ""
     result = run_cli("training.test", [str(run_dir), "--votes", "0.3"], env)
@@ -160,14 +208,24 @@ def test_scene_training_and_test_write_predictions(tmp_path, env, monkeypatch):
 def test_part_segmentation_training_and_voting(tmp_path, env):
     run_dir = tmp_path / "parts"
     parts = [
-        "dataset.name=EmbeddedParts", "dataset.in_features_dim=4", "dataset.validation_size=1",
+        "dataset.name=EmbeddedParts",
+        "dataset.in_features_dim=4",
+        "dataset.validation_size=1",
         f"dataset.extra={{train_per_class: 3, test_per_class: 1, seed: 1, classes: {SHAPES}}}",
-        "model.first_subsampling_dl=0.15", "model.first_features_dim=8", "model.density_parameter=3.0",
+        "model.first_subsampling_dl=0.15",
+        "model.first_features_dim=8",
+        "model.density_parameter=3.0",
         "model.architecture=[simple, resnetb_strided, resnetb, nearest_upsample, unary]",
-        "train.batch_num=3", "train.epoch_steps=2", "train.max_epoch=1", "train.learning_rate=0.002",
+        "train.batch_num=3",
+        "train.epoch_steps=2",
+        "train.max_epoch=1",
+        "train.learning_rate=0.002",
     ]
-    result = run_cli("training.train", ["--config", "embedded_parts", "--run-dir", str(run_dir), "--verbose", "0",
-                                        *sets(parts)], env)
+    result = run_cli(
+        "training.train",
+        ["--config", "embedded_parts", "--run-dir", str(run_dir), "--verbose", "0", *sets(parts)],
+        env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_cli("training.test", [str(run_dir), "--votes", "2"], env)
     assert result.returncode == 0, result.stderr[-3000:]

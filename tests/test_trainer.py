@@ -12,8 +12,14 @@ import pytest
 import tensorflow as tf
 
 from kpconv_tf.config import Config
-from training.trainer import (OFFSET_GRADIENT_SCALE, OriginalMomentum, TrainingModel, is_offset_variable,
-                              make_train_step, update_entries)
+from training.trainer import (
+    OFFSET_GRADIENT_SCALE,
+    OriginalMomentum,
+    TrainingModel,
+    is_offset_variable,
+    make_train_step,
+    update_entries,
+)
 
 LR = np.float32(1e-3)
 MOMENTUM = np.float32(0.98)
@@ -49,8 +55,15 @@ def _step(variables, grads, semantics, clip=100.0, optimizer=None):
 
 def test_offset_detection_and_entry_order():
     rng = np.random.default_rng(0)
-    variables = _vars([((15, 4, 8), "conv2/weights"), ((15, 4, 45), "conv2/offset_conv_weights"),
-                       ((45,), "conv2/offset_conv_bias"), ((8,), "batch_normalization/gamma")], rng)
+    variables = _vars(
+        [
+            ((15, 4, 8), "conv2/weights"),
+            ((15, 4, 45), "conv2/offset_conv_weights"),
+            ((45,), "conv2/offset_conv_bias"),
+            ((8,), "batch_normalization/gamma"),
+        ],
+        rng,
+    )
     assert [is_offset_variable(v) for v in variables] == [False, True, True, False]
     grads = [tf.constant(_grad_with_norm(rng, v.shape, 5.0)) for v in variables]
     original = update_entries(grads, variables, "original", 100.0)
@@ -75,8 +88,10 @@ def test_offset_detection_and_entry_order():
 
 def test_paper_scale_is_one_tenth():
     rng = np.random.default_rng(1)
-    variables = [tf.Variable(np.zeros(s, np.float32), name=n)
-                 for s, n in [((15, 4, 45), "offset_conv_weights"), ((45,), "offset_conv_bias")]]
+    variables = [
+        tf.Variable(np.zeros(s, np.float32), name=n)
+        for s, n in [((15, 4, 45), "offset_conv_weights"), ((45,), "offset_conv_bias")]
+    ]
     initial = [v.numpy() for v in variables]
     grads = [_grad_with_norm(rng, v.shape, 7.0) for v in variables]  # unclipped
     optimizer, _ = _step(variables, grads, "paper")
@@ -88,14 +103,19 @@ def test_paper_scale_is_one_tenth():
 
 def test_clip_and_momentum_match_float32_emulation():
     rng = np.random.default_rng(2)
-    shapes = [((15, 8, 16), "layer_0/conv/weights"), ((16,), "bn/beta"), ((15, 8, 45), "offset_conv_weights"),
-              ((45,), "offset_conv_bias")]
+    shapes = [
+        ((15, 8, 16), "layer_0/conv/weights"),
+        ((16,), "bn/beta"),
+        ((15, 8, 45), "offset_conv_weights"),
+        ((45,), "offset_conv_bias"),
+    ]
     variables = _vars(shapes, rng)
     state = [v.numpy() for v in variables]
     accums = [np.zeros(v.shape, np.float32) for v in variables]
     optimizer = OriginalMomentum(variables, LR, MOMENTUM)
-    for step, norms in enumerate([(50.0, 300.0, 514.95, 24.24), (2000.0, 3.0, 80.0, 1500.0),
-                                  (10.0, 10.0, 191.54, 10.6)]):
+    for step, norms in enumerate(
+        [(50.0, 300.0, 514.95, 24.24), (2000.0, 3.0, 80.0, 1500.0), (10.0, 10.0, 191.54, 10.6)]
+    ):
         grads = [_grad_with_norm(rng, v.shape, n) for v, n in zip(variables, norms)]
         if step == 2:
             optimizer.learning_rate.assign(0.05)  # TF1 momentum: the new lr scales the whole slot
@@ -117,14 +137,17 @@ def test_clip_and_momentum_match_float32_emulation():
     assert int(optimizer.iterations.numpy()) == 3
 
 
-@pytest.mark.parametrize("name,norm,expected_slot,expected_dv", [
-    # README 10.4, step 0 (zero slots and zero offset weights): slot/g and -dv/(lr g)
-    ("layer_3/resnetb_deformable_0/conv2/offset_conv_weights", 514.95, 0.29031, 0.48450),
-    ("layer_3/resnetb_deformable_0/conv2/offset_conv_bias", 24.24, 1.09800, 1.19800),
-    ("layer_3/resnetb_deformable_strided_1/conv2/offset_conv_weights", 191.54, 0.61164, 1.13373),
-    ("layer_4/resnetb_deformable_0/conv2/offset_conv_weights", 187.65, 0.62226, 1.15517),
-    ("layer_4/resnetb_deformable_0/conv2/offset_conv_bias", 10.6, 1.09800, 1.19800),
-])
+@pytest.mark.parametrize(
+    "name,norm,expected_slot,expected_dv",
+    [
+        # README 10.4, step 0 (zero slots and zero offset weights): slot/g and -dv/(lr g)
+        ("layer_3/resnetb_deformable_0/conv2/offset_conv_weights", 514.95, 0.29031, 0.48450),
+        ("layer_3/resnetb_deformable_0/conv2/offset_conv_bias", 24.24, 1.09800, 1.19800),
+        ("layer_3/resnetb_deformable_strided_1/conv2/offset_conv_weights", 191.54, 0.61164, 1.13373),
+        ("layer_4/resnetb_deformable_0/conv2/offset_conv_weights", 187.65, 0.62226, 1.15517),
+        ("layer_4/resnetb_deformable_0/conv2/offset_conv_bias", 10.6, 1.09800, 1.19800),
+    ],
+)
 def test_offset_double_update_table(name, norm, expected_slot, expected_dv):
     rng = np.random.default_rng(3)
     shape = (45,) if name.endswith("bias") else (15, 64, 45)
@@ -183,7 +206,7 @@ class ToyNetwork(keras.Model):
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
 
     def offsets_loss(self):
-        return 0.1 * tf.reduce_sum(self.ow ** 2)
+        return 0.1 * tf.reduce_sum(self.ow**2)
 
 
 def _toy_data():
@@ -204,7 +227,7 @@ def _toy_config(semantics):
 
 def test_fit_runs_the_same_step_as_make_train_step():
     x, y = _toy_data()
-    batches = [({"features": x[i:i + 16]}, y[i:i + 16]) for i in range(0, 48, 16)]
+    batches = [({"features": x[i : i + 16]}, y[i : i + 16]) for i in range(0, 48, 16)]
     nets = []
     for _ in range(2):
         net = ToyNetwork(seed=7)
@@ -227,8 +250,11 @@ def test_fit_runs_the_same_step_as_make_train_step():
     first = manual[0]
     expected_l2 = 1e-3 * 0.5 * sum(np.sum(v.numpy() ** 2) for v in _initial_weights(x))
     np.testing.assert_allclose(first["regularization_loss"], expected_l2, rtol=1e-5)
-    np.testing.assert_allclose(first["total_loss"], first["offsets_loss"] + first["regularization_loss"]
-                               + first["output_loss"], rtol=1e-6)
+    np.testing.assert_allclose(
+        first["total_loss"],
+        first["offsets_loss"] + first["regularization_loss"] + first["output_loss"],
+        rtol=1e-6,
+    )
     # evaluation: inference-mode losses, no update
     before = [v.numpy() for v in nets[1].variables]
     logs = wrapper.evaluate(dataset, verbose=0, return_dict=True)
@@ -284,6 +310,7 @@ def test_update_entries_have_the_original_structure():
 
 def test_mlp_offset_variables_get_one_scaled_entry():
     import tensorflow as tf
+
     from training.trainer import update_entries
 
     mlp = tf.Variable(tf.ones([2, 3]), name="offset_mlp_weights")
@@ -312,8 +339,14 @@ def test_deformation_diagnostics_logged_and_divergence_warned(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "offsets loss grew from 0.01 to 0.2" in err and "lost_share_" in err
     logger.close()
-    row = {"epoch": 1, "loss": 1.0, "offset_norm_l3_0": 0.4, "lost_share_l3_0": 0.2, "val_lost_share_l3_0": 0.3,
-           "val_output_loss": 2.0}
+    row = {
+        "epoch": 1,
+        "loss": 1.0,
+        "offset_norm_l3_0": 0.4,
+        "lost_share_l3_0": 0.2,
+        "val_lost_share_l3_0": 0.3,
+        "val_output_loss": 2.0,
+    }
     append_csv(tmp_path / "log.csv", row)
     with open(tmp_path / "log.csv") as f:
         header = f.readline().strip().split(",")

@@ -12,20 +12,30 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from matplotlib.image import imread
-
 from tiny_runs import train_tiny
-from utils import visualize, visualize_model, visualize_render as render
+
+from utils import visualize, visualize_model
+from utils import visualize_render as render
 from utils.ply import read_ply, write_ply
 
 LIDAR_TINY = [
-    "dataset.extra={train_per_class: 4, test_per_class: 2, seed: 1}", "dataset.validation_size=1",
-    "model.first_subsampling_dl=0.1", "model.first_features_dim=8", "train.batch_num=4",
-    "train.epoch_steps=2", "train.max_epoch=1",
+    "dataset.extra={train_per_class: 4, test_per_class: 2, seed: 1}",
+    "dataset.validation_size=1",
+    "model.first_subsampling_dl=0.1",
+    "model.first_features_dim=8",
+    "train.batch_num=4",
+    "train.epoch_steps=2",
+    "train.max_epoch=1",
 ]
 ROOMS_TINY = [
-    "dataset.extra={num_train: 2, num_test: 1, seed: 1}", "dataset.validation_size=1", "dataset.in_radius=1.5",
-    "model.first_subsampling_dl=0.15", "model.first_features_dim=8", "train.batch_num=2",
-    "train.epoch_steps=2", "train.max_epoch=1",
+    "dataset.extra={num_train: 2, num_test: 1, seed: 1}",
+    "dataset.validation_size=1",
+    "dataset.in_radius=1.5",
+    "model.first_subsampling_dl=0.15",
+    "model.first_features_dim=8",
+    "train.batch_num=2",
+    "train.epoch_steps=2",
+    "train.max_epoch=1",
 ]
 PANEL = 128
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,9 +105,17 @@ def _tiny_network():
     from kpconv_tf.models import KPCNN, dummy_inputs
     from training.config import resolve_config_path
 
-    config = Config.from_yaml(resolve_config_path("embedded_shapes"), [
-        "dataset.num_classes=3", "model.first_features_dim=4", "model.first_subsampling_dl=0.2", "model.density_parameter=2.5",
-        "model.architecture=[simple, resnetb, resnetb_strided, resnetb, global_average]", "model.kernel_seed=1"])
+    config = Config.from_yaml(
+        resolve_config_path("embedded_shapes"),
+        [
+            "dataset.num_classes=3",
+            "model.first_features_dim=4",
+            "model.first_subsampling_dl=0.2",
+            "model.density_parameter=2.5",
+            "model.architecture=[simple, resnetb, resnetb_strided, resnetb, global_average]",
+            "model.kernel_seed=1",
+        ],
+    )
     tf.keras.utils.set_random_seed(5)
     network = KPCNN(config)
     network(dummy_inputs(config), training=False)
@@ -124,7 +142,9 @@ def test_erf_is_the_gradient_checked_against_finite_differences():
     assert response == pytest.approx(float(tf.reduce_sum(outputs[point])), rel=1e-5)
 
     def response_of(f):
-        return float(tf.reduce_sum(visualize_model.block_outputs(network, {**inputs, "features": f})[key][point]))
+        return float(
+            tf.reduce_sum(visualize_model.block_outputs(network, {**inputs, "features": f})[key][point])
+        )
 
     magnitude = np.abs(gradient)
     assert 0 < np.mean(magnitude.sum(1) > 0) < 1, "a local field: some input points influence, others not"
@@ -138,16 +158,21 @@ def test_erf_is_the_gradient_checked_against_finite_differences():
         up[row, col] += eps
         down[row, col] -= eps
         finite = (response_of(up) - response_of(down)) / (2 * eps)
-        assert finite == pytest.approx(gradient[row, col], abs=2e-3 + 2e-2 * abs(float(gradient[row, col]))), (row, col)
+        assert finite == pytest.approx(
+            gradient[row, col], abs=2e-3 + 2e-2 * abs(float(gradient[row, col]))
+        ), (row, col)
     # The field of one channel is the gradient of that channel alone.
     single, value = visualize_model.erf_gradient(network, inputs, key, point, channel=1)
     assert value == pytest.approx(float(outputs[point, 1]), rel=1e-5)
 
 
 def test_values_are_carried_to_the_input_points_from_the_nearest_block_point():
-    inputs = {"points_0": np.array([[0, 0, 0], [1, 0, 0], [5, 0, 0], [0.1, 0, 0]], np.float32),
-              "lengths_0": np.array([3, 1]),
-              "points_1": np.array([[0.9, 0, 0], [4, 0, 0], [0, 0, 0]], np.float32), "lengths_1": np.array([2, 1])}
+    inputs = {
+        "points_0": np.array([[0, 0, 0], [1, 0, 0], [5, 0, 0], [0.1, 0, 0]], np.float32),
+        "lengths_0": np.array([3, 1]),
+        "points_1": np.array([[0.9, 0, 0], [4, 0, 0], [0, 0, 0]], np.float32),
+        "lengths_1": np.array([2, 1]),
+    }
     values = np.array([10.0, 20.0, 30.0])
     # Cloud 1's point (0.1, 0, 0) takes its own cloud's point (value 30), not cloud 0's nearer ones.
     assert visualize_model.to_input_points(inputs, values, 1).tolist() == [10.0, 10.0, 20.0, 30.0]
@@ -196,8 +221,14 @@ print(time.perf_counter() - start, before, resource.getrusage(resource.RUSAGE_SE
 def test_a_two_million_point_cloud_draws_in_bounded_time_and_memory(tmp_path):
     # A fresh interpreter (no TensorFlow) so that its peak memory is the drawing's.
     path = tmp_path / "big.png"
-    result = subprocess.run([sys.executable, "-c", DRAW_BIG, str(path)], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = subprocess.run(
+        [sys.executable, "-c", DRAW_BIG, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     seconds, before_kb, peak_kb = (float(v) for v in result.stdout.split())
     assert seconds < 30, seconds
@@ -215,7 +246,7 @@ def test_views_fill_the_frame(tmp_path):
         render.draw_cloud(axes[0][0], points, np.tile([0.2, 0.2, 0.8], (len(points), 1)), view)
         path = render.save_png(figure, tmp_path / f"{view}.png")
         image = assert_picture(path, 300, 300 + render.HEADER_PX)
-        body = image[render.HEADER_PX + render.TITLE_PX:, :, :3]
+        body = image[render.HEADER_PX + render.TITLE_PX :, :, :3]
         ink = np.argwhere(np.any(body < 0.9, axis=-1))
         extent = (ink.max(0) - ink.min(0) + 1) / np.array(body.shape[:2])
         assert extent.max() > 0.8, (view, extent)
@@ -231,8 +262,9 @@ def test_drawing_subset_is_bounded_seeded_and_complete_for_small_clouds():
 
 
 def test_kernel_dispositions_for_any_k_and_fixed_mode(tmp_path, module_cache):
-    written = run_cli("kernels", "--k", 4, 12, "--fixed", "center", "none", "--out", tmp_path,
-                      "--panel-size", PANEL)
+    written = run_cli(
+        "kernels", "--k", 4, 12, "--fixed", "center", "none", "--out", tmp_path, "--panel-size", PANEL
+    )
     assert_picture(pngs(written)[0], *grid_size(4, 3))
     arrays = np.load(next(p for p in written if p.suffix == ".npz"))
     assert sorted(arrays.files) == ["k12_center", "k12_none", "k4_center", "k4_none"]
@@ -270,7 +302,7 @@ def test_deformations_of_a_deformable_run(deformable_run):
     figure, chart = pngs(written)
     assert_picture(figure, *grid_size(2, 1 + 2 * len(deformable)))
     imread(chart)
-    rows = list(csv.DictReader(open(next(p for p in written if p.suffix == ".csv"))))
+    rows = list(csv.DictReader(next(p for p in written if p.suffix == ".csv").read_text().splitlines()))
     deformed_rows = [r for r in rows if r["deformed_lost_share"] != ""]
     assert [r["layer"] for r in deformed_rows] == deformable
     for r in rows:
@@ -296,14 +328,15 @@ def test_deformations_of_a_rigid_run_show_its_rigid_kernels(rigid_run):
     image = imread(figure)
     assert image.shape[0] == 2 * PANEL + render.HEADER_PX and image.shape[1] % PANEL == 0
     assert float(np.var(image[..., :3])) > 1e-3
-    rows = list(csv.DictReader(open(next(p for p in written if p.suffix == ".csv"))))
+    rows = list(csv.DictReader(next(p for p in written if p.suffix == ".csv").read_text().splitlines()))
     assert rows and all(r["deformed_lost_share"] == "" for r in rows)
 
 
 @pytest.mark.slow  # trains tiny runs (module fixtures)
 def test_erf_rigid_beside_deformable(rigid_run, deformable_run):
-    written = run_cli("erf", rigid_run, "--compare", deformable_run, "--layer", "l3_0", "--panel-size", PANEL,
-                      "--cloud", 1)
+    written = run_cli(
+        "erf", rigid_run, "--compare", deformable_run, "--layer", "l3_0", "--panel-size", PANEL, "--cloud", 1
+    )
     width = int(PANEL * 1.2)
     assert_picture(pngs(written)[0], *grid_size(2, 2, footer=render.LEGEND_PX, width=width))
     arrays = np.load(next(p for p in written if p.suffix == ".npz"))
@@ -325,16 +358,32 @@ def test_erf_rigid_beside_deformable(rigid_run, deformable_run):
 
 @pytest.mark.slow  # trains tiny runs (module fixtures)
 def test_features_top_clouds(deformable_run):
-    written = run_cli("features", deformable_run, "--layer", "l1_1", "--channel", 2, "--top", 3,
-                      "--search-clouds", 6, "--panel-size", PANEL)
+    written = run_cli(
+        "features",
+        deformable_run,
+        "--layer",
+        "l1_1",
+        "--channel",
+        2,
+        "--top",
+        3,
+        "--search-clouds",
+        6,
+        "--panel-size",
+        PANEL,
+    )
     assert_picture(pngs(written)[0], *grid_size(1, 3, footer=render.LEGEND_PX))
     arrays = np.load(next(p for p in written if p.suffix == ".npz"))
     maxima = arrays["max_activation_per_cloud"][:, 2]
     top = np.argsort(-maxima, kind="stable")[:3]
-    shown = sorted(int(k[len("cloud"):-len("_activation")]) for k in arrays.files if k.endswith("_activation"))
+    shown = sorted(
+        int(k[len("cloud") : -len("_activation")]) for k in arrays.files if k.endswith("_activation")
+    )
     assert shown == sorted(arrays["cloud_indices"][top].tolist())
     for index in shown:
-        assert arrays[f"cloud{index}_activation"].max() == pytest.approx(maxima[list(arrays["cloud_indices"]).index(index)])
+        assert arrays[f"cloud{index}_activation"].max() == pytest.approx(
+            maxima[list(arrays["cloud_indices"]).index(index)]
+        )
 
 
 @pytest.mark.slow  # trains tiny runs (module fixtures)
@@ -367,8 +416,16 @@ def test_predictions_of_a_scene_predicted_here_and_from_test_output(rooms_run):
     n = 5000
     rng = np.random.default_rng(0)
     pts = rng.uniform(0, 3, (n, 3)).astype(np.float32)
-    write_ply(out / f"{scene.name}.ply", {"x": pts[:, 0], "y": pts[:, 1], "z": pts[:, 2],
-                                          "preds": np.full(n, 1, np.int32), "labels": np.full(n, 2, np.int32)})
+    write_ply(
+        out / f"{scene.name}.ply",
+        {
+            "x": pts[:, 0],
+            "y": pts[:, 1],
+            "z": pts[:, 2],
+            "preds": np.full(n, 1, np.int32),
+            "labels": np.full(n, 2, np.int32),
+        },
+    )
     written = run_cli("predictions", rooms_run, "--panel-size", PANEL, "--tensorboard")
     arrays = np.load(next(p for p in written if p.suffix == ".npz"))
     assert len(arrays["predictions"]) == n and set(arrays["labels"].tolist()) == {2}
@@ -398,8 +455,8 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys, rigid_run, rooms_run)
     assert "--fixed needs --k" in error_of(capsys, "kernels", "--fixed", "none", "--out", tmp_path)
     message = error_of(capsys, "erf", rigid_run, "--layer", "l9_9")
     assert "--layer 'l9_9'" in message and "l0_0" in message
-    assert "--point" in error_of(capsys, "erf", rigid_run, "--point", 10 ** 6)
-    assert "--channel" in error_of(capsys, "features", rigid_run, "--channel", 10 ** 4)
+    assert "--point" in error_of(capsys, "erf", rigid_run, "--point", 10**6)
+    assert "--channel" in error_of(capsys, "features", rigid_run, "--channel", 10**4)
     assert "--cloud" in error_of(capsys, "features", rigid_run, "--cloud", 999)
     assert "--cloud must be >= 0" in error_of(capsys, "predictions", rigid_run, "--cloud", -1)
     assert "--points" in error_of(capsys, "deformations", rigid_run, "--points", "0,x")

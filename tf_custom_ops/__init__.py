@@ -14,10 +14,17 @@ import numbers
 
 import tensorflow as tf
 
-from tf_custom_ops._build import BuildError, build as _build_library
+from tf_custom_ops._build import BuildError
+from tf_custom_ops._build import build as _build_library
 
-__all__ = ["batch_neighbors", "batch_grid_subsampling", "neighbors", "grid_subsampling", "kernel_aggregate",
-           "BuildError"]
+__all__ = [
+    "batch_neighbors",
+    "batch_grid_subsampling",
+    "neighbors",
+    "grid_subsampling",
+    "kernel_aggregate",
+    "BuildError",
+]
 
 _ops = tf.load_op_library(str(_build_library()))
 tf.no_gradient("KpconvBatchNeighbors")
@@ -45,9 +52,12 @@ def _lengths(value, name):
 
 
 def _positive_scalar(value, name):
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if not (value > 0 and value < float("inf")):
-            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and not (value > 0 and value < float("inf"))
+    ):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
     t = tf.convert_to_tensor(value, dtype_hint=tf.float32)
     if t.shape.rank not in (None, 0):
         raise ValueError(f"{name} must be a scalar, got shape {t.shape}")
@@ -82,9 +92,13 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     if isinstance(max_neighbors, numbers.Integral) and max_neighbors < 0:
         raise ValueError(f"max_neighbors must be >= 0, got {max_neighbors}")
     return _ops.kpconv_batch_neighbors(
-        _points(queries, "queries"), _points(supports, "supports"), _lengths(q_lengths, "q_lengths"),
-        _lengths(s_lengths, "s_lengths"), _positive_scalar(radius, "radius"),
-        tf.cast(max_neighbors, tf.int32))
+        _points(queries, "queries"),
+        _points(supports, "supports"),
+        _lengths(q_lengths, "q_lengths"),
+        _lengths(s_lengths, "s_lengths"),
+        _positive_scalar(radius, "radius"),
+        tf.cast(max_neighbors, tf.int32),
+    )
 
 
 def batch_grid_subsampling(points, lengths, sample_dl, features=None, labels=None):
@@ -106,12 +120,15 @@ def batch_grid_subsampling(points, lengths, sample_dl, features=None, labels=Non
     has_features = features is not None
     has_labels = labels is not None
     n = tf.shape(points)[0]
-    f = (_optional(features, "features", "is_floating", 2, tf.float32) if has_features
-         else tf.zeros([n, 0], tf.float32))
-    lab = (_optional(labels, "labels", "is_integer", 1, tf.int32) if has_labels
-           else tf.zeros([0], tf.int32))
+    f = (
+        _optional(features, "features", "is_floating", 2, tf.float32)
+        if has_features
+        else tf.zeros([n, 0], tf.float32)
+    )
+    lab = _optional(labels, "labels", "is_integer", 1, tf.int32) if has_labels else tf.zeros([0], tf.int32)
     sub_points, sub_lengths, sub_features, sub_labels = _ops.kpconv_batch_grid_subsampling(
-        points, _lengths(lengths, "lengths"), _positive_scalar(sample_dl, "sample_dl"), f, lab)
+        points, _lengths(lengths, "lengths"), _positive_scalar(sample_dl, "sample_dl"), f, lab
+    )
     out = [sub_points, sub_lengths]
     if has_features:
         out.append(sub_features)
@@ -125,8 +142,9 @@ def neighbors(queries, supports, radius, max_neighbors=0):
     """Single-cloud ``batch_neighbors``: int32 [Nq, H], shadow index = number of supports."""
     queries = _points(queries, "queries")
     supports = _points(supports, "supports")
-    return batch_neighbors(queries, supports, tf.shape(queries)[:1], tf.shape(supports)[:1], radius,
-                           max_neighbors)
+    return batch_neighbors(
+        queries, supports, tf.shape(queries)[:1], tf.shape(supports)[:1], radius, max_neighbors
+    )
 
 
 def grid_subsampling(points, sample_dl, features=None, labels=None):
@@ -137,8 +155,16 @@ def grid_subsampling(points, sample_dl, features=None, labels=None):
     return out[0] if not rest else (out[0],) + tuple(rest)
 
 
-def kernel_aggregate(query_points, support_points, neighbors, features, kernel_points, extent,
-                     influence="linear", aggregation="sum"):
+def kernel_aggregate(
+    query_points,
+    support_points,
+    neighbors,
+    features,
+    kernel_points,
+    extent,
+    influence="linear",
+    aggregation="sum",
+):
     """Fused neighbour sums of a kernel point convolution (CPU), with a registered gradient.
 
     Computes ``sum_h w[n, h, k] * features[neighbors[n, h]]`` with the influences of
@@ -172,18 +198,26 @@ def kernel_aggregate(query_points, support_points, neighbors, features, kernel_p
     if neighbors.dtype != tf.int32:
         raise TypeError(f"neighbors must be int32, got {neighbors.dtype.name}")
     return _ops.kpconv_kernel_aggregate(
-        _points(query_points, "query_points"), _points(support_points, "support_points"), neighbors,
-        features, kernel_points, _positive_scalar(extent, "extent"), influence=influence,
-        aggregation=aggregation, deformable=kernel_points.shape.rank == 3)
+        _points(query_points, "query_points"),
+        _points(support_points, "support_points"),
+        neighbors,
+        features,
+        kernel_points,
+        _positive_scalar(extent, "extent"),
+        influence=influence,
+        aggregation=aggregation,
+        deformable=kernel_points.shape.rank == 3,
+    )
 
 
 @tf.RegisterGradient("KpconvKernelAggregate")
 def _kernel_aggregate_grad(op, grad):
     attrs = {name: op.get_attr(name) for name in ("influence", "aggregation", "deformable")}
     attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-    query_points, support_points, neighbors = op.inputs[0], op.inputs[1], op.inputs[2]
+    support_points, neighbors = op.inputs[1], op.inputs[2]
     grad_features, grad_kernel_points, grad_centred = _ops.kpconv_kernel_aggregate_grad(
-        *op.inputs, grad, **attrs)
+        *op.inputs, grad, **attrs
+    )
     # Centred neighbours are support - query: fold their gradient back onto both point sets.
     num_supports = tf.shape(support_points)[0]
     grad_supports = tf.math.unsorted_segment_sum(grad_centred, neighbors, num_supports + 1)[:num_supports]

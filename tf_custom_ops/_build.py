@@ -50,7 +50,8 @@ def _compiler() -> str:
     if shutil.which(compiler) is None:
         raise BuildError(
             f"no C++ compiler found ({compiler!r} is not on PATH). The kpconv-tf ops are compiled on "
-            "first use: install g++ (Debian/Ubuntu: `apt-get install g++`) or set CXX.")
+            "first use: install g++ (Debian/Ubuntu: `apt-get install g++`) or set CXX."
+        )
     return compiler
 
 
@@ -67,17 +68,29 @@ def build(force: bool = False, verbose: bool = False) -> Path:
         if target.is_file() and not force:
             return target
         tmp = target.with_name(f".{LIBRARY_NAME}.{os.getpid()}.tmp")
-        command = [_compiler(), "-std=c++17", "-O3", "-fPIC", "-shared",
-                   "-Wno-deprecated-declarations", "-Wno-unused-result", "-ffp-contract=off",
-                   *[str(s) for s in _sources()], "-o", str(tmp),
-                   *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+        command = [
+            _compiler(),
+            "-std=c++17",
+            "-O3",
+            "-fPIC",
+            "-shared",
+            "-Wno-deprecated-declarations",
+            "-Wno-unused-result",
+            "-ffp-contract=off",
+            *[str(s) for s in _sources()],
+            "-o",
+            str(tmp),
+            *tf.sysconfig.get_compile_flags(),
+            *tf.sysconfig.get_link_flags(),
+        ]
         if verbose:
             print(" ".join(command), file=sys.stderr)
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             tmp.unlink(missing_ok=True)
-            raise BuildError("compiling the kpconv-tf ops failed:\n" + " ".join(command) + "\n"
-                             + result.stderr[-8000:])
+            raise BuildError(
+                "compiling the kpconv-tf ops failed:\n" + " ".join(command) + "\n" + result.stderr[-8000:]
+            )
         os.replace(tmp, target)
     return target
 

@@ -30,9 +30,20 @@ def _rotations(rotation: str, num_clouds, seed):
         axis = axis / tf.maximum(tf.norm(axis, axis=1, keepdims=True), 1e-12)
         x, y, z = axis[:, 0], axis[:, 1], axis[:, 2]
         t = 1 - c
-        matrix = tf.stack([t * x * x + c, t * x * y - s * z, t * x * z + s * y,
-                           t * x * y + s * z, t * y * y + c, t * y * z - s * x,
-                           t * x * z - s * y, t * y * z + s * x, t * z * z + c], 1)
+        matrix = tf.stack(
+            [
+                t * x * x + c,
+                t * x * y - s * z,
+                t * x * z + s * y,
+                t * x * y + s * z,
+                t * y * y + c,
+                t * y * z - s * x,
+                t * x * z - s * y,
+                t * y * z + s * x,
+                t * z * z + c,
+            ],
+            1,
+        )
         return tf.transpose(tf.reshape(matrix, [-1, 3, 3]), [0, 2, 1])
     raise ValueError(f"augment.rotation must be 'vertical', 'all' or 'none', got {rotation!r}")
 
@@ -53,7 +64,9 @@ def augment_points(points, batch_index, num_clouds, config: AugmentConfig, seed,
     per_point_rotation = tf.gather(rotations, batch_index)
     points = tf.squeeze(tf.matmul(points[:, None, :], per_point_rotation), 1)
     width = 3 if config.scale_anisotropic else 1
-    scales = tf.random.stateless_uniform([num_clouds, width], seed + [0, 2], config.scale_min, config.scale_max)
+    scales = tf.random.stateless_uniform(
+        [num_clouds, width], seed + [0, 2], config.scale_min, config.scale_max
+    )
     scales = tf.broadcast_to(scales, [num_clouds, 3])
     flips = []
     for axis, enabled in enumerate(config.symmetries):

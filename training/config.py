@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List, Optional
 
-from kpconv_tf.config import (AugmentConfig, Config, ConfigError, DatasetConfig, ModelConfig,  # noqa: F401
-                              TrainConfig)
+from kpconv_tf.config import (
+    Config,
+    ConfigError,
+    ModelConfig,  # noqa: F401
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -30,10 +32,16 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} not found (a YAML path or one of {known})")
 
 
-def load_config(name_or_path: str, overrides: Optional[List[str]] = None) -> Config:
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     return Config.from_yaml(resolve_config_path(name_or_path), overrides)
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (YAML syntax), e.g. --set train.learning_rate=0.01")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (YAML syntax), e.g. --set train.learning_rate=0.01",
+    )

@@ -31,8 +31,8 @@ import argparse
 import math
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import tensorflow as tf
 import yaml
@@ -72,8 +72,15 @@ def use_standard_convolutions(network) -> None:
 class ExportModule(tf.Module):
     """The exported object: the network's variables, the metadata and the three endpoints."""
 
-    def __init__(self, network, config: Config, class_names: Sequence[str], task: str,
-                 neighbor_limits: Optional[Sequence[int]], implementation: str):
+    def __init__(
+        self,
+        network,
+        config: Config,
+        class_names: Sequence[str],
+        task: str,
+        neighbor_limits: Sequence[int] | None,
+        implementation: str,
+    ):
         super().__init__(name="kpconv")
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -82,8 +89,9 @@ class ExportModule(tf.Module):
         self.network_variables = list(network.variables)
         self.class_names = tf.Variable([str(n) for n in class_names], trainable=False, name="class_names")
         self.task = tf.Variable(task, trainable=False, name="task")
-        self.config_yaml = tf.Variable(yaml.safe_dump(config.to_dict(), sort_keys=False), trainable=False,
-                                       name="config_yaml")
+        self.config_yaml = tf.Variable(
+            yaml.safe_dump(config.to_dict(), sort_keys=False), trainable=False, name="config_yaml"
+        )
         self.portable = tf.Variable(implementation == "standard", trainable=False, name="portable")
         ops = pyramid_ops(implementation)
         model_config = config.model
@@ -98,37 +106,52 @@ class ExportModule(tf.Module):
             return tf.nn.softmax(network(inputs, training=False), axis=-1)
 
         def from_subsampled(points, features, lengths):
-            pyramid = build_pyramid(points, lengths, features, model_config, limits,
-                                    implementation=implementation)
+            pyramid = build_pyramid(
+                points, lengths, features, model_config, limits, implementation=implementation
+            )
             return probabilities(pyramid)
 
         def from_points(points, features, lengths):
-            sub_points, sub_lengths, sub_features = grid_subsampling(points, lengths, dl, features,
-                                                                     implementation)
+            sub_points, sub_lengths, sub_features = grid_subsampling(
+                points, lengths, dl, features, implementation
+            )
             probs = from_subsampled(sub_points, sub_features, sub_lengths)
             if not segmentation:
                 return probs
-            nearest = ops.batch_neighbors(points, sub_points, lengths, sub_lengths,
-                                          dl * PROJECTION_RADIUS_FACTOR, 1)
+            nearest = ops.batch_neighbors(
+                points, sub_points, lengths, sub_lengths, dl * PROJECTION_RADIUS_FACTOR, 1
+            )
             # A shadow row for the (unreachable) case of no subsampled point within the radius.
             padded = tf.concat([probs, tf.zeros_like(probs[:1])], 0)
             return tf.gather(padded, nearest[:, 0])
 
-        raw_spec = [tf.TensorSpec([None, 3], tf.float32, name="points"),
-                    tf.TensorSpec([None, dim], tf.float32, name="features"),
-                    tf.TensorSpec([None], tf.int32, name="lengths")]
+        raw_spec = [
+            tf.TensorSpec([None, 3], tf.float32, name="points"),
+            tf.TensorSpec([None, dim], tf.float32, name="features"),
+            tf.TensorSpec([None], tf.int32, name="lengths"),
+        ]
         self.serving_default = tf.function(
             lambda points, features, lengths: {"probabilities": from_points(points, features, lengths)},
-            input_signature=raw_spec)
+            input_signature=raw_spec,
+        )
         self.subsampled = tf.function(
             lambda points, features, lengths: {"probabilities": from_subsampled(points, features, lengths)},
-            input_signature=raw_spec)
-        self.precomputed = tf.function(lambda inputs: {"probabilities": probabilities(inputs)},
-                                       input_signature=[signature])
+            input_signature=raw_spec,
+        )
+        self.precomputed = tf.function(
+            lambda inputs: {"probabilities": probabilities(inputs)}, input_signature=[signature]
+        )
 
 
-def export_network(network, config: Config, path, class_names: Sequence[str], task: str,
-                   neighbor_limits=None, portable: bool = True) -> Path:
+def export_network(
+    network,
+    config: Config,
+    path,
+    class_names: Sequence[str],
+    task: str,
+    neighbor_limits=None,
+    portable: bool = True,
+) -> Path:
     """Writes the SavedModel of the module docstring to ``path`` (replaced whole when complete)."""
     path = Path(path)
     implementation = "standard" if portable else "compiled"
@@ -138,8 +161,11 @@ def export_network(network, config: Config, path, class_names: Sequence[str], ta
     partial = path.with_name(f".{path.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        tf.saved_model.save(module, str(partial), signatures={
-            "serving_default": module.serving_default, "subsampled": module.subsampled})
+        tf.saved_model.save(
+            module,
+            str(partial),
+            signatures={"serving_default": module.serving_default, "subsampled": module.subsampled},
+        )
         if not portable:
             Path(partial, "README.txt").write_text(LOADING_NOTE)
         if path.exists():
@@ -182,13 +208,18 @@ def export_run(run, out, checkpoint: str = "best", portable: bool = True, log=pr
 
         config, dataset, network = load_run(run, (), checkpoint)
         kind = config.model.network_model
-        task = "classification" if kind == "classification" else (
-            "scene" if isinstance(dataset, SceneDataset) else "objects")
+        task = (
+            "classification"
+            if kind == "classification"
+            else ("scene" if isinstance(dataset, SceneDataset) else "objects")
+        )
         class_names = list(dataset.label_names)
         limits = run_neighbor_limits(run, config, dataset)
     path = export_network(network, config, out, class_names, task, limits, portable)
-    log(f"SavedModel ({'portable' if portable else 'compiled ops'}, {task}, {len(class_names)} classes) "
-        f"written to {path}")
+    log(
+        f"SavedModel ({'portable' if portable else 'compiled ops'}, {task}, {len(class_names)} classes) "
+        f"written to {path}"
+    )
     return path
 
 
@@ -197,8 +228,9 @@ def main(argv=None):
     parser.add_argument("run", help="run directory (training.train), original run directory or checkpoint")
     parser.add_argument("out", help="output SavedModel directory")
     parser.add_argument("--checkpoint", default="best", help="best, last or epoch_NNNN (run directories)")
-    parser.add_argument("--fast-cpu", action="store_true",
-                        help="keep the compiled Kpconv* ops (loading needs tf_custom_ops)")
+    parser.add_argument(
+        "--fast-cpu", action="store_true", help="keep the compiled Kpconv* ops (loading needs tf_custom_ops)"
+    )
     args = parser.parse_args(argv)
     export_run(args.run, args.out, args.checkpoint, portable=not args.fast_cpu)
     return 0

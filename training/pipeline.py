@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -57,15 +57,18 @@ class Batch:
 
 def _stack(items, number, point_labels):
     """items: list of (points, extra, label or point labels, object label, cloud index, point indices)."""
-    return Batch(points=np.concatenate([i[0] for i in items]).astype(np.float32),
-                 extra=np.concatenate([i[1] for i in items]).astype(np.float32),
-                 lengths=np.array([len(i[0]) for i in items], np.int32),
-                 labels=(np.concatenate([i[2] for i in items]) if point_labels
-                         else np.array([i[2] for i in items])).astype(np.int32),
-                 object_labels=np.array([i[3] for i in items], np.int32),
-                 cloud_indices=np.array([i[4] for i in items], np.int32),
-                 point_indices=np.concatenate([i[5] for i in items]).astype(np.int32),
-                 number=number)
+    return Batch(
+        points=np.concatenate([i[0] for i in items]).astype(np.float32),
+        extra=np.concatenate([i[1] for i in items]).astype(np.float32),
+        lengths=np.array([len(i[0]) for i in items], np.int32),
+        labels=(
+            np.concatenate([i[2] for i in items]) if point_labels else np.array([i[2] for i in items])
+        ).astype(np.int32),
+        object_labels=np.array([i[3] for i in items], np.int32),
+        cloud_indices=np.array([i[4] for i in items], np.int32),
+        point_indices=np.concatenate([i[5] for i in items]).astype(np.int32),
+        number=number,
+    )
 
 
 def _pack(items: Iterator, batch_limit: float, point_labels: bool) -> Iterator[Batch]:
@@ -92,8 +95,16 @@ class ObjectStream:
     "sequential": every object once, in order (testing and voting).
     """
 
-    def __init__(self, dataset: ObjectDataset, split: str, batch_limit: float, mode: str, seed: int = 0,
-                 count: Optional[int] = None, start_pass: Optional[int] = None):
+    def __init__(
+        self,
+        dataset: ObjectDataset,
+        split: str,
+        batch_limit: float,
+        mode: str,
+        seed: int = 0,
+        count: int | None = None,
+        start_pass: int | None = None,
+    ):
         self.clouds = dataset.clouds(split)
         if not self.clouds:
             raise ValueError(f"dataset {dataset.name} has no clouds in split {split!r}")
@@ -149,8 +160,17 @@ class SceneStream:
     placed by potentials (validation, testing; the sampler keeps its potentials across calls).
     """
 
-    def __init__(self, dataset: SceneDataset, split: str, batch_limit: float, mode: str, in_radius: float,
-                 seed: int = 0, count: Optional[int] = None, start_pass: Optional[int] = None):
+    def __init__(
+        self,
+        dataset: SceneDataset,
+        split: str,
+        batch_limit: float,
+        mode: str,
+        in_radius: float,
+        seed: int = 0,
+        count: int | None = None,
+        start_pass: int | None = None,
+    ):
         from training.scenes import SphereSampler
 
         self.scenes = dataset.scenes(split)
@@ -180,8 +200,9 @@ class SceneStream:
         if self.next_pass is not None:
             from training.scenes import SphereSampler
 
-            self.sampler = SphereSampler(self.scenes, self.in_radius, mode=self.mode,
-                                         seed=[self.seed, self.next_pass])
+            self.sampler = SphereSampler(
+                self.scenes, self.in_radius, mode=self.mode, seed=[self.seed, self.next_pass]
+            )
             self.next_pass += 1
         for batch in _pack(self._items(), self.batch_limit, True):
             if self.count is not None and batch.number >= self.count:
@@ -244,8 +265,14 @@ def _features(config: Config, task: str, points, extra, batch_index, num_clouds,
     colors, absolute = extra[:, :3], extra[:, 3:]
     if dim in (3, 4, 5, 7):
         colors = drop_colors(colors, batch_index, num_clouds, config.augment.color, seed)
-    options = {1: [ones], 2: [ones, absolute[:, 2:]], 3: [colors], 4: [ones, colors],
-               5: [ones, colors, absolute[:, 2:]], 7: [ones, colors, points]}
+    options = {
+        1: [ones],
+        2: [ones, absolute[:, 2:]],
+        3: [colors],
+        4: [ones, colors],
+        5: [ones, colors, absolute[:, 2:]],
+        7: [ones, colors, points],
+    }
     if dim not in options:
         raise ValueError(f"dataset.in_features_dim must be one of {sorted(options)} for scenes, got {dim}")
     return tf.concat(options[dim], 1)
@@ -271,22 +298,36 @@ class Pipeline:
         self._neighbor_limits = None
 
     # -- streams --------------------------------------------------------------------------------
-    def stream(self, split: str, mode: str, seed: int = 0, count: Optional[int] = None, batch_limit=None,
-               start_pass: Optional[int] = None):
+    def stream(
+        self,
+        split: str,
+        mode: str,
+        seed: int = 0,
+        count: int | None = None,
+        batch_limit=None,
+        start_pass: int | None = None,
+    ):
         limit = batch_limit if batch_limit is not None else self.batch_limit
         if self.is_scene:
-            return SceneStream(self.data, split, limit, mode, self.config.dataset.in_radius, seed, count,
-                               start_pass)
+            return SceneStream(
+                self.data, split, limit, mode, self.config.dataset.in_radius, seed, count, start_pass
+            )
         return ObjectStream(self.data, split, limit, mode, seed, count, start_pass)
 
     # -- calibration ----------------------------------------------------------------------------
     def _cache_key(self) -> str:
         model = self.config.model
-        spec = {"dataset": self.data.name, "identity": getattr(self.data, "cache_identity", lambda: None)(),
-                "split": self.calibration_split, "dl": model.first_subsampling_dl,
-                "in_radius": self.config.dataset.in_radius if self.is_scene else None,
-                "radii": [[s.conv_radius, s.pool_radius, s.upsample_radius] for s in layer_specs(model)],
-                "batch_num": self.config.train.batch_num, "density": model.density_parameter, "version": 1}
+        spec = {
+            "dataset": self.data.name,
+            "identity": getattr(self.data, "cache_identity", lambda: None)(),
+            "split": self.calibration_split,
+            "dl": model.first_subsampling_dl,
+            "in_radius": self.config.dataset.in_radius if self.is_scene else None,
+            "radii": [[s.conv_radius, s.pool_radius, s.upsample_radius] for s in layer_specs(model)],
+            "batch_num": self.config.train.batch_num,
+            "density": model.density_parameter,
+            "version": 1,
+        }
         return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _cache_path(self):
@@ -323,13 +364,14 @@ class Pipeline:
                 self._batch_limit = float(cached["batch_limit"])
             else:
                 stream = self.stream(self.calibration_split, "random", batch_limit=1.0)
-                self._batch_limit = calibrate_batch_limit(stream.sizes(), self.config.train.batch_num,
-                                                          self.config.train.seed)
+                self._batch_limit = calibrate_batch_limit(
+                    stream.sizes(), self.config.train.batch_num, self.config.train.seed
+                )
                 self._save_cache({**cached, "batch_limit": self._batch_limit})
         return self._batch_limit
 
     @property
-    def neighbor_limits(self) -> List[int]:
+    def neighbor_limits(self) -> list[int]:
         if self._neighbor_limits is None:
             cached = self._load_cache()
             if "neighbor_limits" in cached:
@@ -340,16 +382,19 @@ class Pipeline:
                 self._save_cache({**self._load_cache(), "neighbor_limits": self._neighbor_limits})
         return self._neighbor_limits
 
-    def calibrate_neighbors(self, keep_ratio=0.8, samples_threshold=10000, max_batches=200) -> List[int]:
+    def calibrate_neighbors(self, keep_ratio=0.8, samples_threshold=10000, max_batches=200) -> list[int]:
         """Per-layer widths keeping ``keep_ratio`` of the convolution neighbourhoods whole, from
         augmented training batches (at least ``samples_threshold`` rows per layer when available)."""
         num_layers = self.config.model.num_layers
         counts = [[] for _ in range(num_layers)]
         # Neighbourhoods larger than the original's bound cannot shape the 80% percentile.
         bound = int(math.ceil(4 / 3 * math.pi * (self.config.model.density_parameter + 1) ** 3))
-        dataset = self.tf_dataset(self.stream(self.calibration_split, "random", self.config.train.seed),
-                                   neighbor_limits=[bound] * num_layers, with_meta=False,
-                                   seed=self.config.train.seed)
+        dataset = self.tf_dataset(
+            self.stream(self.calibration_split, "random", self.config.train.seed),
+            neighbor_limits=[bound] * num_layers,
+            with_meta=False,
+            seed=self.config.train.seed,
+        )
         for index, (inputs, _) in enumerate(dataset):
             for l in range(num_layers):
                 neighbors = inputs[f"neighbors_{l}"].numpy()
@@ -362,17 +407,20 @@ class Pipeline:
     # -- tf.data --------------------------------------------------------------------------------
     def _signature(self):
         extra = 6 if self.is_scene else 3
-        return Batch(points=tf.TensorSpec([None, 3], tf.float32),
-                     extra=tf.TensorSpec([None, extra], tf.float32),
-                     lengths=tf.TensorSpec([None], tf.int32),
-                     labels=tf.TensorSpec([None], tf.int32),
-                     object_labels=tf.TensorSpec([None], tf.int32),
-                     cloud_indices=tf.TensorSpec([None], tf.int32),
-                     point_indices=tf.TensorSpec([None], tf.int32),
-                     number=tf.TensorSpec([], tf.int64))
+        return Batch(
+            points=tf.TensorSpec([None, 3], tf.float32),
+            extra=tf.TensorSpec([None, extra], tf.float32),
+            lengths=tf.TensorSpec([None], tf.int32),
+            labels=tf.TensorSpec([None], tf.int32),
+            object_labels=tf.TensorSpec([None], tf.int32),
+            cloud_indices=tf.TensorSpec([None], tf.int32),
+            point_indices=tf.TensorSpec([None], tf.int32),
+            number=tf.TensorSpec([], tf.int64),
+        )
 
-    def map_batch(self, batch: Dict[str, tf.Tensor], neighbor_limits, seed: int, with_meta: bool,
-                  augment: bool = True):
+    def map_batch(
+        self, batch: dict[str, tf.Tensor], neighbor_limits, seed: int, with_meta: bool, augment: bool = True
+    ):
         """The tf.data map: augmentation, features, pyramid. Returns (inputs, labels[, meta])."""
         config = self.config
         points, extra, lengths = batch["points"], batch["extra"], batch["lengths"]
@@ -381,25 +429,33 @@ class Pipeline:
         op_seed = tf.stack([tf.constant(seed, tf.int64), batch["number"]])
         normals = None if self.is_scene else extra
         if augment:
-            points, normals, scales, rotations = augment_points(points, batch_index, num_clouds, config.augment,
-                                                                op_seed, normals=normals)
+            points, normals, scales, rotations = augment_points(
+                points, batch_index, num_clouds, config.augment, op_seed, normals=normals
+            )
         else:
             scales, rotations = tf.ones([num_clouds, 3]), tf.eye(3, batch_shape=[num_clouds])
         if not self.is_scene:
             extra = normals
         features = _features(config, self.task, points, extra, batch_index, num_clouds, op_seed)
-        inputs = build_pyramid(points, lengths, features, config.model, neighbor_limits,
-                               implementation=config.model.pyramid)
+        inputs = build_pyramid(
+            points, lengths, features, config.model, neighbor_limits, implementation=config.model.pyramid
+        )
         if self.task == "multi_segmentation":
             inputs["object_labels"] = batch["object_labels"]
         if not with_meta:
             return inputs, batch["labels"]
-        meta = {"cloud_indices": batch["cloud_indices"], "point_indices": batch["point_indices"],
-                "scales": scales, "rotations": rotations, "batch_number": batch["number"]}
+        meta = {
+            "cloud_indices": batch["cloud_indices"],
+            "point_indices": batch["point_indices"],
+            "scales": scales,
+            "rotations": rotations,
+            "batch_number": batch["number"],
+        }
         return inputs, batch["labels"], meta
 
-    def tf_dataset(self, stream, neighbor_limits, with_meta, seed, start_batch=0, augment=True,
-                    parallel_calls=None):
+    def tf_dataset(
+        self, stream, neighbor_limits, with_meta, seed, start_batch=0, augment=True, parallel_calls=None
+    ):
         """tf.data.Dataset over the batches of ``stream`` (an ObjectStream or SceneStream)."""
         signature = self._signature()
 
@@ -409,13 +465,26 @@ class Pipeline:
 
         dataset = tf.data.Dataset.from_generator(generate, output_signature=signature.__dict__)
         calls = parallel_calls or tf.data.AUTOTUNE
-        dataset = dataset.map(lambda b: self.map_batch(b, neighbor_limits, seed, with_meta, augment),
-                              num_parallel_calls=calls, deterministic=True)
+        dataset = dataset.map(
+            lambda b: self.map_batch(b, neighbor_limits, seed, with_meta, augment),
+            num_parallel_calls=calls,
+            deterministic=True,
+        )
         return dataset.prefetch(tf.data.AUTOTUNE)
 
-    def dataset(self, split: str, *, with_meta=False, seed: Optional[int] = None, start_batch: int = 0,
-                augment: bool = True, parallel_calls=None, mode: Optional[str] = None,
-                count: Optional[int] = None, start_pass: int = 0):
+    def dataset(
+        self,
+        split: str,
+        *,
+        with_meta=False,
+        seed: int | None = None,
+        start_batch: int = 0,
+        augment: bool = True,
+        parallel_calls=None,
+        mode: str | None = None,
+        count: int | None = None,
+        start_pass: int = 0,
+    ):
         """A tf.data.Dataset of ``(inputs, labels)`` (plus ``meta`` when ``with_meta``).
 
         split "train": endless random batches (``start_batch`` skips the first batches of the stream,
@@ -431,11 +500,14 @@ class Pipeline:
         if not self.is_scene and split == "validation":
             data_split = "test"  # object datasets validate on their test split, as the original
         if count is None and mode == "potentials":
-            count = self.config.dataset.validation_size * (1 if self.is_scene else self.config.train.batch_num)
+            count = self.config.dataset.validation_size * (
+                1 if self.is_scene else self.config.train.batch_num
+            )
         passes = start_pass if split == "validation" else None
         stream = self.stream(data_split, mode, seed, count, start_pass=passes)
-        return self.tf_dataset(stream, self.neighbor_limits, with_meta, seed, start_batch, augment,
-                                parallel_calls)
+        return self.tf_dataset(
+            stream, self.neighbor_limits, with_meta, seed, start_batch, augment, parallel_calls
+        )
 
     def distributed_dataset(self, strategy, split: str = "train", **kwargs):
         """The split for ``strategy`` (``tf.distribute``): every input pipeline builds its own stream,

@@ -31,9 +31,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -63,7 +63,7 @@ class Model:
     """
 
     config: Config
-    class_names: List[str]
+    class_names: list[str]
     task: str
 
     def probabilities(self, points, features, lengths) -> np.ndarray:
@@ -75,8 +75,10 @@ def _task(network_model: str, is_scene: bool) -> str:
         return "classification"
     if network_model == "segmentation" and is_scene:
         return "scene"
-    raise PredictError(f"predict handles scene segmentation and classification models, not "
-                       f"{'object ' if not is_scene else ''}{network_model}")
+    raise PredictError(
+        f"predict handles scene segmentation and classification models, not "
+        f"{'object ' if not is_scene else ''}{network_model}"
+    )
 
 
 class RunModel(Model):
@@ -101,18 +103,20 @@ class RunModel(Model):
 
         @tf.function(reduce_retracing=True)
         def predict(points, features, lengths):
-            inputs = build_pyramid(points, lengths, features, model_config, limits,
-                                   implementation=implementation)
+            inputs = build_pyramid(
+                points, lengths, features, model_config, limits, implementation=implementation
+            )
             return tf.nn.softmax(network(inputs, training=False), axis=-1)
 
         self._predict = predict
 
     def probabilities(self, points, features, lengths):
-        return self._predict(tf.constant(points, tf.float32), tf.constant(features, tf.float32),
-                             tf.constant(lengths, tf.int32)).numpy()
+        return self._predict(
+            tf.constant(points, tf.float32), tf.constant(features, tf.float32), tf.constant(lengths, tf.int32)
+        ).numpy()
 
 
-def run_neighbor_limits(run_dir: Path, config: Config, dataset) -> List[int]:
+def run_neighbor_limits(run_dir: Path, config: Config, dataset) -> list[int]:
     """The run's calibrated neighbour limits (``calibration.json``, else the calibration cache)."""
     calibration = Path(run_dir) / "calibration.json"
     limits = None
@@ -146,13 +150,15 @@ class SavedModelModel(Model):
         self.class_names = [n.decode() for n in loaded.class_names.numpy()]
         self.task = loaded.task.numpy().decode()
         if self.task not in ("scene", "classification"):
-            raise PredictError(f"{path}: predict handles scene segmentation and classification models, "
-                               f"not {self.task!r}")
+            raise PredictError(
+                f"{path}: predict handles scene segmentation and classification models, not {self.task!r}"
+            )
         self._loaded = loaded
 
     def probabilities(self, points, features, lengths):
-        out = self._loaded.subsampled(tf.constant(points, tf.float32), tf.constant(features, tf.float32),
-                                      tf.constant(lengths, tf.int32))
+        out = self._loaded.subsampled(
+            tf.constant(points, tf.float32), tf.constant(features, tf.float32), tf.constant(lengths, tf.int32)
+        )
         return out["probabilities"].numpy()
 
 
@@ -163,15 +169,16 @@ def open_model(path, checkpoint="best", implementation="compiled") -> Model:
         return SavedModelModel(path)
     if (path / "config.yaml").is_file():
         return RunModel(path, checkpoint, implementation)
-    raise PredictError(f"MODEL {path}: neither a run directory (config.yaml) nor a SavedModel "
-                       f"(saved_model.pb)")
+    raise PredictError(
+        f"MODEL {path}: neither a run directory (config.yaml) nor a SavedModel (saved_model.pb)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # inputs
 
 
-def input_files(inputs: Sequence, suffixes: Sequence[str]) -> List[Path]:
+def input_files(inputs: Sequence, suffixes: Sequence[str]) -> list[Path]:
     """Files named in ``inputs``; a folder stands for its files with a known suffix (sorted)."""
     files = []
     for item in inputs:
@@ -183,7 +190,7 @@ def input_files(inputs: Sequence, suffixes: Sequence[str]) -> List[Path]:
     return files
 
 
-def scene_colors(point_file, uses_colors: bool, fill_ones: bool) -> Optional[np.ndarray]:
+def scene_colors(point_file, uses_colors: bool, fill_ones: bool) -> np.ndarray | None:
     """float32 [n, 3] colours in [0, 1] the model needs, None when it uses none."""
     from utils.point_files import PointFileError, colors_of
 
@@ -194,11 +201,13 @@ def scene_colors(point_file, uses_colors: bool, fill_ones: bool) -> Optional[np.
         return np.asarray(colors, np.float32)
     if fill_ones:
         return np.ones((len(point_file.points), 3), np.float32)
-    raise PointFileError(f"{point_file.path}: the model uses colours (red, green, blue) but the file has "
-                         f"none; pass --features ones to feed white instead")
+    raise PointFileError(
+        f"{point_file.path}: the model uses colours (red, green, blue) but the file has "
+        f"none; pass --features ones to feed white instead"
+    )
 
 
-def object_normals(point_file, needs_normals: bool) -> Optional[np.ndarray]:
+def object_normals(point_file, needs_normals: bool) -> np.ndarray | None:
     """float32 [n, 3] normals (fields nx, ny, nz) for models with normal features, else None."""
     from utils.point_files import PointFileError
 
@@ -206,8 +215,9 @@ def object_normals(point_file, needs_normals: bool) -> Optional[np.ndarray]:
         return None
     names = ("nx", "ny", "nz")
     if not all(n in point_file.fields for n in names):
-        raise PointFileError(f"{point_file.path}: the model uses normals but the file has no nx, ny, nz "
-                             f"fields")
+        raise PointFileError(
+            f"{point_file.path}: the model uses normals but the file has no nx, ny, nz fields"
+        )
     return np.stack([np.asarray(point_file.fields[n], np.float32) for n in names], 1)
 
 
@@ -235,9 +245,11 @@ class Progress:
         rate = points / elapsed if elapsed > 0 else 0.0
         eta = f"{elapsed * (1 - done) / done:5.0f} s" if done > 0.01 else "    ?"
         bar = "=" * int(self.width * done)
-        text = (f"{self.name} [{bar:<{self.width}}] {100 * done:5.1f}% {rate:,.0f} points/s "
-                f"ETA {eta}" if not final else
-                f"{self.name} [{bar:<{self.width}}] done in {elapsed:.1f} s, {rate:,.0f} points/s")
+        text = (
+            f"{self.name} [{bar:<{self.width}}] {100 * done:5.1f}% {rate:,.0f} points/s ETA {eta}"
+            if not final
+            else f"{self.name} [{bar:<{self.width}}] done in {elapsed:.1f} s, {rate:,.0f} points/s"
+        )
         end = "\n" if final or not self.interactive else ""
         self.stream.write(("\r" if self.interactive else "") + text + end)
         self.stream.flush()
@@ -265,19 +277,28 @@ class ScenePrediction:
         return self.sub_probabilities[self.projection, class_index]
 
 
-def subsample_cloud(points: np.ndarray, colors: Optional[np.ndarray], dl: float, implementation: str):
+def subsample_cloud(points: np.ndarray, colors: np.ndarray | None, dl: float, implementation: str):
     """Grid subsampling of one cloud: (float32 [m, 3], float32 [m, 3] averaged colours or None)."""
     from training.export import grid_subsampling
 
     lengths = tf.constant([len(points)], tf.int32)
-    sub_points, _, sub_colors = grid_subsampling(tf.constant(points, tf.float32), lengths, dl,
-                                                 colors, implementation)
+    sub_points, _, sub_colors = grid_subsampling(
+        tf.constant(points, tf.float32), lengths, dl, colors, implementation
+    )
     return sub_points.numpy(), None if sub_colors is None else sub_colors.numpy()
 
 
-def predict_scene(model: Model, points: np.ndarray, colors: Optional[np.ndarray], votes: float,
-                  batch_spheres: int, seed: int = 0, implementation="compiled", progress=None,
-                  name="scene") -> ScenePrediction:
+def predict_scene(
+    model: Model,
+    points: np.ndarray,
+    colors: np.ndarray | None,
+    votes: float,
+    batch_spheres: int,
+    seed: int = 0,
+    implementation="compiled",
+    progress=None,
+    name="scene",
+) -> ScenePrediction:
     """Votes over potential-placed spheres; points float64 [n, 3] (metres), colors float32 [n, 3]."""
     from sklearn.neighbors import KDTree
 
@@ -302,11 +323,14 @@ def predict_scene(model: Model, points: np.ndarray, colors: Optional[np.ndarray]
     while sampler.min_potential() < votes:
         crops = [sampler.sample() for _ in range(batch_spheres)]
         lengths = np.array([len(c.points) for c in crops], np.int32)
-        probs = model.probabilities(np.concatenate([c.points for c in crops]),
-                                    np.concatenate([features_for(c, dim) for c in crops]), lengths)
+        probs = model.probabilities(
+            np.concatenate([c.points for c in crops]),
+            np.concatenate([features_for(c, dim) for c in crops]),
+            lengths,
+        )
         start = 0
         for crop, n in zip(crops, lengths):
-            voter.update(0, crop.input_indices, probs[start:start + n])
+            voter.update(0, crop.input_indices, probs[start : start + n])
             coverage[crop.input_indices] += 1
             start += n
         spheres += len(crops)
@@ -326,7 +350,7 @@ def predict_scene(model: Model, points: np.ndarray, colors: Optional[np.ndarray]
     return ScenePrediction(smoothed, projection, pred, coverage, spheres)
 
 
-def probability_field_names(class_names: Sequence[str], taken: Sequence[str]) -> List[str]:
+def probability_field_names(class_names: Sequence[str], taken: Sequence[str]) -> list[str]:
     """One field name per class: the class name with non-word characters as ``_``; ``prob_<name>``
     when that name is taken by an input field (or x, y, z, pred)."""
     names = [re.sub(r"\W+", "_", str(n)).strip("_") or f"class_{i}" for i, n in enumerate(class_names)]
@@ -342,7 +366,7 @@ def _partial_name(path: Path) -> Path:
     return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
 
 
-def write_outputs(outputs: Dict[Path, tuple]) -> List[Path]:
+def write_outputs(outputs: dict[Path, tuple]) -> list[Path]:
     """Writes every ``path: (points, fields, las_header)`` under a temporary name, then renames them
     all; on any failure (or Ctrl-C) the temporary files are removed and nothing is renamed."""
     from utils.point_files import write_point_file
@@ -360,12 +384,12 @@ def write_outputs(outputs: Dict[Path, tuple]) -> List[Path]:
     return list(outputs)
 
 
-def class_counts(pred: np.ndarray, class_names: Sequence[str]) -> Dict[str, int]:
+def class_counts(pred: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
     counts = np.bincount(pred, minlength=len(class_names))
     return {str(name): int(c) for name, c in zip(class_names, counts)}
 
 
-def predict_scene_file(model: Model, path: Path, out_dir: Path, out_name: str, args, log=print) -> List[Path]:
+def predict_scene_file(model: Model, path: Path, out_dir: Path, out_name: str, args, log=print) -> list[Path]:
     """Predicts one scene file and writes its outputs; returns the written paths."""
     from utils.point_files import read_point_file
 
@@ -373,9 +397,17 @@ def predict_scene_file(model: Model, path: Path, out_dir: Path, out_name: str, a
     uses_colors = model.config.dataset.in_features_dim in COLOR_FEATURE_DIMS
     colors = scene_colors(point_file, uses_colors, args.features == "ones")
     votes = model.config.train.votes if args.votes is None else args.votes
-    result = predict_scene(model, np.asarray(point_file.points, np.float64), colors, votes,
-                           args.batch_spheres or model.config.train.batch_num, args.seed,
-                           args.implementation, Progress(path.name), name=path.stem)
+    result = predict_scene(
+        model,
+        np.asarray(point_file.points, np.float64),
+        colors,
+        votes,
+        args.batch_spheres or model.config.train.batch_num,
+        args.seed,
+        args.implementation,
+        Progress(path.name),
+        name=path.stem,
+    )
     fields = dict(point_file.fields)
     fields["pred"] = result.pred
     if args.probabilities:
@@ -386,9 +418,11 @@ def predict_scene_file(model: Model, path: Path, out_dir: Path, out_name: str, a
         las_fields = dict(point_file.fields, classification=result.pred.astype(np.uint8))
         outputs[out_dir / f"{out_name}.las"] = (point_file.points, las_fields, point_file.las_header)
     written = write_outputs(outputs)
-    log(f"{path}: {len(result.pred)} points ({len(result.coverage)} subsampled, {result.spheres} spheres, "
+    log(
+        f"{path}: {len(result.pred)} points ({len(result.coverage)} subsampled, {result.spheres} spheres, "
         f"every subsampled point predicted >= {int(result.coverage.min())} times) -> "
-        f"{', '.join(str(p) for p in written)}")
+        f"{', '.join(str(p) for p in written)}"
+    )
     total = len(result.pred)
     for name, count in class_counts(result.pred, model.class_names).items():
         log(f"  {name:>20}: {count:>10} ({100 * count / total:5.1f}%)")
@@ -408,21 +442,22 @@ def classify_file(model: Model, path: Path, args) -> np.ndarray:
     points = np.asarray(point_file.points, np.float64)
     normals = object_normals(point_file, model.config.dataset.in_features_dim == 4)
     if model.config.dataset.in_features_dim not in (1, 4):
-        raise PredictError(f"dataset.in_features_dim {model.config.dataset.in_features_dim}: object "
-                           f"models use 1 or 4")
+        raise PredictError(
+            f"dataset.in_features_dim {model.config.dataset.in_features_dim}: object models use 1 or 4"
+        )
     # Centred so that float32 keeps the object's detail; the network does not see translations.
     local = (points - points.mean(0)).astype(np.float32)
     lengths = tf.constant([len(local)], tf.int32)
-    sub_points, sub_lengths, sub_normals = grid_subsampling(tf.constant(local), lengths,
-                                                            model.config.model.first_subsampling_dl,
-                                                            normals, args.implementation)
+    sub_points, sub_lengths, sub_normals = grid_subsampling(
+        tf.constant(local), lengths, model.config.model.first_subsampling_dl, normals, args.implementation
+    )
     features = np.ones((len(sub_points), 1), np.float32)
     if sub_normals is not None:
         features = np.concatenate([features, sub_normals.numpy()], 1)
     return model.probabilities(sub_points.numpy(), features, sub_lengths.numpy())[0]
 
 
-def write_classifications(rows: List[dict], out_dir: Path) -> List[Path]:
+def write_classifications(rows: list[dict], out_dir: Path) -> list[Path]:
     """``predictions.csv`` and ``predictions.json`` (temporary names, then renamed)."""
     paths = [out_dir / "predictions.csv", out_dir / "predictions.json"]
     partial = [_partial_name(p) for p in paths]
@@ -430,8 +465,10 @@ def write_classifications(rows: List[dict], out_dir: Path) -> List[Path]:
         with open(partial[0], "w", newline="") as f:
             k = len(rows[0]["top"]) if rows else 0
             writer = csv.writer(f)
-            writer.writerow(["file", "label", "probability"]
-                            + [f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")])
+            writer.writerow(
+                ["file", "label", "probability"]
+                + [f"{kind}_{i + 1}" for i in range(k) for kind in ("label", "probability")]
+            )
             for row in rows:
                 top = [v for item in row["top"] for v in (item["label"], f"{item['probability']:.6f}")]
                 writer.writerow([row["file"], row["label"], f"{row['probability']:.6f}", *top])
@@ -450,11 +487,12 @@ def write_classifications(rows: List[dict], out_dir: Path) -> List[Path]:
 # command line
 
 
-def output_names(files: Sequence[Path]) -> Dict[Path, str]:
+def output_names(files: Sequence[Path]) -> dict[Path, str]:
     """Output base name per input: its stem, ``<stem>_<suffix>`` when two inputs share a stem."""
     stems = [f.stem for f in files]
-    return {f: (f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}")
-            for f in files}
+    return {
+        f: (f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}") for f in files
+    }
 
 
 def predict(args, log=print, error=None) -> int:
@@ -480,10 +518,16 @@ def predict(args, log=print, error=None) -> int:
                 predict_scene_file(model, path, out_dir, names[path], args, log)
                 continue
             probs = classify_file(model, path, args)
-            order = np.argsort(-probs, kind="stable")[:args.top_k]
+            order = np.argsort(-probs, kind="stable")[: args.top_k]
             top = [{"label": model.class_names[i], "probability": float(probs[i])} for i in order]
-            rows.append({"file": str(path), "label": top[0]["label"], "probability": top[0]["probability"],
-                         "top": top})
+            rows.append(
+                {
+                    "file": str(path),
+                    "label": top[0]["label"],
+                    "probability": top[0]["probability"],
+                    "top": top,
+                }
+            )
             log(f"{path}: {rows[-1]['label']} ({rows[-1]['probability']:.3f})")
         except (PointFileError, PredictError, OSError) as err:
             failed.append(path)
@@ -505,20 +549,40 @@ def parse_args(argv=None):
     parser.add_argument("inputs", nargs="+", help="point files or folders of point files")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--checkpoint", default="best", help="run directories: best, last or epoch_NNNN")
-    parser.add_argument("--votes", type=float, default=None,
-                        help="scenes: coverage every subsampled point reaches (default train.votes)")
-    parser.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
-                        default=None, help="columns of .txt/.xyz/.csv/.npy files, e.g. x,y,z,r,g,b")
-    parser.add_argument("--features", choices=("file", "ones"), default="file",
-                        help="'ones': feed white to a colour model for files without colours")
+    parser.add_argument(
+        "--votes",
+        type=float,
+        default=None,
+        help="scenes: coverage every subsampled point reaches (default train.votes)",
+    )
+    parser.add_argument(
+        "--columns",
+        type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+        default=None,
+        help="columns of .txt/.xyz/.csv/.npy files, e.g. x,y,z,r,g,b",
+    )
+    parser.add_argument(
+        "--features",
+        choices=("file", "ones"),
+        default="file",
+        help="'ones': feed white to a colour model for files without colours",
+    )
     parser.add_argument("--probabilities", action="store_true", help="scenes: add one field per class")
     parser.add_argument("--top-k", type=int, default=3, help="classification: probabilities listed per file")
-    parser.add_argument("--batch-spheres", type=int, default=None,
-                        help="scenes: spheres per network call (default train.batch_num)")
+    parser.add_argument(
+        "--batch-spheres",
+        type=int,
+        default=None,
+        help="scenes: spheres per network call (default train.batch_num)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the sphere placement")
-    parser.add_argument("--implementation", choices=("compiled", "standard"), default=None,
-                        help="subsampling, neighbours and (run directories) convolutions: the compiled "
-                             "ops (default for run directories) or standard TF ops (default for SavedModels)")
+    parser.add_argument(
+        "--implementation",
+        choices=("compiled", "standard"),
+        default=None,
+        help="subsampling, neighbours and (run directories) convolutions: the compiled "
+        "ops (default for run directories) or standard TF ops (default for SavedModels)",
+    )
     parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
     args = parser.parse_args(argv)
     if args.top_k < 1:

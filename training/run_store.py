@@ -19,8 +19,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -54,14 +54,19 @@ def read_checkpoint(checkpoint: tf.train.Checkpoint, prefix, exact: bool = True)
     except (tf.errors.OpError, IndexError, ValueError, AssertionError, OSError) as err:
         files = ", ".join(p.name for p in _checkpoint_files(prefix)) or index.name
         cause = getattr(err, "message", None) or str(err)
-        raise CheckpointError(f"checkpoint {prefix} ({files}) is damaged or does not belong to this network: "
-                              f"{cause.strip().splitlines()[0][:300]}") from err
+        raise CheckpointError(
+            f"checkpoint {prefix} ({files}) is damaged or does not belong to this network: "
+            f"{cause.strip().splitlines()[0][:300]}"
+        ) from err
     return status
 
 
-def _checkpoint_files(prefix: Path) -> List[Path]:
-    return sorted(p for p in prefix.parent.glob(f"{prefix.name}.*")
-                  if p.name.startswith(f"{prefix.name}.index") or p.name.startswith(f"{prefix.name}.data-"))
+def _checkpoint_files(prefix: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in prefix.parent.glob(f"{prefix.name}.*")
+        if p.name.startswith(f"{prefix.name}.index") or p.name.startswith(f"{prefix.name}.data-")
+    )
 
 
 def _fsync(path: Path):
@@ -91,7 +96,7 @@ class RunStore:
         self.directory = self.run_dir / "checkpoints"
 
     # -- records ---------------------------------------------------------------------------------
-    def records(self) -> List[Tuple[str, Optional[dict], Optional[str]]]:
+    def records(self) -> list[tuple[str, dict | None, str | None]]:
         """Every record, newest first, as (save name, record or None, why it is unreadable)."""
         found = []
         for path in self.directory.glob("save_*.json"):
@@ -107,11 +112,11 @@ class RunStore:
                 found.append((name, None, f"its record {path.name} is unreadable ({err})"))
         return sorted(found, key=lambda item: int(SAVE_NAME.match(item[0]).group(1)), reverse=True)
 
-    def newest(self) -> Optional[dict]:
+    def newest(self) -> dict | None:
         """The newest readable record (not verified against its files), or None."""
         return next((record for _, record, _ in self.records() if record is not None), None)
 
-    def _verify_files(self, record: dict) -> Optional[str]:
+    def _verify_files(self, record: dict) -> str | None:
         for name, size in record["files"].items():
             path = self.directory / name
             if not path.is_file():
@@ -121,8 +126,14 @@ class RunStore:
         return None
 
     # -- commit ----------------------------------------------------------------------------------
-    def commit(self, checkpoint: tf.train.Checkpoint, state: dict, logs: Sequence[Path] = (),
-               best: bool = False, snapshot: Optional[str] = None) -> Path:
+    def commit(
+        self,
+        checkpoint: tf.train.Checkpoint,
+        state: dict,
+        logs: Sequence[Path] = (),
+        best: bool = False,
+        snapshot: str | None = None,
+    ) -> Path:
         """Saves ``checkpoint`` as ``save_<state['steps']>`` and commits it with ``state``.
 
         logs: files whose current sizes are recorded (a resume truncates them back);
@@ -150,16 +161,21 @@ class RunStore:
         snapshots = dict(previous.get("snapshots", {}))
         if snapshot:
             snapshots[snapshot] = name
-        record = {"format": RECORD_FORMAT, "save": name,
-                  "state": {k: v for k, v in state.items() if k != "start_time"},
-                  "files": {p.name: p.stat().st_size for p in files}, "logs": log_sizes,
-                  "best_save": name if best else previous.get("best_save"), "snapshots": snapshots}
+        record = {
+            "format": RECORD_FORMAT,
+            "save": name,
+            "state": {k: v for k, v in state.items() if k != "start_time"},
+            "files": {p.name: p.stat().st_size for p in files},
+            "logs": log_sizes,
+            "best_save": name if best else previous.get("best_save"),
+            "snapshots": snapshots,
+        }
         write_json_atomically(self.directory / f"{name}.json", record)
         self.write_state(state, name)
         self.prune()
         return prefix
 
-    def write_state(self, state: dict, save: Optional[str] = None):
+    def write_state(self, state: dict, save: str | None = None):
         """``state.json``: ``state`` (without its start time) and the save holding it."""
         kept = {k: v for k, v in state.items() if k != "start_time"}
         write_json_atomically(self.run_dir / "state.json", {**kept, "save": save})
@@ -221,19 +237,28 @@ class RunStore:
             # Killed before its first commit: the run starts again from its (seeded) beginning.
             self.truncate_logs({"logs": {"training_log.csv": 0, "training.txt": 0}})
             log(f"{self.directory} holds no committed save yet: starting from the beginning")
-            return {"state": {"epochs": 0, "steps": 0}, "logs": {}, "save": None, "best_save": None,
-                    "snapshots": {}}
+            return {
+                "state": {"epochs": 0, "steps": 0},
+                "logs": {},
+                "save": None,
+                "best_save": None,
+                "snapshots": {},
+            }
         details = "".join(f"\n  {name}: {problem}" for name, problem in tried)
-        raise CheckpointError(f"--resume: {self.run_dir} has no save that loads{details}\nStart a new run, "
-                              f"or copy its weights with --finetune from a run directory that has one.")
+        raise CheckpointError(
+            f"--resume: {self.run_dir} has no save that loads{details}\nStart a new run, "
+            f"or copy its weights with --finetune from a run directory that has one."
+        )
 
     def _restore_legacy(self, checkpoint, prefix: Path, log) -> dict:
         state_path = self.run_dir / "state.json"
         try:
             state = json.loads(state_path.read_text())
         except (OSError, ValueError) as err:
-            raise CheckpointError(f"{state_path} is unreadable ({err}); it records the epochs and steps the "
-                                  f"checkpoint {prefix} belongs to") from err
+            raise CheckpointError(
+                f"{state_path} is unreadable ({err}); it records the epochs and steps the "
+                f"checkpoint {prefix} belongs to"
+            ) from err
         read_checkpoint(checkpoint, prefix)
         log(f"resuming from {prefix} (epoch {state['epochs']}, step {state['steps']})")
         return {"state": state, "logs": {}, "save": None, "best_save": None, "snapshots": {}}
@@ -258,13 +283,15 @@ class RunStore:
             target = aliases.get(name, name if SAVE_NAME.match(name) else None)
         if target and Path(f"{self.directory / target}.index").is_file():
             return self.directory / target
-        raise CheckpointError(f"{self.run_dir}: no checkpoint {name!r}; it has {', '.join(self.names()) or 'none'}")
+        raise CheckpointError(
+            f"{self.run_dir}: no checkpoint {name!r}; it has {', '.join(self.names()) or 'none'}"
+        )
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         """Names that ``prefix`` resolves in this run."""
         newest = self.newest()
         if newest is None:
-            return sorted(p.name[:-len(".index")] for p in self.directory.glob("*.index"))
+            return sorted(p.name[: -len(".index")] for p in self.directory.glob("*.index"))
         return ["last"] + (["best"] if newest.get("best_save") else []) + sorted(newest.get("snapshots", {}))
 
 
@@ -274,4 +301,3 @@ def latest_description(run_dir) -> str:
     if record is None:
         return "no checkpoint was saved yet"
     return f"the last good checkpoint is {Path(run_dir) / 'checkpoints' / record['save']}"
-

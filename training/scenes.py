@@ -9,9 +9,9 @@ subsampled point with a running average before reprojecting them to the full-res
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -32,13 +32,13 @@ class SphereCrop:
     points: np.ndarray
     colors: np.ndarray
     heights: np.ndarray
-    labels: Optional[np.ndarray]
+    labels: np.ndarray | None
     input_indices: np.ndarray
     scene_index: int
     center: np.ndarray
 
 
-def _check_scenes(scenes) -> List[Scene]:
+def _check_scenes(scenes) -> list[Scene]:
     scenes = list(scenes)
     if not scenes:
         raise ValueError("scenes must hold at least one Scene")
@@ -66,8 +66,14 @@ class SphereSampler:
 
     MODES = ("random", "potentials")
 
-    def __init__(self, scenes: Sequence[Scene], in_radius: float, mode: str = "potentials", seed: int = 0,
-                 max_points: Optional[int] = None):
+    def __init__(
+        self,
+        scenes: Sequence[Scene],
+        in_radius: float,
+        mode: str = "potentials",
+        seed: int = 0,
+        max_points: int | None = None,
+    ):
         self.scenes = _check_scenes(scenes)
         if not in_radius > 0:
             raise ValueError(f"in_radius must be > 0, got {in_radius}")
@@ -105,7 +111,7 @@ class SphereSampler:
             indices = scene.tree.query_radius(pick[None], r=self.in_radius)[0]
         if self.mode == "potentials":
             d2 = np.sum(np.square(points[indices] - pick), axis=1)
-            r2 = self.in_radius ** 2
+            r2 = self.in_radius**2
             weights = np.square(1 - d2 / r2)
             weights[d2 > r2] = 0
             self.potentials[scene_index][indices] += weights
@@ -123,12 +129,11 @@ class SphereSampler:
             center=pick.astype(np.float32),
         )
 
-    def get_state(self) -> Dict[str, object]:
+    def get_state(self) -> dict[str, object]:
         """RNG state and potentials (copies) for an exact resume with ``set_state``."""
-        return {"rng": self.rng.bit_generator.state,
-                "potentials": [p.copy() for p in self.potentials]}
+        return {"rng": self.rng.bit_generator.state, "potentials": [p.copy() for p in self.potentials]}
 
-    def set_state(self, state: Dict[str, object]) -> None:
+    def set_state(self, state: dict[str, object]) -> None:
         potentials = [np.asarray(p, np.float64) for p in state["potentials"]]
         if [len(p) for p in potentials] != [len(s.points) for s in self.scenes]:
             raise ValueError("state['potentials'] does not match the sampler's scenes")
@@ -137,8 +142,12 @@ class SphereSampler:
         self._min_potentials = np.array([p.min() for p in self.potentials])
 
 
-def features_for(crop: SphereCrop, in_features_dim: int, points: Optional[np.ndarray] = None,
-                 colors: Optional[np.ndarray] = None) -> np.ndarray:
+def features_for(
+    crop: SphereCrop,
+    in_features_dim: int,
+    points: np.ndarray | None = None,
+    colors: np.ndarray | None = None,
+) -> np.ndarray:
     """The original's scene input features, float32 [n, in_features_dim].
 
     1: ones; 2: ones, absolute z; 3: rgb; 4: ones, rgb; 5: ones, rgb, absolute z; 7: ones, rgb,
@@ -149,10 +158,18 @@ def features_for(crop: SphereCrop, in_features_dim: int, points: Optional[np.nda
     colors = crop.colors if colors is None else colors
     ones = np.ones((len(crop.points), 1), np.float32)
     heights = crop.heights[:, None]
-    columns = {1: [ones], 2: [ones, heights], 3: [colors], 4: [ones, colors],
-               5: [ones, colors, heights], 7: [ones, colors, points]}
+    columns = {
+        1: [ones],
+        2: [ones, heights],
+        3: [colors],
+        4: [ones, colors],
+        5: [ones, colors, heights],
+        7: [ones, colors, points],
+    }
     if in_features_dim not in columns:
-        raise ValueError(f"in_features_dim must be one of {sorted(columns)} for scenes, got {in_features_dim}")
+        raise ValueError(
+            f"in_features_dim must be one of {sorted(columns)} for scenes, got {in_features_dim}"
+        )
     return np.concatenate(columns[in_features_dim], axis=1).astype(np.float32)
 
 
@@ -180,8 +197,9 @@ class SceneVoter:
         input_indices = np.asarray(input_indices)
         probs = np.asarray(probs, np.float32)
         if probs.shape != (len(input_indices), self.num_classes):
-            raise ValueError(f"probs must have shape [{len(input_indices)}, {self.num_classes}], "
-                             f"got {list(probs.shape)}")
+            raise ValueError(
+                f"probs must have shape [{len(input_indices)}, {self.num_classes}], got {list(probs.shape)}"
+            )
         target = self.probs[scene_index]
         target[input_indices] = self.smoothing * target[input_indices] + (1 - self.smoothing) * probs
 
@@ -225,9 +243,15 @@ def semantic3d_submission_name(scene_name: str) -> str:
 FORMATS = ("ply", "semantic3d", "npm3d")
 
 
-def write_predictions(out_dir, scene: Scene, predictions: np.ndarray, label_names: Sequence[str],
-                      probs: Optional[np.ndarray] = None, formats: Sequence[str] = ("ply",),
-                      potentials: Optional[np.ndarray] = None) -> List[Path]:
+def write_predictions(
+    out_dir,
+    scene: Scene,
+    predictions: np.ndarray,
+    label_names: Sequence[str],
+    probs: np.ndarray | None = None,
+    formats: Sequence[str] = ("ply",),
+    potentials: np.ndarray | None = None,
+) -> list[Path]:
     """Writes a scene's predicted classes, returns the written paths.
 
     ``predictions`` int [m] for the full-resolution cloud (``scene.full_points()``, needs
@@ -243,7 +267,9 @@ def write_predictions(out_dir, scene: Scene, predictions: np.ndarray, label_name
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
     predictions = np.asarray(predictions)
     if predictions.ndim != 1 or not np.issubdtype(predictions.dtype, np.integer):
-        raise ValueError(f"predictions must be a 1-D integer array, got {predictions.dtype} {predictions.shape}")
+        raise ValueError(
+            f"predictions must be a 1-D integer array, got {predictions.dtype} {predictions.shape}"
+        )
     if len(predictions) and (predictions.min() < 0 or predictions.max() >= len(label_names)):
         raise ValueError(f"predictions must lie in [0, {len(label_names)}) (label_names)")
     full = scene.projection is not None and len(predictions) == len(scene.projection)
@@ -252,17 +278,22 @@ def write_predictions(out_dir, scene: Scene, predictions: np.ndarray, label_name
     elif len(predictions) == len(scene.points):
         points, labels = scene.points, scene.labels
     else:
-        raise ValueError(f"predictions has {len(predictions)} entries; scene {scene.name!r} has "
-                         f"{len(scene.points)} subsampled points and "
-                         f"{None if scene.projection is None else len(scene.projection)} full-resolution points")
+        raise ValueError(
+            f"predictions has {len(predictions)} entries; scene {scene.name!r} has "
+            f"{len(scene.points)} subsampled points and "
+            f"{None if scene.projection is None else len(scene.projection)} full-resolution points"
+        )
     if len(points) != len(predictions):
-        raise ValueError(f"scene {scene.name!r}: full_points() has {len(points)} points, "
-                         f"projection {len(predictions)}")
+        raise ValueError(
+            f"scene {scene.name!r}: full_points() has {len(points)} points, projection {len(predictions)}"
+        )
     for name, array in (("probs", probs), ("potentials", potentials)):
         if array is not None and len(array) != len(predictions):
             raise ValueError(f"{name} must have {len(predictions)} rows, got {len(array)}")
     if probs is not None and np.shape(probs)[1:] != (len(label_names),):
-        raise ValueError(f"probs must have shape [{len(predictions)}, {len(label_names)}], got {np.shape(probs)}")
+        raise ValueError(
+            f"probs must have shape [{len(predictions)}, {len(label_names)}], got {np.shape(probs)}"
+        )
 
     out_dir = Path(out_dir)
     pred_dir = out_dir / "predictions"
@@ -272,8 +303,11 @@ def write_predictions(out_dir, scene: Scene, predictions: np.ndarray, label_name
     if "ply" in formats:
         from utils.ply import write_ply
 
-        xyz = {"x": points[:, 0].astype(np.float32), "y": points[:, 1].astype(np.float32),
-               "z": points[:, 2].astype(np.float32)}
+        xyz = {
+            "x": points[:, 0].astype(np.float32),
+            "y": points[:, 1].astype(np.float32),
+            "z": points[:, 2].astype(np.float32),
+        }
         fields = dict(xyz, preds=predictions)
         if labels is not None:
             fields["labels"] = np.asarray(labels, np.int32)

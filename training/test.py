@@ -79,7 +79,9 @@ def test_objects(pipeline: Pipeline, network, votes: int, split: str, seed: int,
     predict = _predictor(network)
     for vote in range(votes):
         stream = pipeline.stream(split, "sequential", seed=seed + vote)
-        for inputs, _, meta in pipeline.tf_dataset(stream, pipeline.neighbor_limits, True, seed + 1000 + vote):
+        for inputs, _, meta in pipeline.tf_dataset(
+            stream, pipeline.neighbor_limits, True, seed + 1000 + vote
+        ):
             p = predict(inputs).numpy()
             cloud_indices = meta["cloud_indices"].numpy()
             if not segmentation:
@@ -106,7 +108,7 @@ def object_metrics(pipeline, probs, clouds):
         labels = np.array([c.label for c in clouds])
         conf = metrics.confusion_matrix(labels, np.argmax(probs, 1), len(data.label_names))
         return {**metrics.summarize(conf, data.label_names), "class_names": list(data.label_names)}
-    ious, categories, confs = [], [], []
+    ious, categories = [], []
     parts_per_category = data.num_parts if pipeline.task == "multi_segmentation" else [data.num_parts[0]]
     for cloud, p in zip(clouds, probs):
         category = cloud.label if pipeline.task == "multi_segmentation" else 0
@@ -183,7 +185,9 @@ def run_test(run_dir, votes=None, split="test", checkpoint="best", overrides=(),
     else:
         probs, clouds = test_objects(pipeline, network, votes, split, seed, log)
         result = object_metrics(pipeline, probs, clouds)
-    result.update({"votes": votes, "split": split, "checkpoint": checkpoint, "seconds": round(time.time() - start, 1)})
+    result.update(
+        {"votes": votes, "split": split, "checkpoint": checkpoint, "seconds": round(time.time() - start, 1)}
+    )
     with open(out_dir / "metrics.json", "w") as f:
         json.dump(result, f, indent=1)
     print_table(result, log)
@@ -198,15 +202,21 @@ def run_test(run_dir, votes=None, split="test", checkpoint="best", overrides=(),
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m training.test", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", nargs="?", help="run directory written by training.train")
-    parser.add_argument("--votes", type=float, default=None,
-                        help="augmented passes (objects) or coverage (scenes); default train.votes")
+    parser.add_argument(
+        "--votes",
+        type=float,
+        default=None,
+        help="augmented passes (objects) or coverage (scenes); default train.votes",
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--checkpoint", default="best", help="best, last or epoch_NNNN (a snapshot)")
     parser.add_argument("--original-run", help="a log directory of the original release (converted first)")
     parser.add_argument("--out", help="output directory (default RUN_DIR/test, or a new directory)")
     add_override_argument(parser)
     args = parser.parse_args(argv)
-    votes = None if args.votes is None else (int(args.votes) if float(args.votes).is_integer() else args.votes)
+    votes = (
+        None if args.votes is None else (int(args.votes) if float(args.votes).is_integer() else args.votes)
+    )
     if args.original_run:
         from kpconv_tf.convert import convert_run
 

@@ -34,11 +34,29 @@ from kpconv_tf.models import KPCNN, KPFCNN
 from training.config import add_override_argument, load_config
 from training.datasets import configure, load_dataset
 from training.pipeline import Pipeline
-from training.run_store import CheckpointError, RunStore, latest_description, read_checkpoint, write_json_atomically
+from training.run_store import (
+    CheckpointError,
+    RunStore,
+    latest_description,
+    read_checkpoint,
+    write_json_atomically,
+)
 from training.trainer import TrainingModel
 
-LOG_COLUMNS = ("epoch", "steps", "loss", "output_loss", "regularization_loss", "offsets_loss", "accuracy",
-               "val_loss", "val_accuracy", "val_mean_iou", "learning_rate", "seconds")
+LOG_COLUMNS = (
+    "epoch",
+    "steps",
+    "loss",
+    "output_loss",
+    "regularization_loss",
+    "offsets_loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_mean_iou",
+    "learning_rate",
+    "seconds",
+)
 
 
 # A warning is printed when the per-step offsets loss grows this much over this many steps.
@@ -56,6 +74,7 @@ def build_network(config: Config):
     network = KPCNN(config) if config.model.network_model == "classification" else KPFCNN(config)
     network(dummy_inputs(config), training=False)
     return network
+
 
 def checkpoint_for(training_model):
     """Checkpoint of everything a run needs to continue: every network variable (weights and
@@ -78,7 +97,8 @@ class RunLogger(keras.callbacks.Callback):
         self.stopped_for_time = False
         self.nan = False
         self.offsets_history = collections.deque(maxlen=OFFSETS_GROWTH_STEPS + 1)
-        self.steps_text = open(run_dir / "training.txt", "a", buffering=1)  # line-buffered: a killed run keeps its steps
+        # Line-buffered so that a killed run keeps its steps; closed by on_train_end.
+        self.steps_text = open(run_dir / "training.txt", "a", buffering=1)  # noqa: SIM115
         if self.steps_text.tell() == 0:
             self.steps_text.write("epochs steps out_loss offset_loss train_accuracy time\n")
 
@@ -94,9 +114,11 @@ class RunLogger(keras.callbacks.Callback):
             self.nan = True
             self.model.stop_training = True
             return
-        self.steps_text.write(f"{self.state['epochs']} {self.state['steps']} {logs.get('output_loss', 0.0):.3f} "
-                              f"{logs.get('offsets_loss', 0.0):.3f} {logs.get('accuracy', 0.0):.3f} "
-                              f"{time.time() - self.state['start_time']:.3f}\n")
+        self.steps_text.write(
+            f"{self.state['epochs']} {self.state['steps']} {logs.get('output_loss', 0.0):.3f} "
+            f"{logs.get('offsets_loss', 0.0):.3f} {logs.get('accuracy', 0.0):.3f} "
+            f"{time.time() - self.state['start_time']:.3f}\n"
+        )
         if self.deadline is not None and time.time() > self.deadline:
             self.stopped_for_time = True
             self.model.stop_training = True
@@ -111,13 +133,19 @@ class RunLogger(keras.callbacks.Callback):
         self._previous_mean = running_mean
         self.offsets_history.append(value)
         first = self.offsets_history[0]
-        if (len(self.offsets_history) > OFFSETS_GROWTH_STEPS and first > 1e-4
-                and value > OFFSETS_GROWTH * first):
-            print(f"\nwarning: the offsets loss grew from {first:.3g} to {value:.3g} over the last "
-                  f"{OFFSETS_GROWTH_STEPS} steps (step {self.state['steps']}): the deformable kernel points are "
-                  "drifting away from the points (see offset_norm_* / lost_share_* in training_log.csv); "
-                  "the stable definition is in README, \"Deformable KPConv\"",
-                  file=sys.stderr, flush=True)
+        if (
+            len(self.offsets_history) > OFFSETS_GROWTH_STEPS
+            and first > 1e-4
+            and value > OFFSETS_GROWTH * first
+        ):
+            print(
+                f"\nwarning: the offsets loss grew from {first:.3g} to {value:.3g} over the last "
+                f"{OFFSETS_GROWTH_STEPS} steps (step {self.state['steps']}): the deformable kernel points "
+                "are drifting away from the points (see offset_norm_* / lost_share_* in training_log.csv); "
+                'the stable definition is in README, "Deformable KPConv"',
+                file=sys.stderr,
+                flush=True,
+            )
             self.offsets_history.clear()
 
     def write_scalars(self, values: dict, step: int):
@@ -185,16 +213,34 @@ def main(argv=None):
     parser.add_argument("--resume", help="run directory to continue")
     parser.add_argument("--finetune", help="run directory or checkpoint prefix to start from (head skipped)")
     parser.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs in total")
-    parser.add_argument("--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 line/epoch")
+    parser.add_argument(
+        "--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 line/epoch"
+    )
     args = parser.parse_args(argv)
-    run_dir = train(args.config, args.overrides, args.run_dir, args.max_minutes, args.resume, args.finetune,
-                    args.max_epochs, args.verbose)
+    run_dir = train(
+        args.config,
+        args.overrides,
+        args.run_dir,
+        args.max_minutes,
+        args.resume,
+        args.finetune,
+        args.max_epochs,
+        args.verbose,
+    )
     print(f"run directory: {run_dir}")
     return 0
 
 
-def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume=None, finetune=None,
-          max_epochs=None, verbose=1) -> Path:
+def train(
+    config_path=None,
+    overrides=(),
+    run_dir=None,
+    max_minutes=None,
+    resume=None,
+    finetune=None,
+    max_epochs=None,
+    verbose=1,
+) -> Path:
     """Runs (or resumes) a training; returns the run directory.
 
     Everything that can fail before training (config, architecture, data, calibration, the run
@@ -230,15 +276,19 @@ def train(config_path=None, overrides=(), run_dir=None, max_minutes=None, resume
     if resume:
         state.update(store.restore(checkpoint_for(model))["state"])
         if int(model.step.optimizer.iterations.numpy()) != state["steps"]:
-            raise CheckpointError(f"{run_dir}: checkpoint step {int(model.step.optimizer.iterations.numpy())} "
-                                  f"differs from its record's steps {state['steps']}")
+            raise CheckpointError(
+                f"{run_dir}: checkpoint step {int(model.step.optimizer.iterations.numpy())} "
+                f"differs from its record's steps {state['steps']}"
+            )
     else:
         if finetune:
             copied = finetune_from(network, finetune)
             print(f"fine-tuning: {len(copied)} variables copied from {finetune}")
         cleanup = _create_run_dir(run_dir, config, calibration)
     try:
-        if finetune and not resume:  # a resume before the first epoch's save must start from these weights too
+        if (
+            finetune and not resume
+        ):  # a resume before the first epoch's save must start from these weights too
             store.commit(checkpoint_for(model), state)
         _train_epochs(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose)
     except TrainingInterrupted:
@@ -270,17 +320,28 @@ def _train_epochs(model, pipeline, config, store, state, start_time, max_minutes
             train_data = pipeline.dataset("train", start_batch=state["steps"])
             t0 = time.time()
             # shuffle=False: the stream is already shuffled (Keras would warn that it ignores the flag).
-            history = model.fit(train_data, steps_per_epoch=remaining, epochs=epoch + 1, initial_epoch=epoch,
-                                shuffle=False, validation_data=validation, callbacks=[logger], verbose=verbose)
+            history = model.fit(
+                train_data,
+                steps_per_epoch=remaining,
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                shuffle=False,
+                validation_data=validation,
+                callbacks=[logger],
+                verbose=verbose,
+            )
             if logger.nan:
                 raise TrainingInterrupted(
                     f"non-finite loss at step {state['steps']} (epoch {epoch}); training stopped, "
-                    f"{latest_description(run_dir)}. Lower train.learning_rate or check the data.")
+                    f"{latest_description(run_dir)}. Lower train.learning_rate or check the data."
+                )
             if logger.stopped_for_time and state["steps"] - epoch * epoch_steps < epoch_steps:
                 logger.steps_text.flush()
                 store.commit(checkpoint_for(model), state, logs_of_run)
-                print(f"time budget of {max_minutes} min reached at step {state['steps']}: checkpoint saved, "
-                      f"resume with --resume {run_dir}")
+                print(
+                    f"time budget of {max_minutes} min reached at step {state['steps']}: checkpoint saved, "
+                    f"resume with --resume {run_dir}"
+                )
                 break
             logs = {k: v[-1] for k, v in history.history.items()}
             state["epochs"] = epoch + 1
@@ -295,8 +356,11 @@ def _train_epochs(model, pipeline, config, store, state, start_time, max_minutes
             best = score is not None and (state["best"] is None or score > state["best"])
             if best:
                 state["best"], state["best_epoch"] = float(score), epoch + 1
-            snapshot = (f"epoch_{epoch + 1:04d}" if config.train.snapshot_gap
-                        and (epoch + 1) % config.train.snapshot_gap == 0 else None)
+            snapshot = (
+                f"epoch_{epoch + 1:04d}"
+                if config.train.snapshot_gap and (epoch + 1) % config.train.snapshot_gap == 0
+                else None
+            )
             logger.steps_text.flush()
             store.commit(checkpoint_for(model), state, logs_of_run, best=best, snapshot=snapshot)
             if logger.stopped_for_time:
@@ -316,7 +380,9 @@ def check_new_run_dir(run_dir: Path):
         if not run_dir.is_dir():
             raise ValueError(f"--run-dir {run_dir} is a file, not a directory")
         if any(run_dir.iterdir()):
-            hint = " (it holds a run: continue it with --resume)" if (run_dir / "config.yaml").exists() else ""
+            hint = (
+                " (it holds a run: continue it with --resume)" if (run_dir / "config.yaml").exists() else ""
+            )
             raise ValueError(f"--run-dir {run_dir} is not empty{hint}; give a new or empty directory")
     parent = run_dir if run_dir.exists() else _existing_ancestor(run_dir)
     try:

@@ -41,8 +41,9 @@ def _variable_path(variable):
     return path.split(":")[0]  # tf.Variable names end with ":0"
 
 
-def update_entries(gradients, variables, semantics="original", clip_norm=100.0,
-                   offset_scale=OFFSET_GRADIENT_SCALE):
+def update_entries(
+    gradients, variables, semantics="original", clip_norm=100.0, offset_scale=OFFSET_GRADIENT_SCALE
+):
     """Turns raw gradients into the ordered list of momentum updates of one step.
 
     Args:
@@ -107,8 +108,11 @@ class OriginalMomentum(tf.Module):
         self.learning_rate = tf.Variable(np.float32(learning_rate), trainable=False, name="learning_rate")
         self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
         self.slots = [
-            tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
-                        name=_variable_path(v).replace("/", "_") + "_momentum")
+            tf.Variable(
+                tf.zeros(v.shape, tf.float32),
+                trainable=False,
+                name=_variable_path(v).replace("/", "_") + "_momentum",
+            )
             for v in variables
         ]
         self._num_variables = len(self.slots)
@@ -121,9 +125,14 @@ class OriginalMomentum(tf.Module):
         learning_rate = self.learning_rate.read_value()
         for index, update in entries:
             tf.raw_ops.ResourceApplyMomentum(
-                var=variables[index].handle, accum=self.slots[index].handle, lr=learning_rate,
-                grad=tf.cast(update, tf.float32), momentum=momentum, use_locking=False,
-                use_nesterov=False)
+                var=variables[index].handle,
+                accum=self.slots[index].handle,
+                lr=learning_rate,
+                grad=tf.cast(update, tf.float32),
+                momentum=momentum,
+                use_locking=False,
+                use_nesterov=False,
+            )
         self.iterations.assign_add(1)
 
     def reset(self):
@@ -174,7 +183,8 @@ class TrainStep:
         self.semantics = semantics
         self.variables = list(network.trainable_variables)
         self.optimizer = optimizer or OriginalMomentum(
-            self.variables, config.train.learning_rate, config.train.momentum)
+            self.variables, config.train.learning_rate, config.train.momentum
+        )
         self._compiled = {}
 
     @property
@@ -189,8 +199,13 @@ class TrainStep:
         offsets_loss = self.network.offsets_loss()
         gaussian_loss = tf.constant(0.0, tf.float32)  # the original has no 'kernel_extents' variables
         total_loss = ((offsets_loss + gaussian_loss) + regularization_loss) + output_loss
-        result = {"output_loss": output_loss, "regularization_loss": regularization_loss,
-                  "offsets_loss": offsets_loss, "gaussian_loss": gaussian_loss, "total_loss": total_loss}
+        result = {
+            "output_loss": output_loss,
+            "regularization_loss": regularization_loss,
+            "offsets_loss": offsets_loss,
+            "gaussian_loss": gaussian_loss,
+            "total_loss": total_loss,
+        }
         statistics = getattr(self.network, "deformation_statistics", dict)()  # optional in the protocol
         for key, (offset_norm, lost_share) in statistics.items():
             result[f"offset_norm_{key}"] = offset_norm
@@ -208,13 +223,19 @@ class TrainStep:
             logits = self.forward(inputs, True, dropout_uniform)
             result = self.losses(inputs, labels, logits)
         gradients = tape.gradient(result["total_loss"], self.variables)
-        entries = update_entries(gradients, self.variables, self.semantics, self.config.train.grad_clip_norm,
-                                 self.config.train.offset_lr_factor)
+        entries = update_entries(
+            gradients,
+            self.variables,
+            self.semantics,
+            self.config.train.grad_clip_norm,
+            self.config.train.offset_lr_factor,
+        )
         result["learning_rate"] = self.optimizer.learning_rate.read_value()
         self.optimizer.apply(entries, self.variables)
         result["accuracy"] = accuracy(labels, logits)
-        result["grad_norms"] = tf.stack([tf.norm(g) if g is not None else tf.constant(0.0)
-                                         for g in gradients])
+        result["grad_norms"] = tf.stack(
+            [tf.norm(g) if g is not None else tf.constant(0.0) for g in gradients]
+        )
         result["logits"] = logits
         return result
 
@@ -238,8 +259,9 @@ def accuracy(labels, logits):
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
     valid = labels >= 0
     correct = tf.logical_and(valid, tf.equal(predictions, labels))
-    return tf.math.divide_no_nan(tf.reduce_sum(tf.cast(correct, tf.float32)),
-                                 tf.reduce_sum(tf.cast(valid, tf.float32)))
+    return tf.math.divide_no_nan(
+        tf.reduce_sum(tf.cast(correct, tf.float32)), tf.reduce_sum(tf.cast(valid, tf.float32))
+    )
 
 
 def deformation_metric_names(network):
@@ -284,8 +306,11 @@ class TrainingModel(keras.Model):
         self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
         num_classes = config.dataset.num_classes
         # Validation mIoU of single-head segmentation (multi-head logits differ in width per object).
-        self._miou = (ConfusionMeanIoU(num_classes) if config.model.network_model == "segmentation"
-                      and isinstance(num_classes, int) else None)
+        self._miou = (
+            ConfusionMeanIoU(num_classes)
+            if config.model.network_model == "segmentation" and isinstance(num_classes, int)
+            else None
+        )
 
     @property
     def learning_rate(self):

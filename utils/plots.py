@@ -30,8 +30,11 @@ METRICS_PATH = Path("test") / "metrics.json"
 
 # quantity -> (y label, log scale, ((column, series label, line style), ...))
 QUANTITIES = {
-    "loss": ("loss", True, (("loss", "train", "-"), ("output_loss", "train output", ":"),
-                            ("val_loss", "validation", "--"))),
+    "loss": (
+        "loss",
+        True,
+        (("loss", "train", "-"), ("output_loss", "train output", ":"), ("val_loss", "validation", "--")),
+    ),
     "accuracy": ("accuracy", False, (("accuracy", "train", "-"), ("val_accuracy", "validation", "--"))),
     "miou": ("mean IoU", False, (("val_mean_iou", "validation", "--"),)),
     "learning_rate": ("learning rate", True, (("learning_rate", "", "-"),)),
@@ -50,7 +53,9 @@ def read_training_log(run_dir):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "epoch" not in reader.fieldnames:
-            raise ValueError(f"{path} must start with a header row containing 'epoch', got {reader.fieldnames}")
+            raise ValueError(
+                f"{path} must start with a header row containing 'epoch', got {reader.fieldnames}"
+            )
         columns = [name for name in reader.fieldnames if name == "epoch" or _is_plotted(name)]
         rows_by_epoch = {}
         for line, row in enumerate(reader, start=2):
@@ -115,7 +120,9 @@ def plot_convergence(run_dirs, out_dir=None):
                     continue
                 finite = np.isfinite(values)
                 label = f"{run_label} {series_label}".strip()
-                axes.plot(log["epoch"][finite], values[finite], style, color=color, linewidth=1.2, label=label)
+                axes.plot(
+                    log["epoch"][finite], values[finite], style, color=color, linewidth=1.2, label=label
+                )
                 drawn = True
         if not drawn:
             continue
@@ -157,8 +164,10 @@ def plot_confusion(metrics_json_path, out_path):
     conf = np.asarray(content["confusion"], np.float64)
     names = [str(name) for name in content["class_names"]]
     if conf.ndim != 2 or conf.shape != (len(names), len(names)):
-        raise ValueError(f"{path}: confusion must be [{len(names)}, {len(names)}] for {len(names)} class names, "
-                         f"got shape {conf.shape}")
+        raise ValueError(
+            f"{path}: confusion must be [{len(names)}, {len(names)}] for {len(names)} class names, "
+            f"got shape {conf.shape}"
+        )
     normalised = row_normalized(conf)
 
     size = max(5.0, 0.45 * len(names) + 2.5)
@@ -175,11 +184,21 @@ def plot_confusion(metrics_json_path, out_path):
         for row in range(len(names)):
             for col in range(len(names)):
                 value = normalised[row, col]
-                axes.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize="x-small",
-                          color="white" if value > 0.5 else "black")
+                axes.text(
+                    col,
+                    row,
+                    f"{100 * value:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize="x-small",
+                    color="white" if value > 0.5 else "black",
+                )
     title = "confusion (%)"
-    scores = [f"{label} {100 * content[key]:.1f}" for key, label in (("overall_accuracy", "OA"), ("mean_iou", "mIoU"))
-              if isinstance(content.get(key), (int, float))]
+    scores = [
+        f"{label} {100 * content[key]:.1f}"
+        for key, label in (("overall_accuracy", "OA"), ("mean_iou", "mIoU"))
+        if isinstance(content.get(key), (int, float))
+    ]
     if scores:
         title += ": " + ", ".join(scores)
     axes.set_title(title)
@@ -190,7 +209,9 @@ def plot_confusion(metrics_json_path, out_path):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m utils.plots", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first RUN_DIR)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output directory (default: the first RUN_DIR)"
+    )
     args = parser.parse_args(argv)
     try:
         written = plot_convergence(args.run_dirs, args.out)

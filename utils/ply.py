@@ -10,25 +10,44 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Union
 
 import numpy as np
 
 _PLY_TO_NUMPY = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
-    "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
-    "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+    "char": "i1",
+    "int8": "i1",
+    "uchar": "u1",
+    "uint8": "u1",
+    "short": "i2",
+    "int16": "i2",
+    "ushort": "u2",
+    "uint16": "u2",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+    "float": "f4",
+    "float32": "f4",
+    "double": "f8",
+    "float64": "f8",
 }
-_NUMPY_TO_PLY = {"i1": "char", "u1": "uchar", "i2": "short", "u2": "ushort", "i4": "int",
-                 "u4": "uint", "f4": "float", "f8": "double"}
+_NUMPY_TO_PLY = {
+    "i1": "char",
+    "u1": "uchar",
+    "i2": "short",
+    "u2": "ushort",
+    "i4": "int",
+    "u4": "uint",
+    "f4": "float",
+    "f8": "double",
+}
 
 
 class PlyError(ValueError):
     """The file is not a PLY file this reader understands."""
 
 
-def write_ply(path: Union[str, Path], fields: Dict[str, np.ndarray]) -> None:
+def write_ply(path: str | Path, fields: dict[str, np.ndarray]) -> None:
     """Writes vertices with the given named 1-D fields; the file appears atomically."""
     if not fields:
         raise ValueError("fields must name at least one property")
@@ -97,7 +116,7 @@ def _read_vertices(f, path: Path, fmt, elements) -> np.ndarray:
     vertex = next((e for e in elements if e[0] == "vertex"), None)
     if vertex is None:
         raise PlyError(f"{path}: no vertex element")
-    if elements[0] is not vertex and any(e[1] for e in elements[:elements.index(vertex)]):
+    if elements[0] is not vertex and any(e[1] for e in elements[: elements.index(vertex)]):
         raise PlyError(f"{path}: elements before the vertices are not supported")
     if any(p[1] is None for p in vertex[2]):
         raise PlyError(f"{path}: list properties on vertices are not supported")
@@ -118,7 +137,7 @@ def _read_vertices(f, path: Path, fmt, elements) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
-def read_ply(path: Union[str, Path]) -> np.ndarray:
+def read_ply(path: str | Path) -> np.ndarray:
     """Reads the vertex element: numpy structured array, one field per property."""
     path = Path(path)
     if not path.is_file():
@@ -128,7 +147,7 @@ def read_ply(path: Union[str, Path]) -> np.ndarray:
         return _read_vertices(f, path, fmt, elements)
 
 
-def read_ply_triangles(path: Union[str, Path]):
+def read_ply_triangles(path: str | Path):
     """Reads a triangle mesh: (vertices as ``read_ply`` returns them, faces int64 [F, 3]).
 
     The face element must follow the vertices and hold one list property of 3 indices per face
@@ -150,7 +169,9 @@ def read_ply_triangles(path: Union[str, Path]):
         if count_type is None or index_type is None:
             raise PlyError(f"{path}: unknown face list types {face[2][0][2]}")
         if fmt == "ascii":
-            rows = np.array([f.readline().split() for _ in range(face[1])], dtype=np.int64).reshape(face[1], -1)
+            rows = np.array([f.readline().split() for _ in range(face[1])], dtype=np.int64).reshape(
+                face[1], -1
+            )
         else:
             order = "<" if fmt == "binary_little_endian" else ">"
             dtype = np.dtype([("n", order + count_type), ("v", order + index_type, (3,))])

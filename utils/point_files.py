@@ -17,9 +17,9 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -49,18 +49,19 @@ class PointFile:
 
     path: Path
     points: np.ndarray
-    fields: Dict[str, np.ndarray] = field(default_factory=dict)
-    las_header: Optional[object] = None
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+    las_header: object | None = None
 
 
-def read_point_file(path, columns: Optional[Sequence[str]] = None) -> PointFile:
+def read_point_file(path, columns: Sequence[str] | None = None) -> PointFile:
     """Reads ``path`` by its suffix (``POINT_FILE_SUFFIXES``); ``columns`` names the columns of text
     and plain ``.npy`` files (it must contain x, y and z; other formats ignore it)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in POINT_FILE_SUFFIXES:
-        raise PointFileError(f"{path}: unknown point file extension {path.suffix!r}; "
-                             f"known: {', '.join(POINT_FILE_SUFFIXES)}")
+        raise PointFileError(
+            f"{path}: unknown point file extension {path.suffix!r}; known: {', '.join(POINT_FILE_SUFFIXES)}"
+        )
     if columns is not None:
         columns = _check_columns(columns)
     if not path.is_file():
@@ -78,18 +79,18 @@ def read_point_file(path, columns: Optional[Sequence[str]] = None) -> PointFile:
     return point_file
 
 
-def _check_columns(columns: Sequence[str]) -> List[str]:
+def _check_columns(columns: Sequence[str]) -> list[str]:
     columns = [str(c).strip() for c in columns]
     if len(set(columns)) != len(columns) or not {"x", "y", "z"} <= set(columns):
         raise ValueError(f"columns must be distinct names including x, y and z, got {columns}")
     return columns
 
 
-def _default_columns(count: int) -> List[str]:
+def _default_columns(count: int) -> list[str]:
     return ["x", "y", "z"][:count] + [f"column_{i}" for i in range(3, count)]
 
 
-def _from_named(path: Path, arrays: Dict[str, np.ndarray], las_header=None, lines=None) -> PointFile:
+def _from_named(path: Path, arrays: dict[str, np.ndarray], las_header=None, lines=None) -> PointFile:
     """Splits named columns [n] into points and fields; non-finite coordinates raise, naming the
     point (0-based) and, with ``lines`` (int [n], 1-based line numbers), its line."""
     missing = [name for name in ("x", "y", "z") if name not in arrays]
@@ -100,8 +101,9 @@ def _from_named(path: Path, arrays: Dict[str, np.ndarray], las_header=None, line
     if bad.size:
         where = f"point {bad[0]}" + (f" (line {lines[bad[0]]})" if lines is not None else "")
         raise PointFileError(f"{path}: {where}: non-finite coordinates {points[bad[0]].tolist()}")
-    fields = {name: np.ascontiguousarray(values) for name, values in arrays.items()
-              if name not in ("x", "y", "z")}
+    fields = {
+        name: np.ascontiguousarray(values) for name, values in arrays.items() if name not in ("x", "y", "z")
+    }
     return PointFile(path, points, fields, las_header)
 
 
@@ -121,8 +123,11 @@ def _read_las(path: Path) -> PointFile:
 
     try:
         las = laspy.read(path)
-        arrays = {name: np.array(las[name]) for name in las.point_format.dimension_names
-                  if name not in ("X", "Y", "Z")}
+        arrays = {
+            name: np.array(las[name])
+            for name in las.point_format.dimension_names
+            if name not in ("X", "Y", "Z")
+        }
         arrays.update(x=np.array(las.x), y=np.array(las.y), z=np.array(las.z))
     # laspy and its LAZ codec raise many types for damaged files (LaspyException, lazrs errors,
     # ValueError, EOFError, ...); each is a bad file here.
@@ -131,7 +136,7 @@ def _read_las(path: Path) -> PointFile:
     return _from_named(path, arrays, las_header=las.header)
 
 
-def _read_npy(path: Path, columns: Optional[List[str]]) -> PointFile:
+def _read_npy(path: Path, columns: list[str] | None) -> PointFile:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -146,9 +151,10 @@ def _read_npy(path: Path, columns: Optional[List[str]]) -> PointFile:
         raise PointFileError(f"{path}: expected a numeric array [n, >= 3], got {data.dtype} {data.shape}")
     names = columns or _default_columns(max(data.shape[1], 3))
     if data.shape[1] < len(names):
-        raise PointFileError(f"{path}: {data.shape[1]} columns, fewer than the {len(names)} asked "
-                             f"({', '.join(names)})")
-    names = names + _default_columns(data.shape[1])[len(names):]
+        raise PointFileError(
+            f"{path}: {data.shape[1]} columns, fewer than the {len(names)} asked ({', '.join(names)})"
+        )
+    names = names + _default_columns(data.shape[1])[len(names) :]
     return _from_named(path, {name: data[:, i] for i, name in enumerate(names)})
 
 
@@ -156,7 +162,7 @@ def _is_data(line: str) -> bool:
     return bool(line.split("#", 1)[0].strip())
 
 
-def _words(line: str, delimiter: Optional[str]) -> List[str]:
+def _words(line: str, delimiter: str | None) -> list[str]:
     return [w.strip() for w in line.split("#", 1)[0].strip().split(delimiter)]
 
 
@@ -168,16 +174,16 @@ def _is_number(word: str) -> bool:
     return True
 
 
-def _read_text(path: Path, columns: Optional[List[str]]) -> PointFile:
+def _read_text(path: Path, columns: list[str] | None) -> PointFile:
     """Text tables, parsed in chunks of lines with numpy's C parser; a malformed line is then located."""
     try:
-        with open(path, "r", errors="replace") as f:
+        with open(path, errors="replace") as f:
             return _parse_text(path, f, columns)
     except OSError as err:
         raise PointFileError(f"{path}: unreadable text file ({err})") from err
 
 
-def _parse_text(path: Path, f, columns: Optional[List[str]]) -> PointFile:
+def _parse_text(path: Path, f, columns: list[str] | None) -> PointFile:
     head = list(itertools.islice(f, _CHUNK_LINES))
     first = next((i for i, line in enumerate(head) if _is_data(line)), None)
     if first is None:
@@ -196,11 +202,13 @@ def _parse_text(path: Path, f, columns: Optional[List[str]]) -> PointFile:
     count = len(words)
     names = columns or header or _default_columns(max(count, 3))
     if count < len(names):
-        raise PointFileError(f"{path}: line {first + 1} has {count} columns, fewer than the {len(names)} "
-                             f"asked ({', '.join(names)})")
+        raise PointFileError(
+            f"{path}: line {first + 1} has {count} columns, fewer than the {len(names)} "
+            f"asked ({', '.join(names)})"
+        )
     if header is not None and columns is None and len(set(header)) != len(header):
         raise PointFileError(f"{path}: the column names {header} repeat a name")
-    names = names + _default_columns(count)[len(names):]
+    names = names + _default_columns(count)[len(names) :]
     blocks, line_numbers, start = [], [], 1
     chunk = head
     while chunk:
@@ -215,8 +223,9 @@ def _parse_text(path: Path, f, columns: Optional[List[str]]) -> PointFile:
         start += len(chunk)
         chunk = list(itertools.islice(f, _CHUNK_LINES))
     table = np.concatenate(blocks)
-    return _from_named(path, {name: table[:, i] for i, name in enumerate(names)},
-                       lines=np.concatenate(line_numbers))
+    return _from_named(
+        path, {name: table[:, i] for i, name in enumerate(names)}, lines=np.concatenate(line_numbers)
+    )
 
 
 def _raise_bad_line(path, lines, start, count, delimiter, names):
@@ -225,15 +234,19 @@ def _raise_bad_line(path, lines, start, count, delimiter, names):
             continue
         words = _words(line, delimiter)
         if len(words) < count:
-            raise PointFileError(f"{path}: line {start + offset} has {len(words)} columns, fewer than the "
-                                 f"{count} expected ({', '.join(names)}): {line.strip()[:80]!r}")
+            raise PointFileError(
+                f"{path}: line {start + offset} has {len(words)} columns, fewer than the "
+                f"{count} expected ({', '.join(names)}): {line.strip()[:80]!r}"
+            )
         if len(words) != count or not all(_is_number(w) for w in words):
-            raise PointFileError(f"{path}: line {start + offset} is malformed (expected {count} numbers"
-                                 f"{' separated by commas' if delimiter else ''}): {line.strip()[:80]!r}")
+            raise PointFileError(
+                f"{path}: line {start + offset} is malformed (expected {count} numbers"
+                f"{' separated by commas' if delimiter else ''}): {line.strip()[:80]!r}"
+            )
     raise PointFileError(f"{path}: unreadable lines {start}..{start + len(lines) - 1}")
 
 
-def colors_of(point_file: PointFile) -> Optional[np.ndarray]:
+def colors_of(point_file: PointFile) -> np.ndarray | None:
     """float32 [n, 3] colours in [0, 1], or None when the file has no red / green / blue fields.
 
     Floats already in [0, 1] are kept; otherwise values up to 255 are 8-bit (/ 255, also LAS files
@@ -249,15 +262,16 @@ def colors_of(point_file: PointFile) -> Optional[np.ndarray]:
         return rgb.astype(np.float32)
     low, high = float(np.min(rgb)), float(np.max(rgb))
     if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 65535:
-        raise PointFileError(f"{point_file.path}: colours {names} must be finite values in [0, 65535], "
-                             f"got [{low}, {high}]")
+        raise PointFileError(
+            f"{point_file.path}: colours {names} must be finite values in [0, 65535], got [{low}, {high}]"
+        )
     floats = all(np.issubdtype(point_file.fields[name].dtype, np.floating) for name in names)
     if not (floats and high <= 1):
         rgb = rgb / (255.0 if high <= 255 else 65535.0)
     return rgb.astype(np.float32)
 
 
-def write_point_file(path, points, fields: Dict[str, np.ndarray], las_header=None) -> Path:
+def write_point_file(path, points, fields: dict[str, np.ndarray], las_header=None) -> Path:
     """Writes points float [n, 3] and ``fields`` (name -> array [n]) to ``path``, atomically.
 
     ``.ply``: every field as a vertex property. ``.las`` / ``.laz``: fields named as a dimension of
@@ -305,7 +319,7 @@ def write_point_file(path, points, fields: Dict[str, np.ndarray], las_header=Non
     return path
 
 
-def _las_data(points: np.ndarray, fields: Dict[str, np.ndarray], las_header):
+def _las_data(points: np.ndarray, fields: dict[str, np.ndarray], las_header):
     import laspy
 
     if las_header is not None:
@@ -330,8 +344,10 @@ def _las_data(points: np.ndarray, fields: Dict[str, np.ndarray], las_header):
     try:
         las.x, las.y, las.z = points[:, 0], points[:, 1], points[:, 2]
     except OverflowError as err:
-        raise ValueError(f"points do not fit the LAS scales {list(header.scales)} and offsets "
-                         f"{list(header.offsets)}: {err}") from err
+        raise ValueError(
+            f"points do not fit the LAS scales {list(header.scales)} and offsets "
+            f"{list(header.offsets)}: {err}"
+        ) from err
     kinds = {dim.name: dim.dtype for dim in header.point_format.dimensions}
     for name, values in fields.items():
         if name in standard:
@@ -351,8 +367,9 @@ def _fit_dimension(name: str, values: np.ndarray, dtype) -> np.ndarray:
     if len(values):
         info = np.iinfo(dtype)
         if not np.all(np.isfinite(values)) or values.min() < info.min or values.max() > info.max:
-            raise ValueError(f"field {name!r} holds values outside the LAS {dtype} range "
-                             f"[{info.min}, {info.max}]")
+            raise ValueError(
+                f"field {name!r} holds values outside the LAS {dtype} range [{info.min}, {info.max}]"
+            )
         if np.issubdtype(values.dtype, np.floating) and not np.all(values == np.round(values)):
             raise ValueError(f"field {name!r} must hold integers for its LAS {dtype} dimension")
     return values.astype(dtype)

@@ -40,7 +40,6 @@ import argparse
 import csv
 import sys
 from pathlib import Path
-from typing import List
 
 import numpy as np
 
@@ -74,15 +73,17 @@ def _out_dir(args) -> Path:
 
 
 def _load(run_dir, args):
-    from utils.visualize_model import load_visual_run
-
     from kpconv_tf.config import ConfigError
+    from utils.visualize_model import load_visual_run
 
     try:
         return load_visual_run(run_dir, args.checkpoint, args.overrides)
     except ConfigError:
         raise
-    except (FileNotFoundError, ValueError) as error:  # ValueError: e.g. a dataset root moved (--set dataset.path=)
+    except (
+        FileNotFoundError,
+        ValueError,
+    ) as error:  # ValueError: e.g. a dataset root moved (--set dataset.path=)
         raise VisualizeError(f"RUN_DIR {run_dir}: {error}") from None
 
 
@@ -141,7 +142,7 @@ def _label_names(run):
 
 def _batches(samples, size):
     for start in range(0, len(samples), size):
-        yield samples[start:start + size]
+        yield samples[start : start + size]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,13 +157,15 @@ def _conv_layers(network):
     convs = []
     for info in blocks_of(network):
         found = [(name, layer) for name, layer in vars(info.block).items() if isinstance(layer, KPConv)]
-        for name, layer in found:
+        for _, layer in found:
             convs.append((info.key if len(found) == 1 else f"{info.key}/{layer.name}", layer))
     return convs
 
 
 def _kernel_row(axes_row, points, extent, views, color, title):
-    frame = np.concatenate([points + extent * d for d in np.eye(3)] + [points - extent * d for d in np.eye(3)])
+    frame = np.concatenate(
+        [points + extent * d for d in np.eye(3)] + [points - extent * d for d in np.eye(3)]
+    )
     for axes, view in zip(axes_row, views):
         azimuth, elevation = render.VIEWS[view]
         render.fit_axes(axes, render.project(frame, azimuth, elevation)[0])
@@ -170,7 +173,7 @@ def _kernel_row(axes_row, points, extent, views, color, title):
         render.panel_title(axes, f"{title}: {view} view")
 
 
-def command_kernels(args) -> List[Path]:
+def command_kernels(args) -> list[Path]:
     out = _out_dir(args)
     panel = args.panel_size
     written = []
@@ -181,9 +184,12 @@ def command_kernels(args) -> List[Path]:
         from kpconv_tf.kernel_points import load_kernels
 
         combos = [(k, mode) for k in args.k for mode in fixed]
-        figure, axes = render.grid_figure(len(combos), len(KERNEL_VIEWS), panel,
-                                          "kernel point dispositions (kernel radius 1.5, influence spheres "
-                                          "of radius extent = 1)")
+        figure, axes = render.grid_figure(
+            len(combos),
+            len(KERNEL_VIEWS),
+            panel,
+            "kernel point dispositions (kernel radius 1.5, influence spheres of radius extent = 1)",
+        )
         arrays, all_points, ids = {}, [], []
         for row, (k, mode) in enumerate(combos):
             points = load_kernels(1.5, k, mode, rotate=False, jitter=0.0).astype(np.float64)
@@ -195,8 +201,14 @@ def command_kernels(args) -> List[Path]:
         written.append(render.save_png(figure, out / f"{name}.png"))
         written.append(_save_npz(out / f"{name}.npz", **arrays))
         points = np.concatenate(all_points)
-        written.append(_save_ply(out / f"{name}.ply", points, np.tile(RIGID_COLOR, (len(points), 1)),
-                                 disposition=np.concatenate(ids)))
+        written.append(
+            _save_ply(
+                out / f"{name}.ply",
+                points,
+                np.tile(RIGID_COLOR, (len(points), 1)),
+                disposition=np.concatenate(ids),
+            )
+        )
     elif args.fixed:
         raise VisualizeError("--fixed needs --k (the number of kernel points of the dispositions to draw)")
     if args.run_dir is not None:
@@ -204,9 +216,12 @@ def command_kernels(args) -> List[Path]:
         convs = _conv_layers(run.network)
         if not convs:
             raise VisualizeError(f"RUN_DIR {args.run_dir}: the network has no KPConv layer")
-        figure, axes = render.grid_figure(len(convs), len(KERNEL_VIEWS), panel,
-                                          f"stored kernel points of {Path(args.run_dir).name} (extent units; "
-                                          "discs: influence radius)")
+        figure, axes = render.grid_figure(
+            len(convs),
+            len(KERNEL_VIEWS),
+            panel,
+            f"stored kernel points of {Path(args.run_dir).name} (extent units; discs: influence radius)",
+        )
         arrays, all_points, ids, all_colors = {}, [], [], []
         for row, (key, conv) in enumerate(convs):
             points = conv.kernel_points.numpy().astype(np.float64) / conv.extent
@@ -214,15 +229,27 @@ def command_kernels(args) -> List[Path]:
             arrays[key.replace("/", "_") + "_extent"] = np.float64(conv.extent)
             kind = "deformable" if conv.deformable else "rigid"
             color = DEFORMED_COLOR if conv.deformable else RIGID_COLOR
-            _kernel_row(axes[row], points, 1.0, KERNEL_VIEWS, color,
-                        f"{key} {kind} K={conv.kernel_size} extent {conv.extent:.3g}")
+            _kernel_row(
+                axes[row],
+                points,
+                1.0,
+                KERNEL_VIEWS,
+                color,
+                f"{key} {kind} K={conv.kernel_size} extent {conv.extent:.3g}",
+            )
             all_points.append(points * conv.extent + np.array([6.0 * conv.extent * row, 0, 0]))
             ids.append(np.full(len(points), row, np.int32))
             all_colors.append(np.tile(color, (len(points), 1)))
         written.append(render.save_png(figure, out / "kernels_run.png"))
         written.append(_save_npz(out / "kernels_run.npz", **arrays))
-        written.append(_save_ply(out / "kernels_run.ply", np.concatenate(all_points), np.concatenate(all_colors),
-                                 layer=np.concatenate(ids)))
+        written.append(
+            _save_ply(
+                out / "kernels_run.ply",
+                np.concatenate(all_points),
+                np.concatenate(all_colors),
+                layer=np.concatenate(ids),
+            )
+        )
     if not written:
         raise VisualizeError("kernels needs RUN_DIR (the run's stored kernels) or --k (dispositions)")
     return written
@@ -236,7 +263,7 @@ def _stat_samples(run, split, count, first):
     from utils.visualize_model import sample, split_size
 
     total = split_size(run, split)
-    indices = [first] + [i for i in range(total) if i != first][:max(0, count - 1)]
+    indices = [first] + [i for i in range(total) if i != first][: max(0, count - 1)]
     return [sample(run, split, i) for i in indices]
 
 
@@ -250,13 +277,20 @@ def lost_share_table(run, samples):
         inputs, _ = make_inputs(run, chunk)
         for record in kpconv_records(run.network, inputs):
             extent = record.conv.extent
-            rigid, _, _ = lost_shares(record.rigid, record.query_points, record.support_points,
-                                      record.neighbors, extent)
+            rigid, _, _ = lost_shares(
+                record.rigid, record.query_points, record.support_points, record.neighbors, extent
+            )
             entry = totals.setdefault(record.key, {"deformed": [], "rigid": [], "norm": [], "n": 0})
             entry["rigid"].append(rigid)
             if record.deformed is not None:
-                deformed, norm, _ = lost_shares(record.deformed, record.query_points, record.support_points,
-                                                record.neighbors, extent, record.rigid)
+                deformed, norm, _ = lost_shares(
+                    record.deformed,
+                    record.query_points,
+                    record.support_points,
+                    record.neighbors,
+                    extent,
+                    record.rigid,
+                )
                 entry["deformed"].append(deformed)
                 entry["norm"].append(norm * len(deformed))
             entry["n"] += len(record.query_points)
@@ -289,7 +323,7 @@ def _shown_records(records):
     return list(by_level.values())[-3:]
 
 
-def command_deformations(args) -> List[Path]:
+def command_deformations(args) -> list[Path]:
     from utils.visualize_model import characteristic_points, kpconv_records, lost_shares, make_inputs, sample
 
     run = _load(args.run_dir, args)
@@ -311,24 +345,40 @@ def command_deformations(args) -> List[Path]:
     inputs, _ = make_inputs(run, [cloud])
     records = _shown_records(kpconv_records(run.network, inputs))
     deformable = records[0].deformed is not None
-    panels = [(record, kernel) for record in records
-              for kernel in (("rigid", "deformed") if deformable else ("rigid",))]
+    panels = [
+        (record, kernel)
+        for record in records
+        for kernel in (("rigid", "deformed") if deformable else ("rigid",))
+    ]
     kind = "deformable" if deformable else "rigid run (no deformable KPConv): rigid kernels"
-    legend = "blue: rigid kernel, orange: deformed kernel points" if deformable else "blue: rigid kernel points"
-    title = (f"{Path(args.run_dir).name}: kernel points around chosen points ({args.split} cloud {args.cloud}, "
-             f"{cloud.name}), {kind}\n{legend}, discs: influence radius (extent), grey: the layer's input "
-             "points in the neighbourhood")
+    legend = (
+        "blue: rigid kernel, orange: deformed kernel points" if deformable else "blue: rigid kernel points"
+    )
+    title = (
+        f"{Path(args.run_dir).name}: kernel points around chosen points ({args.split} cloud {args.cloud}, "
+        f"{cloud.name}), {kind}\n{legend}, discs: influence radius (extent), grey: the layer's input "
+        "points in the neighbourhood"
+    )
     figure, axes = render.grid_figure(len(chosen), 1 + len(panels), args.panel_size, title)
     arrays = {"points": points, "chosen": np.array([i for i, _ in chosen], np.int64)}
     ply_points, ply_colors = [points], [np.tile(CLOUD_COLOR, (len(points), 1))]
     ply_kind = [np.zeros(len(points), np.uint8)]
     for row, (index, pick_kind) in enumerate(chosen):
         marker = points[index]
-        render.draw_cloud(axes[row][0], points, np.tile(CLOUD_COLOR, (len(points), 1)), args.view,
-                          args.max_draw_points)
+        render.draw_cloud(
+            axes[row][0], points, np.tile(CLOUD_COLOR, (len(points), 1)), args.view, args.max_draw_points
+        )
         xy = render.project(marker[None], *render.VIEWS[args.view])[0]
-        axes[row][0].scatter(xy[:, 0], xy[:, 1], s=160, marker="*", color=HIGHLIGHT_COLOR, edgecolors="black",
-                             linewidths=0.6, zorder=4)
+        axes[row][0].scatter(
+            xy[:, 0],
+            xy[:, 1],
+            s=160,
+            marker="*",
+            color=HIGHLIGHT_COLOR,
+            edgecolors="black",
+            linewidths=0.6,
+            zorder=4,
+        )
         render.panel_title(axes[row][0], f"point {index} ({pick_kind})")
         queries = {}
         for column, (record, kernel_kind) in enumerate(panels, start=1):
@@ -338,35 +388,65 @@ def command_deformations(args) -> List[Path]:
             local = _neighbourhood(record, q)
             extent = record.conv.extent
             kernel = record.deformed[q] if kernel_kind == "deformed" else record.rigid
-            frame = np.concatenate([local, record.rigid + extent, record.rigid - extent, kernel + extent,
-                                    kernel - extent])
+            frame = np.concatenate(
+                [local, record.rigid + extent, record.rigid - extent, kernel + extent, kernel - extent]
+            )
             if record.deformed is not None:
                 frame = np.concatenate([frame, record.deformed[q] + extent, record.deformed[q] - extent])
             ax = axes[row][column]
-            render.draw_cloud(ax, local, np.tile(CLOUD_COLOR * 0.6, (len(local), 1)), args.view,
-                              args.max_draw_points, frame_points=frame, size=12.0, zorder=2)
-            render.draw_spheres(ax, kernel, extent, DEFORMED_COLOR if kernel_kind == "deformed" else RIGID_COLOR,
-                                args.view, alpha=0.18, marker=18)
-            share = lost_shares(kernel[None], record.query_points[q:q + 1], record.support_points,
-                                record.neighbors[q:q + 1], extent)[2]
+            render.draw_cloud(
+                ax,
+                local,
+                np.tile(CLOUD_COLOR * 0.6, (len(local), 1)),
+                args.view,
+                args.max_draw_points,
+                frame_points=frame,
+                size=12.0,
+                zorder=2,
+            )
+            render.draw_spheres(
+                ax,
+                kernel,
+                extent,
+                DEFORMED_COLOR if kernel_kind == "deformed" else RIGID_COLOR,
+                args.view,
+                alpha=0.18,
+                marker=18,
+            )
+            share = lost_shares(
+                kernel[None],
+                record.query_points[q : q + 1],
+                record.support_points,
+                record.neighbors[q : q + 1],
+                extent,
+            )[2]
             render.panel_title(ax, f"{record.key} {kernel_kind}: {100 * share:.0f}% lost")
             key = f"p{index}_{record.key.replace('/', '_')}"
             arrays[f"{key}_neighbourhood"] = local
             arrays[f"{key}_{kernel_kind}"] = kernel
             arrays[f"{key}_extent"] = np.float64(extent)
             ply_points.append(kernel + record.query_points[q])
-            ply_colors.append(np.tile(DEFORMED_COLOR if kernel_kind == "deformed" else RIGID_COLOR,
-                                      (len(kernel), 1)))
+            ply_colors.append(
+                np.tile(DEFORMED_COLOR if kernel_kind == "deformed" else RIGID_COLOR, (len(kernel), 1))
+            )
             ply_kind.append(np.full(len(kernel), 2 if kernel_kind == "deformed" else 1, np.uint8))
     out = _out_dir(args)
     name = f"deformations_{args.split}{args.cloud}"
     written = [render.save_png(figure, out / f"{name}.png")]
     samples = _stat_samples(run, args.split, args.stat_clouds, args.cloud)
     table = lost_share_table(run, samples)
-    written += _lost_share_outputs(table, out, name, Path(args.run_dir).name, len(samples), args.split, arrays)
+    written += _lost_share_outputs(
+        table, out, name, Path(args.run_dir).name, len(samples), args.split, arrays
+    )
     written.append(_save_npz(out / f"{name}.npz", **arrays))
-    written.append(_save_ply(out / f"{name}.ply", np.concatenate(ply_points), np.concatenate(ply_colors),
-                             kind=np.concatenate(ply_kind)))
+    written.append(
+        _save_ply(
+            out / f"{name}.ply",
+            np.concatenate(ply_points),
+            np.concatenate(ply_colors),
+            kind=np.concatenate(ply_kind),
+        )
+    )
     return written
 
 
@@ -376,17 +456,28 @@ def _lost_share_outputs(table, out, name, run_name, clouds, split, arrays):
     print(f"{'layer':>12} {'deformed':>9} {'rigid':>7} {'offset/extent':>14} {'queries':>8}")
     for key in keys:
         deformed, rigid, norm, n = table[key]
-        print(f"{key:>12} {'-' if np.isnan(deformed) else f'{100 * deformed:.1f}%':>9} {100 * rigid:6.1f}% "
-              f"{'-' if np.isnan(norm) else f'{norm:.3f}':>14} {n:>8}")
+        print(
+            f"{key:>12} {'-' if np.isnan(deformed) else f'{100 * deformed:.1f}%':>9} {100 * rigid:6.1f}% "
+            f"{'-' if np.isnan(norm) else f'{norm:.3f}':>14} {n:>8}"
+        )
     csv_path = out / f"{name}_lost_share.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["layer", "deformed_lost_share", "rigid_lost_share", "offset_norm_extents", "queries"])
+        writer.writerow(
+            ["layer", "deformed_lost_share", "rigid_lost_share", "offset_norm_extents", "queries"]
+        )
         for key in keys:
             deformed, rigid, norm, n = table[key]
-            writer.writerow([key, "" if np.isnan(deformed) else f"{deformed:.6f}", f"{rigid:.6f}",
-                             "" if np.isnan(norm) else f"{norm:.6f}", n])
+            writer.writerow(
+                [
+                    key,
+                    "" if np.isnan(deformed) else f"{deformed:.6f}",
+                    f"{rigid:.6f}",
+                    "" if np.isnan(norm) else f"{norm:.6f}",
+                    n,
+                ]
+            )
     arrays["lost_share_layers"] = np.array(keys)
     arrays["lost_share_deformed"] = np.array([table[k][0] for k in keys])
     arrays["lost_share_rigid"] = np.array([table[k][1] for k in keys])
@@ -400,15 +491,23 @@ def _lost_share_outputs(table, out, name, run_name, clouds, split, arrays):
     rigid = np.array([table[k][1] for k in keys])
     axes.bar(x - 0.2, 100 * rigid, 0.4, color=RIGID_COLOR, label="rigid kernel")
     has_deformed = np.isfinite(deformed)
-    axes.bar(x[has_deformed] + 0.2, 100 * deformed[has_deformed], 0.4, color=DEFORMED_COLOR,
-             label="deformed kernel")
+    axes.bar(
+        x[has_deformed] + 0.2,
+        100 * deformed[has_deformed],
+        0.4,
+        color=DEFORMED_COLOR,
+        label="deformed kernel",
+    )
     axes.set_xticks(x, keys, rotation=45, ha="right", fontsize="small")
     axes.set_ylabel("lost kernel points (%)")
     axes.set_ylim(0, 100)
     axes.grid(axis="y", alpha=0.4)
     axes.legend(fontsize="small", loc="upper left")
-    axes.set_title(f"{run_name}: share of kernel points with no input point within the extent\n"
-                   f"per KPConv, over {clouds} {split} clouds", fontsize=10)
+    axes.set_title(
+        f"{run_name}: share of kernel points with no input point within the extent\n"
+        f"per KPConv, over {clouds} {split} clouds",
+        fontsize=10,
+    )
     return [render.save_png(figure, out / f"{name}_lost_share.png"), csv_path]
 
 
@@ -439,7 +538,9 @@ def erf_of(run, split, cloud_index, point, key, channel):
     if point is None:
         point = int(np.argmin(np.sum(np.square(cloud.points - cloud.points.mean(0)), axis=1)))
     if not 0 <= point < len(cloud.points):
-        raise VisualizeError(f"--point {point} out of range: cloud {cloud_index} has {len(cloud.points)} points")
+        raise VisualizeError(
+            f"--point {point} out of range: cloud {cloud_index} has {len(cloud.points)} points"
+        )
     info = _default_block(run.network, key)
     inputs, _ = make_inputs(run, [cloud])
     level_points = np.asarray(inputs[f"points_{info.level}"])
@@ -461,19 +562,27 @@ def _erf_summary(points, centre, magnitude):
     return float(np.mean(magnitude > 0)), float(distance[order][np.searchsorted(mass, 0.9)])
 
 
-def command_erf(args) -> List[Path]:
+def command_erf(args) -> list[Path]:
     run = _load(args.run_dir, args)
     _check_split(run, args.split)
     runs = [(Path(args.run_dir).name, run)]
     if args.compare is not None:
         other = _load(args.compare, args)
         if other.config.dataset.name != run.config.dataset.name:
-            raise VisualizeError(f"--compare {args.compare}: dataset {other.config.dataset.name} differs from "
-                                 f"{run.config.dataset.name}; the ERFs must be drawn on the same clouds")
+            raise VisualizeError(
+                f"--compare {args.compare}: dataset {other.config.dataset.name} differs from "
+                f"{run.config.dataset.name}; the ERFs must be drawn on the same clouds"
+            )
         runs.append((Path(args.compare).name, other))
     views = ("oblique", "front")
-    figure, axes = render.grid_figure(len(runs), len(views), args.panel_size, "", footer_px=render.LEGEND_PX,
-                                      panel_width_px=int(args.panel_size * 1.2))
+    figure, axes = render.grid_figure(
+        len(runs),
+        len(views),
+        args.panel_size,
+        "",
+        footer_px=render.LEGEND_PX,
+        panel_width_px=int(args.panel_size * 1.2),
+    )
     arrays, results = {}, []
     point, centre = args.point, None
     for column, (name, current) in enumerate(runs):
@@ -482,15 +591,21 @@ def command_erf(args) -> List[Path]:
 
             other_cloud = sample(current, args.split, args.cloud)
             point = int(np.argmin(np.sum(np.square(other_cloud.points - centre), axis=1)))
-        cloud, point, info, magnitude, response, block_point = erf_of(current, args.split, args.cloud, point,
-                                                                      args.layer, args.channel)
+        cloud, point, info, magnitude, response, block_point = erf_of(
+            current, args.split, args.cloud, point, args.layer, args.channel
+        )
         centre = cloud.points[point]
         results.append((name, cloud, point, info, magnitude))
         share, radius = _erf_summary(cloud.points, block_point, magnitude)
-        kind = "deformable" if any(getattr(c, "deformable", False) for _, c in _conv_layers(current.network)) \
+        kind = (
+            "deformable"
+            if any(getattr(c, "deformable", False) for _, c in _conv_layers(current.network))
             else "rigid"
-        print(f"{name} ({kind}): block {info.key}, response {response:.4g}, {100 * share:.1f}% of the input "
-              f"points influence it, 90% of the gradient within {radius:.3g} of the block's point")
+        )
+        print(
+            f"{name} ({kind}): block {info.key}, response {response:.4g}, {100 * share:.1f}% of the input "
+            f"points influence it, 90% of the gradient within {radius:.3g} of the block's point"
+        )
         arrays[f"{column}_points"] = cloud.points
         arrays[f"{column}_erf"] = magnitude
         arrays[f"{column}_point"] = np.int64(point)
@@ -504,19 +619,32 @@ def command_erf(args) -> List[Path]:
             ax = axes[column][row]
             render.draw_cloud(ax, cloud.points, colors, view, args.max_draw_points, shade=0.2)
             xy = render.project(block_point[None], *render.VIEWS[view])[0]
-            ax.scatter(xy[:, 0], xy[:, 1], s=140, marker="*", color="cyan", edgecolors="black", linewidths=0.7,
-                       zorder=4)
-            render.panel_title(ax, f"{name} ({kind}), {view}" if row == 0 else
-                               f"{view}: 90% of it within {radius:.2g}")
+            ax.scatter(
+                xy[:, 0],
+                xy[:, 1],
+                s=140,
+                marker="*",
+                color="cyan",
+                edgecolors="black",
+                linewidths=0.7,
+                zorder=4,
+            )
+            render.panel_title(
+                ax, f"{name} ({kind}), {view}" if row == 0 else f"{view}: 90% of it within {radius:.2g}"
+            )
         if column == 0:
             first = (cloud.points, colors, magnitude)
     channel = "sum over channels" if args.channel is None else f"channel {args.channel}"
-    render.set_title(figure, f"effective receptive field of block {results[0][3].key} ({channel}) at point "
-                             f"{results[0][2]} ({args.split} cloud {args.cloud}, {results[0][1].name}): "
-                             "|d response / d input features|\nstar: the block's point nearest it; grey: no "
-                             "influence")
-    render.colorbar(figure, render.footer_axes(figure, render.LEGEND_PX), norm, "inferno_r",
-                    "sqrt(|gradient| / max)")
+    render.set_title(
+        figure,
+        f"effective receptive field of block {results[0][3].key} ({channel}) at point "
+        f"{results[0][2]} ({args.split} cloud {args.cloud}, {results[0][1].name}): "
+        "|d response / d input features|\nstar: the block's point nearest it; grey: no "
+        "influence",
+    )
+    render.colorbar(
+        figure, render.footer_axes(figure, render.LEGEND_PX), norm, "inferno_r", "sqrt(|gradient| / max)"
+    )
     out = _out_dir(args)
     name = f"erf_{args.split}{args.cloud}_{results[0][3].key}" + ("_compare" if len(runs) > 1 else "")
     written = [render.save_png(figure, out / f"{name}.png"), _save_npz(out / f"{name}.npz", **arrays)]
@@ -540,7 +668,7 @@ def activations_of(run, samples, key):
         output = block_outputs(run.network, inputs)[info.key].numpy()
         projected = to_input_points(inputs, output, info.level)
         batch0 = level_batch_index(inputs, 0)
-        level_batch = (np.arange(len(chunk)) if info.level is None else level_batch_index(inputs, info.level))
+        level_batch = np.arange(len(chunk)) if info.level is None else level_batch_index(inputs, info.level)
         for b in range(len(chunk)):
             results.append((projected[batch0 == b], output[level_batch == b].max(0)))
     return info, results
@@ -553,7 +681,9 @@ def _scene_spheres(run, split, limit=None):
 
     samples = []
     for index, scene in enumerate(run.dataset.scenes(split)):
-        for number, centre in enumerate(sphere_centres(scene.points, run.config.dataset.in_radius, reach=1.0)):
+        for number, centre in enumerate(
+            sphere_centres(scene.points, run.config.dataset.in_radius, reach=1.0)
+        ):
             if limit is not None and len(samples) >= limit:
                 return samples
             cloud = scene_sample(run, split, index, centre)
@@ -562,7 +692,7 @@ def _scene_spheres(run, split, limit=None):
     return samples
 
 
-def command_features(args) -> List[Path]:
+def command_features(args) -> list[Path]:
     from utils.visualize_model import sample
 
     run = _load(args.run_dir, args)
@@ -592,18 +722,25 @@ def command_features(args) -> List[Path]:
         raise VisualizeError(f"--channel {channel} out of range: block {info.key} has {channels} channels")
     shown = list(range(len(samples)))
     if args.top is not None:
-        shown = list(np.argsort(-maxima[:, channel], kind="stable")[:args.top])
+        shown = list(np.argsort(-maxima[:, channel], kind="stable")[: args.top])
     vmax = max(float(maxima[shown, channel].max()), 1e-12)
     vmin = min(0.0, float(min(results[i][0][:, channel].min() for i in shown)))
     cols = min(len(shown), 4)
     rows = -(-len(shown) // cols)
     unit = "input spheres" if run.is_scene else "clouds"
-    what = f"the {len(shown)} {args.split} {unit} (of {len(samples)}) that activate it most" if args.top \
+    what = (
+        f"the {len(shown)} {args.split} {unit} (of {len(samples)}) that activate it most"
+        if args.top
         else f"{args.split} clouds {', '.join(str(indices[i]) for i in shown)}"
-    figure, axes = render.grid_figure(rows, cols, args.panel_size,
-                                      f"{Path(args.run_dir).name}: block {info.key} ({info.block.block_type}), "
-                                      f"channel {channel} activation on the input points\n{what}",
-                                      footer_px=render.LEGEND_PX)
+    )
+    figure, axes = render.grid_figure(
+        rows,
+        cols,
+        args.panel_size,
+        f"{Path(args.run_dir).name}: block {info.key} ({info.block.block_type}), "
+        f"channel {channel} activation on the input points\n{what}",
+        footer_px=render.LEGEND_PX,
+    )
     names = _label_names(run)
     arrays, ply_points, ply_colors, ply_values, ply_cloud = {"channel": np.int64(channel)}, [], [], [], []
     offset = 0.0
@@ -628,13 +765,26 @@ def command_features(args) -> List[Path]:
         ply_cloud.append(np.full(len(values), indices[i], np.int32))
     arrays["max_activation_per_cloud"] = maxima
     arrays["cloud_indices"] = np.array(indices)
-    render.colorbar(figure, render.footer_axes(figure, render.LEGEND_PX), norm, "inferno",
-                    f"activation of channel {channel}")
+    render.colorbar(
+        figure,
+        render.footer_axes(figure, render.LEGEND_PX),
+        norm,
+        "inferno",
+        f"activation of channel {channel}",
+    )
     out = _out_dir(args)
     name = f"features_{info.key}_c{channel}" + (f"_top{args.top}" if args.top else "")
-    return [render.save_png(figure, out / f"{name}.png"), _save_npz(out / f"{name}.npz", **arrays),
-            _save_ply(out / f"{name}.ply", np.concatenate(ply_points), np.concatenate(ply_colors),
-                      activation=np.concatenate(ply_values).astype(np.float32), cloud=np.concatenate(ply_cloud))]
+    return [
+        render.save_png(figure, out / f"{name}.png"),
+        _save_npz(out / f"{name}.npz", **arrays),
+        _save_ply(
+            out / f"{name}.ply",
+            np.concatenate(ply_points),
+            np.concatenate(ply_colors),
+            activation=np.concatenate(ply_values).astype(np.float32),
+            cloud=np.concatenate(ply_cloud),
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,7 +803,7 @@ def predict_samples(run, samples):
             out += list(np.argmax(logits, 1))
             continue
         offsets = np.concatenate([[0], np.cumsum([len(s.points) for s in chunk])])
-        out += [np.argmax(logits[offsets[b]:offsets[b + 1]], 1) for b in range(len(chunk))]
+        out += [np.argmax(logits[offsets[b] : offsets[b + 1]], 1) for b in range(len(chunk))]
     return out
 
 
@@ -684,8 +834,10 @@ def predict_scene(run, split, scene_index, max_spheres=400):
     scene = run.dataset.scenes(split)[scene_index]
     centres = sphere_centres(scene.points, run.config.dataset.in_radius)
     if len(centres) > max_spheres:
-        raise VisualizeError(f"--max-spheres {max_spheres}: scene {scene.name!r} needs {len(centres)} input "
-                             "spheres; raise it, or run training.test first (its test/predictions are used)")
+        raise VisualizeError(
+            f"--max-spheres {max_spheres}: scene {scene.name!r} needs {len(centres)} input "
+            "spheres; raise it, or run training.test first (its test/predictions are used)"
+        )
     probs = np.zeros((len(scene.points), len(run.dataset.label_names)), np.float64)
     for chunk in _batches(list(centres), 4):
         samples = [scene_sample(run, split, scene_index, centre) for centre in chunk]
@@ -693,12 +845,22 @@ def predict_scene(run, split, scene_index, max_spheres=400):
         p = tf.nn.softmax(run.network(inputs, training=False), axis=-1).numpy()
         offsets = np.concatenate([[0], np.cumsum([len(s.points) for s in samples])])
         for b, s in enumerate(samples):
-            probs[s.source_indices] += p[offsets[b]:offsets[b + 1]]
+            probs[s.source_indices] += p[offsets[b] : offsets[b + 1]]
     return scene.points, np.argmax(probs, 1), scene.labels
 
 
-def plot_segmentation(points, predictions, labels, names, path, title, view="top", panel_px=DEFAULT_PANEL_PX,
-                      max_points=render.MAX_DRAW_POINTS, hidden=()):
+def plot_segmentation(
+    points,
+    predictions,
+    labels,
+    names,
+    path,
+    title,
+    view="top",
+    panel_px=DEFAULT_PANEL_PX,
+    max_points=render.MAX_DRAW_POINTS,
+    hidden=(),
+):
     """Predicted | ground truth | errors of one segmented cloud (points [N, 3], class indices [N];
     labels < 0 are unlabelled). Classes in ``hidden`` are left out of the drawing (e.g. ceilings
     in top views). Returns the PNG path; only a drawing subset of large clouds is touched."""
@@ -719,17 +881,23 @@ def plot_segmentation(points, predictions, labels, names, path, title, view="top
     if labels is not None:
         valid = labels >= 0
         truth = np.where(valid[:, None], palette[np.clip(labels, 0, len(names) - 1)], 0.3)
-        errors = np.where((predictions != labels)[:, None] & valid[:, None], render.ERROR_COLOR,
-                          render.CORRECT_COLOR)
+        errors = np.where(
+            (predictions != labels)[:, None] & valid[:, None], render.ERROR_COLOR, render.CORRECT_COLOR
+        )
         accuracy = float(np.mean(predictions[valid] == labels[valid])) if valid.any() else float("nan")
         panels += [("ground truth", truth), (f"errors in red (accuracy {100 * accuracy:.1f}%)", errors)]
-    figure, axes = render.grid_figure(1, len(panels), panel_px, title, footer_px=render.LEGEND_PX,
-                                      panel_width_px=int(panel_px * 1.3))
+    figure, axes = render.grid_figure(
+        1, len(panels), panel_px, title, footer_px=render.LEGEND_PX, panel_width_px=int(panel_px * 1.3)
+    )
     for ax, (label, colors) in zip(axes[0], panels):
         render.draw_cloud(ax, drawn_points, colors, view, max_points)
         render.panel_title(ax, label)
-    render.class_legend(figure, [n for i, n in enumerate(names) if i not in hidden_ids],
-                        [c for i, c in enumerate(palette) if i not in hidden_ids], loc="lower center")
+    render.class_legend(
+        figure,
+        [n for i, n in enumerate(names) if i not in hidden_ids],
+        [c for i, c in enumerate(palette) if i not in hidden_ids],
+        loc="lower center",
+    )
     return render.save_png(figure, path)
 
 
@@ -749,7 +917,7 @@ def _read_test_predictions(run, scene):
     return points, data["preds"].astype(np.int64), labels, path
 
 
-def command_predictions(args) -> List[Path]:
+def command_predictions(args) -> list[Path]:
     run = _load(args.run_dir, args)
     total = _check_split(run, args.split)
     _check_positive(args.count, "--count")
@@ -759,7 +927,9 @@ def command_predictions(args) -> List[Path]:
     written = []
     if run.is_scene:
         if not 0 <= args.cloud < total:
-            raise VisualizeError(f"--cloud {args.cloud} out of range: split {args.split!r} has {total} scenes")
+            raise VisualizeError(
+                f"--cloud {args.cloud} out of range: split {args.split!r} has {total} scenes"
+            )
         scene = run.dataset.scenes(args.split)[args.cloud]
         stored = _read_test_predictions(run, scene) if args.split == "test" else None
         if stored is not None:
@@ -769,18 +939,38 @@ def command_predictions(args) -> List[Path]:
             points, predictions, labels = predict_scene(run, args.split, args.cloud, args.max_spheres)
             origin = "predicted on spheres covering the subsampled scene"
         hidden = args.hide if args.hide is not None else [n for n in names if n == "ceiling"]
-        title = (f"{run_name}: {args.split} scene {scene.name} ({len(points):,} points, {origin})"
-                 + (f"\nhidden: {', '.join(hidden)}" if hidden else ""))
+        title = f"{run_name}: {args.split} scene {scene.name} ({len(points):,} points, {origin})" + (
+            f"\nhidden: {', '.join(hidden)}" if hidden else ""
+        )
         name = f"predictions_{args.split}{args.cloud}"
-        written.append(plot_segmentation(points, predictions, labels, names, out / f"{name}.png", title, args.view,
-                                         args.panel_size, args.max_draw_points, hidden))
+        written.append(
+            plot_segmentation(
+                points,
+                predictions,
+                labels,
+                names,
+                out / f"{name}.png",
+                title,
+                args.view,
+                args.panel_size,
+                args.max_draw_points,
+                hidden,
+            )
+        )
         arrays = {"points": points, "predictions": predictions, "class_names": np.array(names)}
         if labels is not None:
             arrays["labels"] = labels
         written.append(_save_npz(out / f"{name}.npz", **arrays))
         palette = render.class_colors(len(names))
-        written.append(_save_ply(out / f"{name}.ply", points, palette[predictions], preds=predictions.astype(np.int32),
-                                 **({} if labels is None else {"labels": np.asarray(labels, np.int32)})))
+        written.append(
+            _save_ply(
+                out / f"{name}.ply",
+                points,
+                palette[predictions],
+                preds=predictions.astype(np.int32),
+                **({} if labels is None else {"labels": np.asarray(labels, np.int32)}),
+            )
+        )
         return written
 
     from utils.visualize_model import sample
@@ -800,9 +990,13 @@ def command_predictions(args) -> List[Path]:
         cols = min(count, 4)
         rows = -(-count // cols)
         correct = sum(int(p == s.label) for p, s in zip(predicted, samples))
-        figure, axes = render.grid_figure(rows, cols, args.panel_size,
-                                          f"{run_name}: {count} {args.split} objects, predicted / true class "
-                                          f"({correct} of {count} right; red: wrong)")
+        figure, axes = render.grid_figure(
+            rows,
+            cols,
+            args.panel_size,
+            f"{run_name}: {count} {args.split} objects, predicted / true class "
+            f"({correct} of {count} right; red: wrong)",
+        )
         for slot in range(rows * cols):
             ax = axes[slot // cols][slot % cols]
             if slot >= count:
@@ -811,12 +1005,21 @@ def command_predictions(args) -> List[Path]:
             s, p = samples[slot], int(predicted[slot])
             ok = p == s.label
             color = render.class_colors(len(names))[s.label]
-            render.draw_cloud(ax, s.points, np.tile(color, (len(s.points), 1)), args.view, args.max_draw_points)
+            render.draw_cloud(
+                ax, s.points, np.tile(color, (len(s.points), 1)), args.view, args.max_draw_points
+            )
             render.panel_title(ax, f"pred {names[p]} / true {names[s.label]}", "black" if ok else "red")
         name = f"predictions_{args.split}_gallery"
         written.append(render.save_png(figure, out / f"{name}.png"))
-        written.append(_save_npz(out / f"{name}.npz", cloud_indices=np.array(indices), predicted=np.array(predicted),
-                                 true=np.array([s.label for s in samples]), class_names=np.array(names)))
+        written.append(
+            _save_npz(
+                out / f"{name}.npz",
+                cloud_indices=np.array(indices),
+                predicted=np.array(predicted),
+                true=np.array([s.label for s in samples]),
+                class_names=np.array(names),
+            )
+        )
         return written
 
     # object part segmentation: one row per object
@@ -826,9 +1029,19 @@ def command_predictions(args) -> List[Path]:
     for i, (s, p) in enumerate(zip(samples, predicted)):
         part_names = _part_names(run, s)
         name = f"predictions_{args.split}{i}"
-        written.append(plot_segmentation(s.points, p, s.point_labels, part_names, out / f"{name}.png",
-                                         f"{run_name}: {args.split} object {i} ({s.name}), parts",
-                                         args.view, args.panel_size, args.max_draw_points))
+        written.append(
+            plot_segmentation(
+                s.points,
+                p,
+                s.point_labels,
+                part_names,
+                out / f"{name}.png",
+                f"{run_name}: {args.split} object {i} ({s.name}), parts",
+                args.view,
+                args.panel_size,
+                args.max_draw_points,
+            )
+        )
         arrays[f"{i}_points"], arrays[f"{i}_predicted"] = s.points, p
         if s.point_labels is not None:
             arrays[f"{i}_labels"] = s.point_labels
@@ -838,7 +1051,11 @@ def command_predictions(args) -> List[Path]:
 
 def _part_names(run, s):
     parts = run.dataset.num_parts
-    count = parts[s.label] if parts else int(max(s.point_labels.max() if s.point_labels is not None else 0, 1)) + 1
+    count = (
+        parts[s.label]
+        if parts
+        else int(max(s.point_labels.max() if s.point_labels is not None else 0, 1)) + 1
+    )
     named = getattr(run.dataset, "part_names", None)
     if named and len(named) > s.label and len(named[s.label]) == count:
         return list(named[s.label])
@@ -852,8 +1069,11 @@ def _part_names(run, s):
 def build_parser():
     from training.config import add_override_argument
 
-    parser = argparse.ArgumentParser(prog="python -m utils.visualize", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.visualize",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
 
     def common(sub, clouds=True):
@@ -861,15 +1081,24 @@ def build_parser():
             sub.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by training.train")
         sub.add_argument("--out", help="output directory (default RUN_DIR/visualizations)")
         sub.add_argument("--checkpoint", default="last", help="last, best or epoch_NNNN (a snapshot)")
-        sub.add_argument("--tensorboard", action="store_true",
-                         help="also log the images as TensorBoard image summaries into RUN_DIR/tensorboard")
+        sub.add_argument(
+            "--tensorboard",
+            action="store_true",
+            help="also log the images as TensorBoard image summaries into RUN_DIR/tensorboard",
+        )
         sub.add_argument("--panel-size", type=int, default=DEFAULT_PANEL_PX, help="pixels per panel")
         add_override_argument(sub)
         if clouds:
             sub.add_argument("--split", default="test", help="dataset split the clouds come from")
-            sub.add_argument("--max-draw-points", type=int, default=render.MAX_DRAW_POINTS,
-                             help="points drawn per panel at most (clouds are subsampled for drawing only)")
-            sub.add_argument("--view", choices=sorted(render.VIEWS), default="oblique", help="view of the clouds")
+            sub.add_argument(
+                "--max-draw-points",
+                type=int,
+                default=render.MAX_DRAW_POINTS,
+                help="points drawn per panel at most (clouds are subsampled for drawing only)",
+            )
+            sub.add_argument(
+                "--view", choices=sorted(render.VIEWS), default="oblique", help="view of the clouds"
+            )
 
     kernels = commands.add_parser("kernels", help="kernel point dispositions")
     kernels.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR")
@@ -889,35 +1118,62 @@ def build_parser():
     common(erf)
     erf.add_argument("--compare", metavar="RUN_DIR2", help="a second run drawn beside (same dataset)")
     erf.add_argument("--cloud", type=int, default=0)
-    erf.add_argument("--point", type=int, default=None, help="input point index (default: nearest the centroid)")
-    erf.add_argument("--layer", default=None, help="block key, e.g. l3_0 (default: the last block of the middle layer)")
+    erf.add_argument(
+        "--point", type=int, default=None, help="input point index (default: nearest the centroid)"
+    )
+    erf.add_argument(
+        "--layer", default=None, help="block key, e.g. l3_0 (default: the last block of the middle layer)"
+    )
     erf.add_argument("--channel", type=int, default=None, help="one channel (default: sum over channels)")
 
     features = commands.add_parser("features", help="one channel's activation over the input clouds")
     common(features)
-    features.add_argument("--layer", default=None, help="block key (default: the last block of the middle layer)")
+    features.add_argument(
+        "--layer", default=None, help="block key (default: the last block of the middle layer)"
+    )
     features.add_argument("--channel", type=int, default=None, help="channel (default: the most active)")
     features.add_argument("--cloud", default="0", help="comma-separated cloud indices")
-    features.add_argument("--top", type=int, default=None, help="search the split for the N most activating clouds")
-    features.add_argument("--search-clouds", type=int, default=None,
-                          help="with --top: search the first M clouds only (scenes: M input spheres)")
+    features.add_argument(
+        "--top", type=int, default=None, help="search the split for the N most activating clouds"
+    )
+    features.add_argument(
+        "--search-clouds",
+        type=int,
+        default=None,
+        help="with --top: search the first M clouds only (scenes: M input spheres)",
+    )
 
     predictions = commands.add_parser("predictions", help="predicted vs true classes")
     common(predictions)
     predictions.add_argument("--cloud", type=int, default=0, help="scene index (scene datasets)")
-    predictions.add_argument("--count", type=int, default=12, help="objects in the gallery / segmented objects")
-    predictions.add_argument("--hide", nargs="*", default=None,
-                             help="classes left out of the drawing (default for scenes: ceiling, if present)")
-    predictions.add_argument("--max-spheres", type=int, default=400,
-                             help="scenes without test predictions: at most this many input spheres")
+    predictions.add_argument(
+        "--count", type=int, default=12, help="objects in the gallery / segmented objects"
+    )
+    predictions.add_argument(
+        "--hide",
+        nargs="*",
+        default=None,
+        help="classes left out of the drawing (default for scenes: ceiling, if present)",
+    )
+    predictions.add_argument(
+        "--max-spheres",
+        type=int,
+        default=400,
+        help="scenes without test predictions: at most this many input spheres",
+    )
     return parser
 
 
-RUNNERS = {"kernels": command_kernels, "deformations": command_deformations, "erf": command_erf,
-           "features": command_features, "predictions": command_predictions}
+RUNNERS = {
+    "kernels": command_kernels,
+    "deformations": command_deformations,
+    "erf": command_erf,
+    "features": command_features,
+    "predictions": command_predictions,
+}
 
 
-def run(argv=None) -> List[Path]:
+def run(argv=None) -> list[Path]:
     """Parses ``argv`` and runs the command; returns the written paths (VisualizeError on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -938,8 +1194,9 @@ def run(argv=None) -> List[Path]:
         raise VisualizeError(f"--set: {error}") from None
     if args.tensorboard:
         step = _run_step(args.run_dir)
-        render.write_tensorboard_images(Path(args.run_dir) / "tensorboard",
-                                        [p for p in written if p.suffix == ".png"], step)
+        render.write_tensorboard_images(
+            Path(args.run_dir) / "tensorboard", [p for p in written if p.suffix == ".png"], step
+        )
     return written
 
 

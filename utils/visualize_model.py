@@ -15,7 +15,6 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -35,7 +34,7 @@ class VisualRun:
     dataset: object
     network: object
     pipeline: object
-    neighbor_limits: List[int]
+    neighbor_limits: list[int]
 
     @property
     def is_scene(self) -> bool:
@@ -86,7 +85,7 @@ class Sample:
     points: np.ndarray
     extra: np.ndarray
     label: int
-    point_labels: Optional[np.ndarray]
+    point_labels: np.ndarray | None
     name: str
     source_indices: np.ndarray
     center: np.ndarray = field(default_factory=lambda: np.zeros(3, np.float32))
@@ -104,9 +103,14 @@ def object_sample(run: VisualRun, split: str, index: int) -> Sample:
     cloud = clouds[index]
     normals = cloud.normals if cloud.normals is not None else np.zeros_like(cloud.points)
     name = cloud.name or f"{split}_{index}"
-    return Sample(cloud.points.astype(np.float32), normals.astype(np.float32), int(cloud.label),
-                  None if cloud.point_labels is None else cloud.point_labels.astype(np.int32), name,
-                  np.arange(len(cloud.points), dtype=np.int32))
+    return Sample(
+        cloud.points.astype(np.float32),
+        normals.astype(np.float32),
+        int(cloud.label),
+        None if cloud.point_labels is None else cloud.point_labels.astype(np.int32),
+        name,
+        np.arange(len(cloud.points), dtype=np.int32),
+    )
 
 
 def scene_sample(run: VisualRun, split: str, scene_index: int, center=None) -> Sample:
@@ -122,13 +126,16 @@ def scene_sample(run: VisualRun, split: str, scene_index: int, center=None) -> S
     center = np.asarray(center, np.float64)
     indices = scene.tree.query_radius(center[None], r=run.config.dataset.in_radius)[0].astype(np.int32)
     if len(indices) == 0:
-        raise ValueError(f"no point of scene {scene.name!r} within {run.config.dataset.in_radius} of {center}")
+        raise ValueError(
+            f"no point of scene {scene.name!r} within {run.config.dataset.in_radius} of {center}"
+        )
     indices.sort()
     points = scene.points[indices]
     extra = np.concatenate([scene.colors[indices], points], 1).astype(np.float32)
     labels = None if scene.labels is None else scene.labels[indices].astype(np.int32)
-    return Sample((points - center).astype(np.float32), extra, 0, labels, scene.name, indices,
-                  center.astype(np.float32))
+    return Sample(
+        (points - center).astype(np.float32), extra, 0, labels, scene.name, indices, center.astype(np.float32)
+    )
 
 
 def sample(run: VisualRun, split: str, index: int, center=None) -> Sample:
@@ -137,21 +144,28 @@ def sample(run: VisualRun, split: str, index: int, center=None) -> Sample:
     return object_sample(run, split, index)
 
 
-def make_inputs(run: VisualRun, samples: List[Sample]):
+def make_inputs(run: VisualRun, samples: list[Sample]):
     """The stacked input dict of ``samples`` (no augmentation) and the labels tensor."""
     if not samples:
         raise ValueError("samples must hold at least one cloud")
     segmentation = run.task != "classification"
-    labels = (np.concatenate([s.point_labels if s.point_labels is not None else np.full(len(s.points), -1)
-                              for s in samples]) if segmentation else np.array([s.label for s in samples]))
-    batch = {"points": np.concatenate([s.points for s in samples]).astype(np.float32),
-             "extra": np.concatenate([s.extra for s in samples]).astype(np.float32),
-             "lengths": np.array([len(s.points) for s in samples], np.int32),
-             "labels": labels.astype(np.int32),
-             "object_labels": np.array([s.label for s in samples], np.int32),
-             "cloud_indices": np.arange(len(samples), dtype=np.int32),
-             "point_indices": np.concatenate([s.source_indices for s in samples]).astype(np.int32),
-             "number": np.int64(0)}
+    labels = (
+        np.concatenate(
+            [s.point_labels if s.point_labels is not None else np.full(len(s.points), -1) for s in samples]
+        )
+        if segmentation
+        else np.array([s.label for s in samples])
+    )
+    batch = {
+        "points": np.concatenate([s.points for s in samples]).astype(np.float32),
+        "extra": np.concatenate([s.extra for s in samples]).astype(np.float32),
+        "lengths": np.array([len(s.points) for s in samples], np.int32),
+        "labels": labels.astype(np.int32),
+        "object_labels": np.array([s.label for s in samples], np.int32),
+        "cloud_indices": np.arange(len(samples), dtype=np.int32),
+        "point_indices": np.concatenate([s.source_indices for s in samples]).astype(np.int32),
+        "number": np.int64(0),
+    }
     batch = {k: tf.convert_to_tensor(v) for k, v in batch.items()}
     return run.pipeline.map_batch(batch, run.neighbor_limits, seed=0, with_meta=False, augment=False)
 
@@ -167,7 +181,7 @@ class BlockInfo:
     decoder: bool
 
     @property
-    def level(self) -> Optional[int]:
+    def level(self) -> int | None:
         kind = self.block.block_type
         if "global" in kind:
             return None
@@ -178,10 +192,11 @@ class BlockInfo:
         return self.block.layer_index
 
 
-def blocks_of(network) -> List[BlockInfo]:
+def blocks_of(network) -> list[BlockInfo]:
     """Every encoder then decoder block, with its key."""
-    return ([BlockInfo(block_key(b), b, False) for b in network.encoder]
-            + [BlockInfo(block_key(b), b, True) for b in getattr(network, "decoder", [])])
+    return [BlockInfo(block_key(b), b, False) for b in network.encoder] + [
+        BlockInfo(block_key(b), b, True) for b in getattr(network, "decoder", [])
+    ]
 
 
 def find_block(network, key: str) -> BlockInfo:
@@ -228,7 +243,7 @@ class ConvRecord:
     query_points: np.ndarray
     support_points: np.ndarray
     neighbors: np.ndarray
-    deformed: Optional[np.ndarray]  # [Nq, K, 3] (deformable), else None
+    deformed: np.ndarray | None  # [Nq, K, 3] (deformable), else None
 
     @property
     def rigid(self) -> np.ndarray:
@@ -274,7 +289,7 @@ def _conv_geometry(block, inputs, strided=False, upsample=False, layer=None):
     return inputs[f"points_{l}"], inputs[f"points_{l}"], inputs[f"neighbors_{l}"]
 
 
-def kpconv_records(network, inputs) -> List[ConvRecord]:
+def kpconv_records(network, inputs) -> list[ConvRecord]:
     """Every KPConv of one inference pass, keyed by block (``/<conv name>`` when a block has more)."""
     with recording_convs(network) as raw:
         network(inputs, training=False)
@@ -284,8 +299,16 @@ def kpconv_records(network, inputs) -> List[ConvRecord]:
     records = []
     for key, conv, query, support, neighbors, deformed in raw:
         name = key if counts[key] == 1 else f"{key}/{conv.name}"
-        records.append(ConvRecord(name, conv, np.asarray(query), np.asarray(support), np.asarray(neighbors),
-                                  None if deformed is None else np.asarray(deformed)))
+        records.append(
+            ConvRecord(
+                name,
+                conv,
+                np.asarray(query),
+                np.asarray(support),
+                np.asarray(neighbors),
+                None if deformed is None else np.asarray(deformed),
+            )
+        )
     return records
 
 
@@ -305,14 +328,16 @@ def lost_shares(kernel_points, query_points, support_points, neighbors, extent, 
     query_points = tf.convert_to_tensor(query_points, tf.float32)
     rigid = kernel_points if rigid_kernel_points is None else rigid_kernel_points
     if kernel_points.shape.rank == 2:
-        kernel_points = tf.broadcast_to(kernel_points[None], [tf.shape(query_points)[0], *kernel_points.shape])
+        kernel_points = tf.broadcast_to(
+            kernel_points[None], [tf.shape(query_points)[0], *kernel_points.shape]
+        )
     nearest_d2 = nearest_squared_distances(kernel_points, query_points, support_points, neighbors)
-    per_query = tf.reduce_mean(tf.cast(nearest_d2 >= extent ** 2, tf.float32), axis=1)
+    per_query = tf.reduce_mean(tf.cast(nearest_d2 >= extent**2, tf.float32), axis=1)
     offset_norm, share = deformation_statistics(kernel_points, rigid, nearest_d2, extent)
     return per_query.numpy(), float(offset_norm), float(share)
 
 
-def erf_gradient(network, inputs, key: str, point: int, channel: Optional[int] = None):
+def erf_gradient(network, inputs, key: str, point: int, channel: int | None = None):
     """Effective receptive field: d response / d input features, float32 [N_0, D].
 
     The response is the output of block ``key`` at row ``point`` of its points: one ``channel``,
@@ -327,7 +352,9 @@ def erf_gradient(network, inputs, key: str, point: int, channel: Optional[int] =
         if not 0 <= point < rows:
             raise ValueError(f"point {point} out of range: block {info.key} has {rows} rows")
         if channel is not None and not 0 <= channel < int(outputs.shape[1]):
-            raise ValueError(f"--channel {channel} out of range: block {info.key} has {outputs.shape[1]} channels")
+            raise ValueError(
+                f"--channel {channel} out of range: block {info.key} has {outputs.shape[1]} channels"
+            )
         row = outputs[point]
         response = row[channel] if channel is not None else tf.reduce_sum(row)
     gradient = tape.gradient(response, features)
@@ -357,7 +384,7 @@ def level_batch_index(inputs, level: int) -> np.ndarray:
     return np.repeat(np.arange(len(lengths)), lengths)
 
 
-def to_input_points(inputs, values, level: Optional[int]):
+def to_input_points(inputs, values, level: int | None):
     """Values of one block's rows [N_level, ...] carried to the input points [N_0, ...] (each input
     point takes its nearest point of that level); ``level`` None: one row per cloud."""
     values = np.asarray(values)
@@ -366,8 +393,12 @@ def to_input_points(inputs, values, level: Optional[int]):
         return values[batch0]
     if level == 0:
         return values
-    rows = nearest_rows(np.asarray(inputs["points_0"]), np.asarray(inputs[f"points_{level}"]), batch0,
-                        level_batch_index(inputs, level))
+    rows = nearest_rows(
+        np.asarray(inputs["points_0"]),
+        np.asarray(inputs[f"points_{level}"]),
+        batch0,
+        level_batch_index(inputs, level),
+    )
     return values[rows]
 
 
@@ -391,18 +422,24 @@ def characteristic_points(points, count: int, radius: float):
     rows = np.repeat(np.arange(len(points)), [len(n) for n in neighbours])
     columns = np.concatenate(neighbours)
     counts = np.bincount(rows, minlength=len(points)).astype(np.float64)
-    mean = np.stack([np.bincount(rows, points[columns, i], len(points)) for i in range(3)], 1) / counts[:, None]
+    mean = (
+        np.stack([np.bincount(rows, points[columns, i], len(points)) for i in range(3)], 1) / counts[:, None]
+    )
     centred = points[columns] - mean[rows]
     covariance = np.zeros((len(points), 3, 3))
     for i in range(3):
         for j in range(i, 3):
-            covariance[:, i, j] = covariance[:, j, i] = np.bincount(rows, centred[:, i] * centred[:, j],
-                                                                    len(points)) / counts
+            covariance[:, i, j] = covariance[:, j, i] = (
+                np.bincount(rows, centred[:, i] * centred[:, j], len(points)) / counts
+            )
     eigen = np.linalg.eigvalsh(covariance)[:, ::-1]
     l1 = np.maximum(eigen[:, 0], 1e-12)
     few = counts < 4  # no shape to measure: never picked first
-    scores = {"corner": eigen[:, 2] / l1, "edge": (eigen[:, 0] - eigen[:, 1]) / l1,
-              "plane": (eigen[:, 1] - eigen[:, 2]) / l1}
+    scores = {
+        "corner": eigen[:, 2] / l1,
+        "edge": (eigen[:, 0] - eigen[:, 1]) / l1,
+        "plane": (eigen[:, 1] - eigen[:, 2]) / l1,
+    }
     orders = {kind: np.argsort(-np.where(few, -1.0, score), kind="stable") for kind, score in scores.items()}
     chosen, spacing = [], float(radius)
     while len(chosen) < min(count, len(points)):

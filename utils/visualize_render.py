@@ -103,12 +103,23 @@ def marker_size(axes, drawn: int, fill=0.6, lo=0.3, hi=40.0) -> float:
     """Marker area (points^2) so that ``drawn`` points cover about ``fill`` of the panel."""
     box = axes.get_position()
     figure = axes.get_figure()
-    area = box.width * figure.get_figwidth() * box.height * figure.get_figheight() * 72.0 ** 2
+    area = box.width * figure.get_figwidth() * box.height * figure.get_figheight() * 72.0**2
     return float(np.clip(fill * area / max(drawn, 1), lo, hi))
 
 
-def draw_cloud(axes, points, colors, view="oblique", max_points=MAX_DRAW_POINTS, size=None, shade=0.45,
-               frame_points=None, seed=0, alpha=1.0, zorder=1):
+def draw_cloud(
+    axes,
+    points,
+    colors,
+    view="oblique",
+    max_points=MAX_DRAW_POINTS,
+    size=None,
+    shade=0.45,
+    frame_points=None,
+    seed=0,
+    alpha=1.0,
+    zorder=1,
+):
     """Scatters ``points`` [N, 3] with RGB ``colors`` [N, 3] in one view; returns the drawn indices.
 
     At most ``max_points`` are drawn (``drawing_subset``). The view fits the drawn points, or
@@ -131,8 +142,17 @@ def draw_cloud(axes, points, colors, view="oblique", max_points=MAX_DRAW_POINTS,
     fit_axes(axes, frame)
     if size is None:
         size = marker_size(axes, len(drawn))
-    axes.scatter(xy[order, 0], xy[order, 1], c=np.clip(shown, 0, 1), s=size, linewidths=0, marker="o",
-                 alpha=alpha, rasterized=True, zorder=zorder)
+    axes.scatter(
+        xy[order, 0],
+        xy[order, 1],
+        c=np.clip(shown, 0, 1),
+        s=size,
+        linewidths=0,
+        marker="o",
+        alpha=alpha,
+        rasterized=True,
+        zorder=zorder,
+    )
     return drawn
 
 
@@ -144,10 +164,19 @@ def draw_spheres(axes, centres, radius, colors, view="oblique", edge=True, alpha
     xy, depth = project(centres, azimuth, elevation)
     colors = np.broadcast_to(np.asarray(colors, np.float64), (len(centres), 3))
     for k in np.argsort(depth, kind="stable"):
-        axes.add_patch(Circle(xy[k], radius, facecolor=(*colors[k], alpha),
-                              edgecolor=(*colors[k], 0.6) if edge else "none", linewidth=0.6, zorder=1))
-        axes.scatter([xy[k, 0]], [xy[k, 1]], s=marker, color=colors[k], edgecolors="black", linewidths=0.5,
-                     zorder=3)
+        axes.add_patch(
+            Circle(
+                xy[k],
+                radius,
+                facecolor=(*colors[k], alpha),
+                edgecolor=(*colors[k], 0.6) if edge else "none",
+                linewidth=0.6,
+                zorder=1,
+            )
+        )
+        axes.scatter(
+            [xy[k, 0]], [xy[k, 1]], s=marker, color=colors[k], edgecolors="black", linewidths=0.5, zorder=3
+        )
     return xy
 
 
@@ -207,8 +236,12 @@ def grid_figure(rows: int, cols: int, panel_px: int, title: str, footer_px: int 
         row = []
         for c in range(cols):
             top = height - HEADER_PX - r * panel_px
-            box = [(c * width_px + 4) / width, (top - panel_px + 4) / height, (width_px - 8) / width,
-                   (panel_px - TITLE_PX - 4) / height]
+            box = [
+                (c * width_px + 4) / width,
+                (top - panel_px + 4) / height,
+                (width_px - 8) / width,
+                (panel_px - TITLE_PX - 4) / height,
+            ]
             row.append(figure.add_axes(box))
         axes.append(row)
     return figure, axes

@@ -49,7 +49,9 @@ REGISTER_OP("KpconvBatchGridSubsampling")
       c->set_output(3, c->Vector(c->UnknownDim()));
       return absl::OkStatus();
     })
-    .Doc("Barycentric grid subsampling per cloud of stacked clouds (features averaged, labels voted).");
+    .Doc(
+        "Barycentric grid subsampling per cloud of stacked clouds (features averaged, labels "
+        "voted).");
 
 // Sorts (cell key, point index) pairs by key, keeping the index order within a key: a least
 // significant digit radix sort on 11-bit digits, with only as many passes as the largest key needs
@@ -122,7 +124,8 @@ class BatchGridSubsamplingOp : public OpKernel {
       for (int64_t b = begin; b < end; ++b) {
         const Grid& g = grids[b];
         keyed.clear();
-        for (int64_t i = starts[b]; i < starts[b + 1]; ++i) keyed.emplace_back(g.KeyOf(p + 3 * i), i);
+        for (int64_t i = starts[b]; i < starts[b + 1]; ++i)
+          keyed.emplace_back(g.KeyOf(p + 3 * i), i);
         SortByKey(&keyed, &buffer);
         CloudResult& out = results[b];
         for (size_t r = 0; r < keyed.size();) {
@@ -137,7 +140,8 @@ class BatchGridSubsamplingOp : public OpKernel {
           }
           const double count = static_cast<double>(e - r);
           for (int a = 0; a < 3; ++a) out.points.push_back(static_cast<float>(sums[a] / count));
-          for (int64_t d = 0; d < dim; ++d) out.features.push_back(static_cast<float>(sums[3 + d] / count));
+          for (int64_t d = 0; d < dim; ++d)
+            out.features.push_back(static_cast<float>(sums[3 + d] / count));
           if (has_labels) {
             std::sort(cell_labels.begin(), cell_labels.end());
             int32_t best = cell_labels[0];
@@ -166,7 +170,8 @@ class BatchGridSubsamplingOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({total, 3}), &sub_points));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({num_clouds}), &sub_lengths));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({total, dim}), &sub_features));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({has_labels ? total : 0}), &sub_labels));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(3, TensorShape({has_labels ? total : 0}), &sub_labels));
     float* op = sub_points->flat<float>().data();
     float* of = sub_features->flat<float>().data();
     int32_t* ol = sub_labels->flat<int32_t>().data();

@@ -95,7 +95,7 @@ struct CellIndex {
   std::vector<int64_t> starts;      // and the run start of each in `ids` (+ end)
   std::vector<int32_t> cell_start;  // when affordable: start in `ids` of every cell key (+ end)
   bool use_dense = false;
-  int64_t reach = 1;                // cells to scan on each side of the query's cell
+  int64_t reach = 1;  // cells to scan on each side of the query's cell
 
   // Range [begin, end) in `ids` of the cells with keys in [lo_key, hi_key] (same j, k).
   inline void Range(int64_t lo_key, int64_t hi_key, int64_t* begin, int64_t* end) const {
@@ -114,8 +114,9 @@ struct CellIndex {
 // Cell keys of n points, and their order sorted by key (stable): a counting sort over the dense
 // key range when it is affordable (then `cell_start`, if given, receives the start of every cell
 // in that order, plus the end), a comparison sort otherwise.
-void SortByCell(const float* pts, int64_t n, const Grid& grid, bool dense, std::vector<int64_t>* key,
-                std::vector<int32_t>* order, std::vector<int32_t>* cell_start = nullptr) {
+void SortByCell(const float* pts, int64_t n, const Grid& grid, bool dense,
+                std::vector<int64_t>* key, std::vector<int32_t>* order,
+                std::vector<int32_t>* cell_start = nullptr) {
   key->resize(n);
   order->resize(n);
   for (int64_t i = 0; i < n; ++i) (*key)[i] = grid.KeyOf(pts + 3 * i);
@@ -237,10 +238,11 @@ const CompressTable kCompress;
 // HitsScalar, 4 candidates per step (same operations in the same order, so the same d2 bits).
 // The last step masks the lanes past n: the candidate arrays must be readable up to n rounded
 // up to a multiple of 4.
-__attribute__((target("avx2,popcnt")))
-int64_t HitsAvx2(const double* xs, const double* ys, const double* zs, const int32_t* cids,
-                 int64_t n, double px, double py, double pz, double r2, int32_t* keys,
-                 int32_t* ids, double* d2) {
+__attribute__((target("avx2,popcnt"))) int64_t HitsAvx2(const double* xs, const double* ys,
+                                                        const double* zs, const int32_t* cids,
+                                                        int64_t n, double px, double py, double pz,
+                                                        double r2, int32_t* keys, int32_t* ids,
+                                                        double* d2) {
   const __m256d vx = _mm256_set1_pd(px), vy = _mm256_set1_pd(py), vz = _mm256_set1_pd(pz);
   const __m256d vr2 = _mm256_set1_pd(r2);
   const __m128i high = _mm_set1_epi32(~0x7F), low = _mm_set1_epi32(0x7F);
@@ -265,8 +267,8 @@ int64_t HitsAvx2(const double* xs, const double* ys, const double* zs, const int
                   _mm_permutevar_ps(_mm_castsi128_ps(cand), lanes));
     const __m256i halves =
         _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.halves[mask]));
-    _mm256_storeu_pd(d2 + m, _mm256_castps_pd(
-                                 _mm256_permutevar8x32_ps(_mm256_castpd_ps(d), halves)));
+    _mm256_storeu_pd(d2 + m,
+                     _mm256_castps_pd(_mm256_permutevar8x32_ps(_mm256_castpd_ps(d), halves)));
     m += __builtin_popcount(mask);
   }
   return m;
@@ -274,8 +276,8 @@ int64_t HitsAvx2(const double* xs, const double* ys, const double* zs, const int
 
 // RankSortScalar with 8 keys ranked per step against every key in turn (two chains of
 // accumulators), and the tie test 8 pairs at a time. `ranked` needs 9 slots of slack.
-__attribute__((target("avx2,popcnt")))
-bool RankSortAvx2(const int32_t* __restrict keys, int64_t m, int32_t* __restrict ranked) {
+__attribute__((target("avx2,popcnt"))) bool RankSortAvx2(const int32_t* __restrict keys, int64_t m,
+                                                         int32_t* __restrict ranked) {
   const int64_t even = (m + 1) & ~int64_t{1};  // keys[m] is INT32_MAX when m is odd
   for (int64_t i = 0; i < m; i += 8) {
     const __m256i ki = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
@@ -292,8 +294,8 @@ bool RankSortAvx2(const int32_t* __restrict keys, int64_t m, int32_t* __restrict
   for (int64_t h = 0; h + 1 < m; h += 8) {
     const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ranked + h));
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ranked + h + 1));
-    const __m256i same = _mm256_cmpeq_epi32(_mm256_srli_epi32(_mm256_xor_si256(a, b), 7),
-                                            _mm256_setzero_si256());
+    const __m256i same =
+        _mm256_cmpeq_epi32(_mm256_srli_epi32(_mm256_xor_si256(a, b), 7), _mm256_setzero_si256());
     int pairs = _mm256_movemask_ps(_mm256_castsi256_ps(same));
     if (m - 1 - h < 8) pairs &= (1 << (m - 1 - h)) - 1;  // only pairs (h, h + 1) with h + 1 < m
     if (pairs) return true;
@@ -322,13 +324,13 @@ RowKernels ChooseKernels() {
 
 // Per-thread buffers of the search.
 struct Scratch {
-  std::vector<double> cx, cy, cz;   // candidates of the current cell group
-  std::vector<int32_t> cid;         // and their support indices
-  std::vector<int32_t> keys, ids;   // one query's hits: sort keys and support indices,
-  std::vector<double> d2;           // squared distances,
-  std::vector<int32_t> ranked;      // keys in sorted order,
-  std::vector<int32_t> hit_order;   // hit numbers in exact order (rows with ties)
-  std::vector<int64_t> wide;        // keys of rows too long for 32-bit keys
+  std::vector<double> cx, cy, cz;  // candidates of the current cell group
+  std::vector<int32_t> cid;        // and their support indices
+  std::vector<int32_t> keys, ids;  // one query's hits: sort keys and support indices,
+  std::vector<double> d2;          // squared distances,
+  std::vector<int32_t> ranked;     // keys in sorted order,
+  std::vector<int32_t> hit_order;  // hit numbers in exact order (rows with ties)
+  std::vector<int64_t> wide;       // keys of rows too long for 32-bit keys
   std::vector<std::pair<int64_t, int64_t>> runs;  // candidate runs [begin, end) of the group
   void Reserve(int64_t n) {
     if (static_cast<int64_t>(cx.size()) >= n + 16) return;
@@ -415,8 +417,10 @@ void SearchUnit(const float* q, const CellIndex& idx, const int32_t* order, cons
     const int64_t i0 = std::max<int64_t>(ci - reach, 0), i1 = std::min(ci + reach, g.dims[0] - 1);
     sc->runs.clear();
     int64_t nc = 0;
-    for (int64_t k = std::max<int64_t>(ck - reach, 0); k <= std::min(ck + reach, g.dims[2] - 1); ++k) {
-      for (int64_t j = std::max<int64_t>(cj - reach, 0); j <= std::min(cj + reach, g.dims[1] - 1); ++j) {
+    for (int64_t k = std::max<int64_t>(ck - reach, 0); k <= std::min(ck + reach, g.dims[2] - 1);
+         ++k) {
+      for (int64_t j = std::max<int64_t>(cj - reach, 0); j <= std::min(cj + reach, g.dims[1] - 1);
+           ++j) {
         int64_t b0, b1;
         idx.Range(g.Key(i0, j, k), g.Key(i1, j, k), &b0, &b1);
         if (b1 > b0) sc->runs.emplace_back(b0, b1);
@@ -438,9 +442,9 @@ void SearchUnit(const float* q, const CellIndex& idx, const int32_t* order, cons
     }
     for (int64_t t = a; t < e; ++t) {
       const float* p = q + 3 * order[t];
-      const int64_t m = kernels.hits(sc->cx.data(), sc->cy.data(), sc->cz.data(), sc->cid.data(), nc,
-                                     p[0], p[1], p[2], r2, sc->keys.data(), sc->ids.data(),
-                                     sc->d2.data());
+      const int64_t m =
+          kernels.hits(sc->cx.data(), sc->cy.data(), sc->cz.data(), sc->cid.data(), nc, p[0], p[1],
+                       p[2], r2, sc->keys.data(), sc->ids.data(), sc->d2.data());
       bool ties = true;
       if (m <= kRankSortMax) {
         std::fill(sc->keys.data() + m, sc->keys.data() + ((m + 7) & ~int64_t{7}), INT32_MAX);
@@ -512,28 +516,30 @@ class BatchNeighborsOp : public OpKernel {
     std::vector<CellIndex> index(num_clouds);
     std::vector<std::vector<int32_t>> q_order(num_clouds);
     std::vector<std::vector<int64_t>> q_key(num_clouds);
-    workers->ParallelFor(num_clouds, 20000 * (ns / (num_clouds + 1) + 1), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const Grid grid = SearchGrid(s + 3 * s_starts[b], s_starts[b + 1] - s_starts[b], radius);
-        BuildIndex(s, s_starts[b], s_starts[b + 1] - s_starts[b], grid,
-                   static_cast<int64_t>(std::ceil(radius / grid.cell - 1e-9)), &index[b]);
-        const int64_t n = q_starts[b + 1] - q_starts[b];
-        if (same_points) {
-          q_order[b].assign(index[b].ids.begin(), index[b].ids.begin() + n);
-          q_key[b] = index[b].cell_of;
-          continue;
-        }
-        std::vector<int64_t> key;
-        std::vector<int32_t> order;
-        SortByCell(q + 3 * q_starts[b], n, grid, index[b].use_dense, &key, &order);
-        q_order[b].resize(n);
-        q_key[b].resize(n);
-        for (int64_t i = 0; i < n; ++i) {
-          q_order[b][i] = static_cast<int32_t>(q_starts[b] + order[i]);
-          q_key[b][i] = key[order[i]];
-        }
-      }
-    });
+    workers->ParallelFor(
+        num_clouds, 20000 * (ns / (num_clouds + 1) + 1), [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) {
+            const Grid grid =
+                SearchGrid(s + 3 * s_starts[b], s_starts[b + 1] - s_starts[b], radius);
+            BuildIndex(s, s_starts[b], s_starts[b + 1] - s_starts[b], grid,
+                       static_cast<int64_t>(std::ceil(radius / grid.cell - 1e-9)), &index[b]);
+            const int64_t n = q_starts[b + 1] - q_starts[b];
+            if (same_points) {
+              q_order[b].assign(index[b].ids.begin(), index[b].ids.begin() + n);
+              q_key[b] = index[b].cell_of;
+              continue;
+            }
+            std::vector<int64_t> key;
+            std::vector<int32_t> order;
+            SortByCell(q + 3 * q_starts[b], n, grid, index[b].use_dense, &key, &order);
+            q_order[b].resize(n);
+            q_key[b].resize(n);
+            for (int64_t i = 0; i < n; ++i) {
+              q_order[b][i] = static_cast<int32_t>(q_starts[b] + order[i]);
+              q_key[b][i] = key[order[i]];
+            }
+          }
+        });
 
     // 2. Neighbours of every query, in work units of consecutive sorted queries of one cloud.
     struct Unit {
@@ -543,17 +549,19 @@ class BatchNeighborsOp : public OpKernel {
     for (int64_t b = 0; b < num_clouds; ++b) {
       if (index[b].size == 0) continue;  // queries of a cloud without supports keep no neighbours
       const int64_t n = q_starts[b + 1] - q_starts[b];
-      for (int64_t u = 0; u < n; u += kUnitQueries) units.push_back({b, u, std::min(n, u + kUnitQueries)});
+      for (int64_t u = 0; u < n; u += kUnitQueries)
+        units.push_back({b, u, std::min(n, u + kUnitQueries)});
     }
     std::vector<UnitRows> rows(units.size());
-    workers->ParallelFor(static_cast<int64_t>(units.size()), kUnitQueries * 5000, [&](int64_t begin, int64_t end) {
-      Scratch scratch;
-      for (int64_t u = begin; u < end; ++u) {
-        const Unit& unit = units[u];
-        SearchUnit(q, index[unit.cloud], q_order[unit.cloud].data(), q_key[unit.cloud].data(), unit.begin,
-                   unit.end, r2, max_neighbors, &scratch, &rows[u]);
-      }
-    });
+    workers->ParallelFor(
+        static_cast<int64_t>(units.size()), kUnitQueries * 5000, [&](int64_t begin, int64_t end) {
+          Scratch scratch;
+          for (int64_t u = begin; u < end; ++u) {
+            const Unit& unit = units[u];
+            SearchUnit(q, index[unit.cloud], q_order[unit.cloud].data(), q_key[unit.cloud].data(),
+                       unit.begin, unit.end, r2, max_neighbors, &scratch, &rows[u]);
+          }
+        });
 
     // 3. The padded matrix: each unit copies its rows to their queries' places.
     int64_t width = 0;
@@ -562,21 +570,23 @@ class BatchNeighborsOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({nq, width}), &output));
     int32_t* o = output->flat<int32_t>().data();
     const int32_t shadow = static_cast<int32_t>(ns);
-    workers->ParallelFor(static_cast<int64_t>(units.size()), kUnitQueries * (width + 8), [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) {
-        const int32_t* order = q_order[units[u].cloud].data();
-        const int32_t* src = rows[u].ids.get();
-        for (int64_t t = units[u].begin; t < units[u].end; ++t) {
-          int32_t* row = o + static_cast<int64_t>(order[t]) * width;
-          const int32_t count = rows[u].counts[t - units[u].begin];
-          std::copy(src, src + count, row);
-          std::fill(row + count, row + width, shadow);
-          src += count;
-        }
-      }
-    });
+    workers->ParallelFor(static_cast<int64_t>(units.size()), kUnitQueries * (width + 8),
+                         [&](int64_t begin, int64_t end) {
+                           for (int64_t u = begin; u < end; ++u) {
+                             const int32_t* order = q_order[units[u].cloud].data();
+                             const int32_t* src = rows[u].ids.get();
+                             for (int64_t t = units[u].begin; t < units[u].end; ++t) {
+                               int32_t* row = o + static_cast<int64_t>(order[t]) * width;
+                               const int32_t count = rows[u].counts[t - units[u].begin];
+                               std::copy(src, src + count, row);
+                               std::fill(row + count, row + width, shadow);
+                               src += count;
+                             }
+                           }
+                         });
     for (int64_t b = 0; b < num_clouds; ++b) {
-      if (index[b].size == 0) std::fill(o + q_starts[b] * width, o + q_starts[b + 1] * width, shadow);
+      if (index[b].size == 0)
+        std::fill(o + q_starts[b] * width, o + q_starts[b + 1] * width, shadow);
     }
   }
 };

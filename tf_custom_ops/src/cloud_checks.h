@@ -20,15 +20,15 @@ namespace errors = ::tensorflow::errors;
 // Points must be a finite float32 [N, 3] matrix.
 inline bool CheckPoints(OpKernelContext* ctx, const Tensor& t, const char* name) {
   if (!(t.dims() == 2 && t.dim_size(1) == 3)) {
-    ctx->CtxFailure(errors::InvalidArgument(name, " must have shape [N, 3], got ",
-                                            t.shape().DebugString()));
+    ctx->CtxFailure(
+        errors::InvalidArgument(name, " must have shape [N, 3], got ", t.shape().DebugString()));
     return false;
   }
   auto flat = t.flat<float>();
   for (int64_t i = 0; i < flat.size(); ++i) {
     if (!std::isfinite(flat(i))) {
-      ctx->CtxFailure(errors::InvalidArgument(name, " has a NaN or infinite coordinate at row ",
-                                              i / 3));
+      ctx->CtxFailure(
+          errors::InvalidArgument(name, " has a NaN or infinite coordinate at row ", i / 3));
       return false;
     }
   }
@@ -39,8 +39,8 @@ inline bool CheckPoints(OpKernelContext* ctx, const Tensor& t, const char* name)
 inline bool CheckLengths(OpKernelContext* ctx, const Tensor& t, int64_t total, const char* name,
                          const char* points_name, std::vector<int64_t>* starts) {
   if (!TensorShapeUtils::IsVector(t.shape())) {
-    ctx->CtxFailure(errors::InvalidArgument(name, " must be a vector [B], got ",
-                                            t.shape().DebugString()));
+    ctx->CtxFailure(
+        errors::InvalidArgument(name, " must be a vector [B], got ", t.shape().DebugString()));
     return false;
   }
   auto v = t.vec<int32_t>();
@@ -63,8 +63,8 @@ inline bool CheckLengths(OpKernelContext* ctx, const Tensor& t, int64_t total, c
 inline bool CheckPositiveScalar(OpKernelContext* ctx, const Tensor& t, const char* name,
                                 double* value) {
   if (!TensorShapeUtils::IsScalar(t.shape())) {
-    ctx->CtxFailure(errors::InvalidArgument(name, " must be a scalar, got ",
-                                            t.shape().DebugString()));
+    ctx->CtxFailure(
+        errors::InvalidArgument(name, " must be a scalar, got ", t.shape().DebugString()));
     return false;
   }
   *value = static_cast<double>(t.scalar<float>()());
@@ -87,8 +87,8 @@ inline void BoundingBox(const float* points, int64_t n, double lo[3], double hi[
   }
 }
 
-// Integer cell coordinates of a cloud on a grid of size `cell` anchored at floor(min / cell) * cell.
-// Fails (naming `dl_name`) when the grid would have too many cells per axis for 64-bit keys.
+// Integer cell coordinates of a cloud on a grid of size `cell` anchored at floor(min / cell) *
+// cell. Fails (naming `dl_name`) when the grid would have too many cells per axis for 64-bit keys.
 struct Grid {
   double origin[3];
   int64_t dims[3];
@@ -120,9 +120,9 @@ inline bool MakeGrid(OpKernelContext* ctx, const float* points, int64_t n, doubl
     const double span = std::floor((hi[a] - grid->origin[a]) / cell) + 1.0;
     cells *= span;
     if (!(span < 2e6) || !(cells < 4e18)) {
-      ctx->CtxFailure(errors::InvalidArgument(
-          dl_name, " = ", cell, " is too small for the cloud extent (", hi[a] - lo[a],
-          "): the grid would overflow its cell keys"));
+      ctx->CtxFailure(errors::InvalidArgument(dl_name, " = ", cell,
+                                              " is too small for the cloud extent (", hi[a] - lo[a],
+                                              "): the grid would overflow its cell keys"));
       return false;
     }
     grid->dims[a] = static_cast<int64_t>(span);

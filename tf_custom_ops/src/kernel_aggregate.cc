@@ -55,20 +55,19 @@ absl::Status AggregateShapes(InferenceContext* c, DimensionHandle* nq, Dimension
   return absl::OkStatus();
 }
 
-#define KPCONV_AGGREGATE_INPUTS_AND_ATTRS                                   \
-  Input("query_points: float")                                            \
-      .Input("support_points: float")                                     \
-      .Input("neighbors: int32")                                          \
-      .Input("features: float")                                           \
-      .Input("kernel_points: float")                                      \
-      .Input("extent: float")                                             \
-      .Attr("influence: {'constant', 'linear', 'gaussian'} = 'linear'")   \
-      .Attr("aggregation: {'sum', 'closest'} = 'sum'")                    \
+#define KPCONV_AGGREGATE_INPUTS_AND_ATTRS                               \
+  Input("query_points: float")                                          \
+      .Input("support_points: float")                                   \
+      .Input("neighbors: int32")                                        \
+      .Input("features: float")                                         \
+      .Input("kernel_points: float")                                    \
+      .Input("extent: float")                                           \
+      .Attr("influence: {'constant', 'linear', 'gaussian'} = 'linear'") \
+      .Attr("aggregation: {'sum', 'closest'} = 'sum'")                  \
       .Attr("deformable: bool = false")
 
 REGISTER_OP("KpconvKernelAggregate")
-    .KPCONV_AGGREGATE_INPUTS_AND_ATTRS
-    .Output("aggregates: float")
+    .KPCONV_AGGREGATE_INPUTS_AND_ATTRS.Output("aggregates: float")
     .SetShapeFn([](InferenceContext* c) {
       DimensionHandle nq, k, d;
       TF_RETURN_IF_ERROR(AggregateShapes(c, &nq, &k, &d));
@@ -78,8 +77,7 @@ REGISTER_OP("KpconvKernelAggregate")
     .Doc("Per query and kernel point, the influence-weighted sum of the neighbours' features.");
 
 REGISTER_OP("KpconvKernelAggregateGrad")
-    .KPCONV_AGGREGATE_INPUTS_AND_ATTRS
-    .Input("grad: float")
+    .KPCONV_AGGREGATE_INPUTS_AND_ATTRS.Input("grad: float")
     .Output("grad_features: float")
     .Output("grad_kernel_points: float")
     .Output("grad_centred: float")
@@ -94,7 +92,8 @@ REGISTER_OP("KpconvKernelAggregateGrad")
       c->set_output(2, c->MakeShape({nq, c->Dim(nb, 1), 3}));
       return absl::OkStatus();
     })
-    .Doc("Gradient of KpconvKernelAggregate w.r.t. features, kernel points and centred neighbours.");
+    .Doc(
+        "Gradient of KpconvKernelAggregate w.r.t. features, kernel points and centred neighbours.");
 
 enum class Influence { kConstant, kLinear, kGaussian };
 
@@ -202,18 +201,20 @@ inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* 
   return true;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void Axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void Axpy(float a,
+                                                                       const float* __restrict x,
+                                                                       float* __restrict y,
+                                                                       int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-float Dot(const float* __restrict x, const float* __restrict y, int64_t n) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) float Dot(const float* __restrict x,
+                                                                       const float* __restrict y,
+                                                                       int64_t n) {
   float s = 0.0f;
   for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
   return s;
 }
-
 
 class AggregateBase : public OpKernel {
  public:
@@ -253,13 +254,13 @@ class AggregateBase : public OpKernel {
     if (!(f.dims() == 2 && f.dim_size(0) == s.dim_size(0)))
       return fail(errors::InvalidArgument("features must have shape [Ns, Din] with Ns = ",
                                           s.dim_size(0), ", got ", f.shape().DebugString()));
-    const bool kp_ok = deformable_
-                           ? (kp.dims() == 3 && kp.dim_size(0) == q.dim_size(0) && kp.dim_size(2) == 3)
-                           : (kp.dims() == 2 && kp.dim_size(1) == 3);
+    const bool kp_ok =
+        deformable_ ? (kp.dims() == 3 && kp.dim_size(0) == q.dim_size(0) && kp.dim_size(2) == 3)
+                    : (kp.dims() == 2 && kp.dim_size(1) == 3);
     if (!kp_ok || kp.dim_size(kp.dims() - 2) < 1)
-      return fail(errors::InvalidArgument(
-          "kernel_points must have shape ", deformable_ ? "[Nq, K, 3] (deformable)" : "[K, 3]",
-          " with K >= 1, got ", kp.shape().DebugString()));
+      return fail(errors::InvalidArgument("kernel_points must have shape ",
+                                          deformable_ ? "[Nq, K, 3] (deformable)" : "[K, 3]",
+                                          " with K >= 1, got ", kp.shape().DebugString()));
     double extent_value;
     if (!CheckPositiveScalar(ctx, extent, "extent", &extent_value)) return false;
     const float e = static_cast<float>(extent_value);  // exact: it was read from a float
@@ -284,8 +285,8 @@ class AggregateBase : public OpKernel {
     const int64_t total = in->nq * in->h;
     for (int64_t i = 0; i < total; ++i) {
       if (in->nb[i] < 0 || in->nb[i] > in->ns)
-        return fail(errors::InvalidArgument("neighbors[", i / in->h, ", ", i % in->h, "] = ",
-                                            in->nb[i], " is not in [0, ", in->ns,
+        return fail(errors::InvalidArgument("neighbors[", i / in->h, ", ", i % in->h,
+                                            "] = ", in->nb[i], " is not in [0, ", in->ns,
                                             "] (Ns is the shadow index)"));
     }
     return true;
@@ -387,8 +388,10 @@ class KernelAggregateGradOp : public AggregateBase {
               for (int a = 0; a < 3; ++a) {
                 const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
                 gy[a] += g;
-                if (gkp) gkp[3 * k + a] -= g;
-                else gshared[3 * k + a] -= g;
+                if (gkp)
+                  gkp[3 * k + a] -= g;
+                else
+                  gshared[3 * k + a] -= g;
               }
             }
           }
@@ -434,7 +437,8 @@ class KernelAggregateGradOp : public AggregateBase {
 };
 
 REGISTER_KERNEL_BUILDER(Name("KpconvKernelAggregate").Device(DEVICE_CPU), KernelAggregateOp);
-REGISTER_KERNEL_BUILDER(Name("KpconvKernelAggregateGrad").Device(DEVICE_CPU), KernelAggregateGradOp);
+REGISTER_KERNEL_BUILDER(Name("KpconvKernelAggregateGrad").Device(DEVICE_CPU),
+                        KernelAggregateGradOp);
 
 }  // namespace
 }  // namespace kpconv_tf

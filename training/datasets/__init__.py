@@ -45,6 +45,9 @@ def configure(config, dataset):
         config.dataset.num_classes = int(dataset.num_parts[0])  # one category: its parts
     else:
         config.dataset.num_classes = len(dataset.label_names)
-    config.model.network_model = "classification" if task == "classification" else \
-        ("multi_segmentation" if task == "multi_segmentation" else "segmentation")
+    config.model.network_model = (
+        "classification"
+        if task == "classification"
+        else ("multi_segmentation" if task == "multi_segmentation" else "segmentation")
+    )
     return config

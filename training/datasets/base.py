@@ -15,7 +15,6 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 
@@ -32,8 +31,12 @@ def cache_root() -> Path:
 
 def discard_cache(path: Path, err: Exception) -> None:
     """Deletes the unusable cache file ``path`` after a one-line warning on stderr naming it."""
-    print(f"warning: cannot use the cache file {path} ({type(err).__name__}: {err}); "
-          "deleting and rebuilding it", file=sys.stderr, flush=True)
+    print(
+        f"warning: cannot use the cache file {path} ({type(err).__name__}: {err}); "
+        "deleting and rebuilding it",
+        file=sys.stderr,
+        flush=True,
+    )
     Path(path).unlink(missing_ok=True)
 
 
@@ -55,9 +58,9 @@ class ObjectCloud:
     """
 
     points: np.ndarray
-    normals: Optional[np.ndarray]
+    normals: np.ndarray | None
     label: int
-    point_labels: Optional[np.ndarray] = None
+    point_labels: np.ndarray | None = None
     name: str = ""
 
 
@@ -76,11 +79,11 @@ class Scene:
     name: str
     points: np.ndarray
     colors: np.ndarray
-    labels: Optional[np.ndarray]
+    labels: np.ndarray | None
     tree: object
-    projection: Optional[np.ndarray] = None
-    full_labels: Optional[np.ndarray] = None
-    full_points_loader: Optional[object] = None
+    projection: np.ndarray | None = None
+    full_labels: np.ndarray | None = None
+    full_points_loader: object | None = None
 
     def full_points(self) -> np.ndarray:
         if self.full_points_loader is None:
@@ -101,10 +104,10 @@ class ObjectDataset:
 
     name = ""
     task = "classification"
-    label_names: List[str] = []
-    num_parts: Optional[List[int]] = None
+    label_names: list[str] = []
+    num_parts: list[int] | None = None
 
-    def clouds(self, split: str) -> List[ObjectCloud]:
+    def clouds(self, split: str) -> list[ObjectCloud]:
         """Clouds of ``split`` ("train" | "test"), subsampled and cached; empty clouds skipped."""
         raise NotImplementedError
 
@@ -120,10 +123,10 @@ class SceneDataset:
 
     name = ""
     task = "scene_segmentation"
-    label_names: List[str] = []
+    label_names: list[str] = []
     has_colors = True
 
-    def scenes(self, split: str) -> List[Scene]:
+    def scenes(self, split: str) -> list[Scene]:
         """Scenes of ``split`` ("train" | "validation" | "test"), subsampled and cached."""
         raise NotImplementedError
 

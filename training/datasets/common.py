@@ -14,8 +14,8 @@ import json
 import os
 import sys
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn.neighbors import KDTree
@@ -32,8 +32,9 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 CACHE_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 
 
-def read_table(path, columns: int, delimiter: Optional[str] = None,
-               names: Optional[Sequence[str]] = None) -> np.ndarray:
+def read_table(
+    path, columns: int, delimiter: str | None = None, names: Sequence[str] | None = None
+) -> np.ndarray:
     """float32 [n, columns] from a text file of ``columns`` numbers per line (blank lines skipped).
 
     Raises DatasetError naming the file and, for a malformed line or a value that is not a finite
@@ -46,7 +47,7 @@ def read_table(path, columns: int, delimiter: Optional[str] = None,
     if names is not None and len(names) != columns:
         raise ValueError(f"names must give the {columns} column names, got {list(names)}")
     blocks = []
-    with open(path, "r", errors="replace") as f:
+    with open(path, errors="replace") as f:
         first_line = 1
         while True:
             lines = list(itertools.islice(f, _CHUNK_LINES))
@@ -77,8 +78,9 @@ def _raise_non_finite(path, lines, first_line, where, delimiter, names):
     word = lines[offset].split("#", 1)[0].split(delimiter)[column].strip()
     beyond = " (beyond float32)" if np.isfinite(float(word)) else ""
     name = f" ({names[column]})" if names is not None else ""
-    raise DatasetError(f"{path}: line {first_line + offset}: non-finite value in column {column + 1}{name}: "
-                       f"{word}{beyond}")
+    raise DatasetError(
+        f"{path}: line {first_line + offset}: non-finite value in column {column + 1}{name}: {word}{beyond}"
+    )
 
 
 def _parses(words, columns) -> bool:
@@ -95,12 +97,14 @@ def _parses(words, columns) -> bool:
 def _raise_bad_line(path, lines, first_line, columns, delimiter):
     for offset, line in enumerate(lines):
         if line.strip() and not _parses([w.strip() for w in line.split(delimiter)], columns):
-            raise DatasetError(f"{path}: line {first_line + offset} is malformed (expected {columns} numbers"
-                               f"{' separated by ' + repr(delimiter) if delimiter else ''}): {line.strip()[:80]!r}")
+            raise DatasetError(
+                f"{path}: line {first_line + offset} is malformed (expected {columns} numbers"
+                f"{' separated by ' + repr(delimiter) if delimiter else ''}): {line.strip()[:80]!r}"
+            )
     raise DatasetError(f"{path}: unreadable lines {first_line}..{first_line + len(lines) - 1}")
 
 
-def read_ply_fields(path, fields: Sequence[str], optional: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+def read_ply_fields(path, fields: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The named vertex properties of a PLY file (and those of ``optional`` it has); DatasetError when
     the file or a required property is missing or a value is not a finite float32 (``check_finite``)."""
     from utils.ply import PlyError, read_ply
@@ -120,7 +124,7 @@ def read_ply_fields(path, fields: Sequence[str], optional: Sequence[str] = ()) -
     return out
 
 
-def check_finite(path, properties: Dict[str, np.ndarray]) -> None:
+def check_finite(path, properties: dict[str, np.ndarray]) -> None:
     """DatasetError naming ``path``, the first vertex (0-based index) and the property holding a value
     that is not a finite float32 (NaN, +-Inf, beyond 3.4e38); properties: name -> values [n]."""
     first = None
@@ -156,7 +160,7 @@ def subsample(points, dl: float, features=None, labels=None):
     return tuple(t.numpy() for t in out)
 
 
-def label_map(raw_values: Sequence[int], ignored: Sequence[int] = ()) -> Dict[int, int]:
+def label_map(raw_values: Sequence[int], ignored: Sequence[int] = ()) -> dict[int, int]:
     """Original label value -> class index (ignored values -> -1), in increasing raw order."""
     mapping, index = {}, 0
     for value in sorted(raw_values):
@@ -168,17 +172,18 @@ def label_map(raw_values: Sequence[int], ignored: Sequence[int] = ()) -> Dict[in
     return mapping
 
 
-def map_labels(raw, mapping: Dict[int, int], path) -> np.ndarray:
+def map_labels(raw, mapping: dict[int, int], path) -> np.ndarray:
     """int32 class indices of original labels ``raw``; DatasetError naming ``path`` for unknown values."""
     raw = np.asarray(raw)
-    if raw.size and np.issubdtype(raw.dtype, np.floating):
-        if not np.all(raw == np.round(raw)):
-            raise DatasetError(f"{path}: labels must be integers")
+    if raw.size and np.issubdtype(raw.dtype, np.floating) and not np.all(raw == np.round(raw)):
+        raise DatasetError(f"{path}: labels must be integers")
     raw = raw.astype(np.int64)
     known = np.array(sorted(mapping), np.int64)
     unknown = np.setdiff1d(np.unique(raw), known)
     if unknown.size:
-        raise DatasetError(f"{path}: labels {unknown[:10].tolist()} are outside the class list {known.tolist()}")
+        raise DatasetError(
+            f"{path}: labels {unknown[:10].tolist()} are outside the class list {known.tolist()}"
+        )
     lookup = np.full(known.max() - known.min() + 1, -1, np.int32)
     for value, index in mapping.items():
         lookup[value - known.min()] = index
@@ -209,7 +214,7 @@ class SplitReads:
         check_bad_file_policy(policy)
         self.policy, self.split, self.unit = policy, split, unit
         self.count = 0
-        self.skipped: List[str] = []
+        self.skipped: list[str] = []
 
     def read(self, read: Callable, *args):
         """``read(*args)``; None when it raised a DatasetError and the policy is "skip"."""
@@ -220,8 +225,11 @@ class SplitReads:
             if self.policy == "error":
                 raise
             self.skipped.append(str(err))
-            print(f"warning: split {self.split!r}: skipped (dataset.on_bad_file: skip): {err}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: split {self.split!r}: skipped (dataset.on_bad_file: skip): {err}",
+                file=sys.stderr,
+                flush=True,
+            )
             return None
 
     def finish(self, kept: int) -> None:
@@ -230,11 +238,15 @@ class SplitReads:
         if not self.skipped:
             return
         skipped = f"{len(self.skipped)} of {self.count} {self.unit}"
-        print(f"warning: skipped {skipped} read for split {self.split!r} (dataset.on_bad_file: skip)",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: skipped {skipped} read for split {self.split!r} (dataset.on_bad_file: skip)",
+            file=sys.stderr,
+            flush=True,
+        )
         if kept == 0:
-            raise DatasetError(f"split {self.split!r} has nothing left: {skipped} read are bad; "
-                               f"the first: {self.skipped[0]}")
+            raise DatasetError(
+                f"split {self.split!r} has nothing left: {skipped} read are bad; the first: {self.skipped[0]}"
+            )
 
 
 def check_bad_file_policy(policy: str) -> None:
@@ -242,8 +254,12 @@ def check_bad_file_policy(policy: str) -> None:
         raise ValueError(f"on_bad_file must be one of {list(BAD_FILE_POLICIES)}, got {policy!r}")
 
 
-def load_or_build(path: Path, build: Callable[[], Dict[str, np.ndarray]], reads: Optional[SplitReads] = None,
-                  check: Optional[Callable[[Dict[str, np.ndarray]], None]] = None) -> Dict[str, np.ndarray]:
+def load_or_build(
+    path: Path,
+    build: Callable[[], dict[str, np.ndarray]],
+    reads: SplitReads | None = None,
+    check: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> dict[str, np.ndarray]:
     """The arrays cached at ``path``; built (and written atomically) when absent or unusable.
 
     A cache that cannot be read (truncated, empty, overwritten) or fails ``check(arrays)`` (raising
@@ -284,8 +300,9 @@ def save_full_points(cache: Path, index: int, points: np.ndarray) -> str:
     return name
 
 
-def scene_arrays(index: int, name: str, points, colors, labels, dl: float, cache: Path,
-                 keep_full: bool, full=None) -> Dict[str, np.ndarray]:
+def scene_arrays(
+    index: int, name: str, points, colors, labels, dl: float, cache: Path, keep_full: bool, full=None
+) -> dict[str, np.ndarray]:
     """Subsamples one scene; with ``keep_full`` also the projection indices of the full-resolution
     cloud, its labels and (in a separate file) its points, for test-time reprojection.
 
@@ -295,8 +312,11 @@ def scene_arrays(index: int, name: str, points, colors, labels, dl: float, cache
     """
     out = subsample(points, dl, features=colors, labels=labels)
     sub_points, sub_colors = out[0], out[1]
-    arrays = {f"name_{index}": np.array(name), f"points_{index}": sub_points.astype(np.float32),
-              f"colors_{index}": np.clip(sub_colors, 0, 1).astype(np.float32)}
+    arrays = {
+        f"name_{index}": np.array(name),
+        f"points_{index}": sub_points.astype(np.float32),
+        f"colors_{index}": np.clip(sub_colors, 0, 1).astype(np.float32),
+    }
     if labels is not None:
         arrays[f"labels_{index}"] = out[2].astype(np.int32)
     if keep_full:
@@ -310,7 +330,7 @@ def scene_arrays(index: int, name: str, points, colors, labels, dl: float, cache
     return arrays
 
 
-def scenes_from_arrays(arrays: Dict[str, np.ndarray], cache: Path) -> List[Scene]:
+def scenes_from_arrays(arrays: dict[str, np.ndarray], cache: Path) -> list[Scene]:
     """The Scenes stored by ``scene_arrays`` (indices 0, 1, ...), with fresh KD-trees."""
     scenes = []
     for i in itertools.count():
@@ -322,19 +342,27 @@ def scenes_from_arrays(arrays: Dict[str, np.ndarray], cache: Path) -> List[Scene
         if full_file is not None:
             full_path = cache.with_name(str(full_file))
             loader = lambda full_path=full_path: np.load(full_path)  # noqa: E731
-        scenes.append(Scene(name=str(arrays[f"name_{i}"]), points=points, colors=arrays[f"colors_{i}"],
-                            labels=arrays.get(f"labels_{i}"), tree=KDTree(points, leaf_size=LEAF_SIZE),
-                            projection=arrays.get(f"projection_{i}"),
-                            full_labels=arrays.get(f"full_labels_{i}"), full_points_loader=loader))
+        scenes.append(
+            Scene(
+                name=str(arrays[f"name_{i}"]),
+                points=points,
+                colors=arrays[f"colors_{i}"],
+                labels=arrays.get(f"labels_{i}"),
+                tree=KDTree(points, leaf_size=LEAF_SIZE),
+                projection=arrays.get(f"projection_{i}"),
+                full_labels=arrays.get(f"full_labels_{i}"),
+                full_points_loader=loader,
+            )
+        )
     return scenes
 
 
-def check_full_files(arrays: Dict[str, np.ndarray], cache: Path) -> None:
+def check_full_files(arrays: dict[str, np.ndarray], cache: Path) -> None:
     """ValueError naming the full-resolution cloud stored by ``scene_arrays`` beside ``cache`` that is
     missing, unreadable or not float32 [k, 3] with k the scene's projection length."""
     for key in arrays:
         if key.startswith("full_file_"):
-            index = key[len("full_file_"):]
+            index = key[len("full_file_") :]
             full_path = cache.with_name(str(arrays[key]))
             if not full_path.is_file():
                 raise ValueError(f"{full_path} is missing")
@@ -345,12 +373,21 @@ def check_full_files(arrays: Dict[str, np.ndarray], cache: Path) -> None:
                 raise ValueError(f"{full_path} is unreadable ({err})") from err
             expected = (len(arrays[f"projection_{index}"]), 3)
             if points.dtype != np.float32 or points.shape != expected:
-                raise ValueError(f"{full_path} holds {points.dtype} {points.shape}, "
-                                 f"expected float32 {expected}")
+                raise ValueError(
+                    f"{full_path} holds {points.dtype} {points.shape}, expected float32 {expected}"
+                )
 
 
-def cached_scenes(dataset: str, split: str, dl: float, key: dict, sources: Sequence,
-                  read: Callable, keep_full: bool, reads: Optional[SplitReads] = None) -> List[Scene]:
+def cached_scenes(
+    dataset: str,
+    split: str,
+    dl: float,
+    key: dict,
+    sources: Sequence,
+    read: Callable,
+    keep_full: bool,
+    reads: SplitReads | None = None,
+) -> list[Scene]:
     """Scenes of ``split`` from the cache, or read with ``read(source) -> (name, points, colors,
     labels[, full])`` (see ``scene_arrays``) or None for a source skipped by ``reads`` (see
     ``load_or_build``), subsampled and cached. Empty clouds are skipped with a warning; a cache whose

@@ -19,8 +19,8 @@ writes the same objects (full resolution) in the ModelNet40 layout, for ``--conf
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Tuple
 
 import numpy as np
 
@@ -102,11 +102,13 @@ def _box_surfaces(size, center, role, skip_bottom=True):
     sx, sy, sz = size
     cx, cy, cz = center
     x0, y0, z0 = cx - sx / 2, cy - sy / 2, cz - sz / 2
-    faces = [((x0, y0, z0 + sz), (sx, 0, 0), (0, sy, 0)),  # top
-             ((x0, y0, z0), (0, sy, 0), (0, 0, sz)),  # -x
-             ((x0 + sx, y0, z0), (0, 0, sz), (0, sy, 0)),  # +x
-             ((x0, y0, z0), (0, 0, sz), (sx, 0, 0)),  # -y
-             ((x0, y0 + sy, z0), (sx, 0, 0), (0, 0, sz))]  # +y
+    faces = [
+        ((x0, y0, z0 + sz), (sx, 0, 0), (0, sy, 0)),  # top
+        ((x0, y0, z0), (0, sy, 0), (0, 0, sz)),  # -x
+        ((x0 + sx, y0, z0), (0, 0, sz), (0, sy, 0)),  # +x
+        ((x0, y0, z0), (0, 0, sz), (sx, 0, 0)),  # -y
+        ((x0, y0 + sy, z0), (sx, 0, 0), (0, 0, sz)),
+    ]  # +y
     if not skip_bottom:
         faces.append(((x0, y0, z0), (sx, 0, 0), (0, sy, 0)))
     return [_Surface(lambda rng, n, f=f: _quad(rng, n, *f), _quad_area(f[1], f[2]), role) for f in faces]
@@ -126,18 +128,26 @@ def _building(rng):
     if roof_type == "flat":
         roof = [_Surface(lambda rng, n: _quad(rng, n, (x0, y0, h), (w, 0, 0), (0, d, 0)), w * d, 1)]
         parapet = rng.uniform(0.3, 1.0)
-        roof += [s for s in _box_surfaces((w, 0.3, parapet), (0, y0, h + parapet / 2), 1)]
-        roof += [s for s in _box_surfaces((w, 0.3, parapet), (0, y1, h + parapet / 2), 1)]
+        roof += _box_surfaces((w, 0.3, parapet), (0, y0, h + parapet / 2), 1)
+        roof += _box_surfaces((w, 0.3, parapet), (0, y1, h + parapet / 2), 1)
     elif roof_type == "gable":
         faces = [((x0, y0, h), (w, 0, 0), (0, d / 2, rise)), ((x0, y1, h), (0, -d / 2, rise), (w, 0, 0))]
         roof = [_Surface(lambda rng, n, f=f: _quad(rng, n, *f), _quad_area(f[1], f[2]), 1) for f in faces]
         for x in (x0, x1):  # gable ends
             corners = ((x, y0, h), (x, y1, h), (x, 0, h + rise))
-            roof.append(_Surface(lambda rng, n, c=corners, x=x: _triangle(rng, n, *c, (np.sign(x), 0, 0)),
-                                 d * rise / 2, 0))
+            roof.append(
+                _Surface(
+                    lambda rng, n, c=corners, x=x: _triangle(rng, n, *c, (np.sign(x), 0, 0)), d * rise / 2, 0
+                )
+            )
     elif roof_type == "shed":
-        roof = [_Surface(lambda rng, n: _quad(rng, n, (x0, y0, h), (w, 0, 0), (0, d, rise)),
-                         _quad_area((w, 0, 0), (0, d, rise)), 1)]
+        roof = [
+            _Surface(
+                lambda rng, n: _quad(rng, n, (x0, y0, h), (w, 0, 0), (0, d, rise)),
+                _quad_area((w, 0, 0), (0, d, rise)),
+                1,
+            )
+        ]
         roof += [_Surface(lambda rng, n: _quad(rng, n, (x0, y1, h), (w, 0, 0), (0, 0, rise)), w * rise, 0)]
     else:  # hip: two trapezoids and two triangles meeting on a shortened ridge
         inset = min(w, d) / 2
@@ -145,17 +155,30 @@ def _building(rng):
         roof = []
         for y, sign in ((y0, -1.0), (y1, 1.0)):  # each trapezoid as two triangles
             for corners in (((x0, y, h), (x1, y, h), ridge1), ((x0, y, h), ridge1, ridge0)):
-                roof.append(_Surface(lambda rng, n, c=corners, s=sign: _triangle(rng, n, *c, (0, s, 1)),
-                                     _triangle_area(*corners), 1))
+                roof.append(
+                    _Surface(
+                        lambda rng, n, c=corners, s=sign: _triangle(rng, n, *c, (0, s, 1)),
+                        _triangle_area(*corners),
+                        1,
+                    )
+                )
         for x, ridge, sign in ((x0, ridge0, -1.0), (x1, ridge1, 1.0)):
             corners = ((x, y0, h), (x, y1, h), ridge)
-            roof.append(_Surface(lambda rng, n, c=corners, s=sign: _triangle(rng, n, *c, (s, 0, 1)),
-                                 _triangle_area(*corners), 1))
+            roof.append(
+                _Surface(
+                    lambda rng, n, c=corners, s=sign: _triangle(rng, n, *c, (s, 0, 1)),
+                    _triangle_area(*corners),
+                    1,
+                )
+            )
     parts = walls + roof
     if rng.random() < 0.4:  # a chimney or a roof box
         cw = rng.uniform(0.6, 1.5)
-        parts += _box_surfaces((cw, cw, rise + 1.0), (rng.uniform(-w / 4, w / 4), rng.uniform(-d / 4, d / 4),
-                                                      h + (rise + 1.0) / 2), 1)
+        parts += _box_surfaces(
+            (cw, cw, rise + 1.0),
+            (rng.uniform(-w / 4, w / 4), rng.uniform(-d / 4, d / 4), h + (rise + 1.0) / 2),
+            1,
+        )
     return parts
 
 
@@ -174,9 +197,15 @@ def _car(rng):
     radius = rng.uniform(0.3, 0.38)
     for x in (-length * 0.32, length * 0.32):
         for y in (-width / 2, width / 2):
-            parts.append(_Surface(lambda rng, n, x=x, y=y: _cylinder_side(rng, n, radius, y - 0.1, y + 0.1,
-                                                                         (x, radius), axis="y"),
-                                  2 * np.pi * radius * 0.2, 2))
+            parts.append(
+                _Surface(
+                    lambda rng, n, x=x, y=y: _cylinder_side(
+                        rng, n, radius, y - 0.1, y + 0.1, (x, radius), axis="y"
+                    ),
+                    2 * np.pi * radius * 0.2,
+                    2,
+                )
+            )
     return parts
 
 
@@ -202,13 +231,21 @@ def _broadleaf(rng):
     crown[1] = crown[0] * rng.uniform(0.75, 1.25)
     center = (rng.normal(0, 0.3), rng.normal(0, 0.3), trunk_h + crown[2] * 0.85)
     volume_area = 4 * np.pi * (crown[0] * crown[1] * crown[2]) ** (2 / 3)
-    parts = [_Surface(lambda rng, n: _cylinder_side(rng, n, trunk_r, 0, trunk_h + crown[2] * 0.6),
-                      2 * np.pi * trunk_r * trunk_h * 2, 0),
-             _Surface(lambda rng, n: _volume(rng, n, crown, center, shell=rng.uniform(0.2, 0.5)), volume_area, 1)]
+    parts = [
+        _Surface(
+            lambda rng, n: _cylinder_side(rng, n, trunk_r, 0, trunk_h + crown[2] * 0.6),
+            2 * np.pi * trunk_r * trunk_h * 2,
+            0,
+        ),
+        _Surface(lambda rng, n: _volume(rng, n, crown, center, shell=rng.uniform(0.2, 0.5)), volume_area, 1),
+    ]
     if rng.random() < 0.5:  # a second, smaller lobe: irregular crowns
         lobe = crown * rng.uniform(0.4, 0.7)
-        offset = (center[0] + rng.normal(0, crown[0] / 2), center[1] + rng.normal(0, crown[1] / 2),
-                  center[2] + rng.normal(0, crown[2] / 3))
+        offset = (
+            center[0] + rng.normal(0, crown[0] / 2),
+            center[1] + rng.normal(0, crown[1] / 2),
+            center[2] + rng.normal(0, crown[2] / 3),
+        )
         parts.append(_Surface(lambda rng, n: _volume(rng, n, lobe, offset), volume_area * 0.3, 1))
     return parts
 
@@ -218,8 +255,12 @@ def _conifer(rng):
     base = h * rng.uniform(0.1, 0.3)
     radius = h * rng.uniform(0.15, 0.28)
     trunk_r = rng.uniform(0.1, 0.35)
-    return [_Surface(lambda rng, n: _cylinder_side(rng, n, trunk_r, 0, base + 0.2 * h), 2 * np.pi * trunk_r * h, 0),
-            _Surface(lambda rng, n: _cone_volume(rng, n, radius, base, h), np.pi * radius * h, 1)]
+    return [
+        _Surface(
+            lambda rng, n: _cylinder_side(rng, n, trunk_r, 0, base + 0.2 * h), 2 * np.pi * trunk_r * h, 0
+        ),
+        _Surface(lambda rng, n: _cone_volume(rng, n, radius, base, h), np.pi * radius * h, 1),
+    ]
 
 
 def _bush(rng):
@@ -228,17 +269,27 @@ def _bush(rng):
     else:
         r = rng.uniform(0.6, 2.0)
         radii = np.array([r, r * rng.uniform(0.7, 1.3), r * rng.uniform(0.5, 0.9)])
-    parts = [_Surface(lambda rng, n: _volume(rng, n, radii, (0, 0, radii[2] * 0.8), shell=0.4),
-                      4 * np.pi * np.prod(radii) ** (2 / 3), 0)]
+    parts = [
+        _Surface(
+            lambda rng, n: _volume(rng, n, radii, (0, 0, radii[2] * 0.8), shell=0.4),
+            4 * np.pi * np.prod(radii) ** (2 / 3),
+            0,
+        )
+    ]
     if rng.random() < 0.5:
         small = radii * rng.uniform(0.5, 0.8)
         offset = (rng.normal(0, radii[0] / 2), rng.normal(0, radii[1] / 2), small[2] * 0.8)
-        parts.append(_Surface(lambda rng, n: _volume(rng, n, small, offset, shell=0.4),
-                              4 * np.pi * np.prod(small) ** (2 / 3), 0))
+        parts.append(
+            _Surface(
+                lambda rng, n: _volume(rng, n, small, offset, shell=0.4),
+                4 * np.pi * np.prod(small) ** (2 / 3),
+                0,
+            )
+        )
     return parts
 
 
-OBJECTS: Dict[str, Tuple[Tuple[str, ...], Callable]] = {
+OBJECTS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "building": (("wall", "roof"), _building),
     "car": (("body", "cabin", "wheel"), _car),
     "pole": (("pole", "fixture"), _pole),
@@ -270,23 +321,30 @@ def scan_object(name: str, rng: np.random.Generator, points_range=(1200, 6000)):
     aerial = rng.random() < 0.7
     if aerial:
         tilt, azimuth = rng.uniform(0, np.radians(25)), rng.uniform(0, 2 * np.pi)
-        direction = _unit(np.array([np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), -np.cos(tilt)]))
+        direction = _unit(
+            np.array([np.sin(tilt) * np.cos(azimuth), np.sin(tilt) * np.sin(azimuth), -np.cos(tilt)])
+        )
     else:
         down, azimuth = rng.uniform(0, np.radians(20)), rng.uniform(0, 2 * np.pi)
-        direction = _unit(np.array([np.cos(down) * np.cos(azimuth), np.cos(down) * np.sin(azimuth), -np.sin(down)]))
+        direction = _unit(
+            np.array([np.cos(down) * np.cos(azimuth), np.cos(down) * np.sin(azimuth), -np.sin(down)])
+        )
     # Lattice axes in the plane seen by the sensor, turned by a random scan angle.
     helper = np.array([0, 0, 1.0]) if abs(direction[2]) < 0.9 else np.array([1.0, 0, 0])
     axis_u = _unit(np.cross(direction, helper))
     axis_v = np.cross(direction, axis_u)
     angle = rng.uniform(0, np.pi)
-    axis_u, axis_v = np.cos(angle) * axis_u + np.sin(angle) * axis_v, -np.sin(angle) * axis_u + np.cos(angle) * axis_v
+    axis_u, axis_v = (
+        np.cos(angle) * axis_u + np.sin(angle) * axis_v,
+        -np.sin(angle) * axis_u + np.cos(angle) * axis_v,
+    )
 
     # A first coarse pass measures the projected footprint, which sets the lattice spacing.
     areas = np.array([p.area for p in parts])
     coarse = _sample_parts(parts, areas, rng, 4000)[0] @ rotation.T
     uv = np.stack([coarse @ axis_u, coarse @ axis_v], 1)
     probe = max(np.ptp(uv, axis=0).max() / 60, 1e-3)
-    footprint = len(np.unique(np.floor(uv / probe).astype(np.int64), axis=0)) * probe ** 2
+    footprint = len(np.unique(np.floor(uv / probe).astype(np.int64), axis=0)) * probe**2
     target = rng.uniform(*points_range)
     anisotropy = rng.uniform(0.6, 1.6)
     spacing = np.sqrt(footprint / target)
@@ -298,8 +356,14 @@ def scan_object(name: str, rng: np.random.Generator, points_range=(1200, 6000)):
     # The ground patch reaches just past the object, as after a tight segmentation.
     extent = np.abs(points[:, :2]).max() * 1.05 + 0.3
     ground_n = int(dense_count * 0.2)
-    ground = np.stack([rng.uniform(-extent, extent, ground_n), rng.uniform(-extent, extent, ground_n),
-                       rng.normal(0, 0.02, ground_n)], 1)
+    ground = np.stack(
+        [
+            rng.uniform(-extent, extent, ground_n),
+            rng.uniform(-extent, extent, ground_n),
+            rng.normal(0, 0.02, ground_n),
+        ],
+        1,
+    )
     points = np.concatenate([points, ground])
     normals = np.concatenate([normals, np.tile([0, 0, 1.0], (ground_n, 1))])
     roles = np.concatenate([roles, np.full(ground_n, GROUND_ROLE, np.int32)])
@@ -386,9 +450,12 @@ class EmbeddedLidarObjects(EmbeddedObjectDataset):
 
 def from_config(config) -> EmbeddedLidarObjects:
     extra = dict(config.dataset.extra)
-    return EmbeddedLidarObjects(config.model.first_subsampling_dl,
-                                (extra.get("train_per_class", 60), extra.get("test_per_class", 20)),
-                                extra.get("seed", 0), extra.get("classes"))
+    return EmbeddedLidarObjects(
+        config.model.first_subsampling_dl,
+        (extra.get("train_per_class", 60), extra.get("test_per_class", 20)),
+        extra.get("seed", 0),
+        extra.get("classes"),
+    )
 
 
 def write_modelnet40_layout(root, per_class=(60, 20), seed=0, classes=None):
@@ -398,7 +465,7 @@ def write_modelnet40_layout(root, per_class=(60, 20), seed=0, classes=None):
     root.mkdir(parents=True, exist_ok=True)
     (root / "modelnet40_shape_names.txt").write_text("".join(f"{c}\n" for c in classes))
     for split, count in zip(("train", "test"), per_class):
-        ids, number = [], {c: 0 for c in classes}
+        ids, number = [], dict.fromkeys(classes, 0)
         for label, points, _ in generate(classes, count, seed, split):
             name = classes[label]
             number[name] += 1
@@ -412,8 +479,10 @@ def write_modelnet40_layout(root, per_class=(60, 20), seed=0, classes=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m training.datasets.embedded_lidar",
-                                     description="Writes the embedded lidar objects in the ModelNet40 layout.")
+    parser = argparse.ArgumentParser(
+        prog="python -m training.datasets.embedded_lidar",
+        description="Writes the embedded lidar objects in the ModelNet40 layout.",
+    )
     parser.add_argument("root", help="output folder")
     parser.add_argument("--train-per-class", type=int, default=60)
     parser.add_argument("--test-per-class", type=int, default=20)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Dict, List, Tuple
 
 import numpy as np
 from sklearn.neighbors import KDTree
@@ -25,10 +24,21 @@ from training.datasets.common import load_or_build
 CLASSES = ["ceiling", "floor", "wall", "column", "door", "table", "chair", "cabinet"]
 CEILING, FLOOR, WALL, COLUMN, DOOR, TABLE, CHAIR, CABINET = range(len(CLASSES))
 
-WHITE, OFF_WHITE, BEIGE, LIGHT_GREY, GREY, DARK = (0.87, 0.87, 0.84), (0.8, 0.78, 0.72), (0.78, 0.72, 0.6), \
-    (0.68, 0.68, 0.68), (0.5, 0.5, 0.52), (0.18, 0.18, 0.2)
-WOOD, DARK_WOOD, BLUE, RED, GREEN = (0.6, 0.45, 0.3), (0.42, 0.3, 0.2), (0.25, 0.32, 0.55), (0.6, 0.22, 0.2), \
-    (0.6, 0.7, 0.6)
+WHITE, OFF_WHITE, BEIGE, LIGHT_GREY, GREY, DARK = (
+    (0.87, 0.87, 0.84),
+    (0.8, 0.78, 0.72),
+    (0.78, 0.72, 0.6),
+    (0.68, 0.68, 0.68),
+    (0.5, 0.5, 0.52),
+    (0.18, 0.18, 0.2),
+)
+WOOD, DARK_WOOD, BLUE, RED, GREEN = (
+    (0.6, 0.45, 0.3),
+    (0.42, 0.3, 0.2),
+    (0.25, 0.32, 0.55),
+    (0.6, 0.22, 0.2),
+    (0.6, 0.7, 0.6),
+)
 PALETTES = {
     CEILING: [WHITE, OFF_WHITE, LIGHT_GREY],
     FLOOR: [WOOD, GREY, BLUE, BEIGE, LIGHT_GREY],
@@ -68,8 +78,13 @@ class _Room:
         base = np.array(center, np.float64)
         corner = np.array([-sx / 2, -sy / 2, 0.0])
         ex, ey, ez = np.array([sx, 0, 0.0]), np.array([0, sy, 0.0]), np.array([0, 0, sz])
-        faces = [(corner, ey, ez), (corner + ex, ey, ez), (corner, ex, ez), (corner + ey, ex, ez),
-                 (corner + ez, ex, ey)]
+        faces = [
+            (corner, ey, ez),
+            (corner + ex, ey, ez),
+            (corner, ex, ez),
+            (corner + ey, ex, ez),
+            (corner + ez, ex, ey),
+        ]
         if bottom:
             faces.append((corner, ex, ey))
         for origin, u, v in faces:
@@ -93,7 +108,7 @@ def _footprint_free(placed, center, half, margin=0.05):
     return all(np.hypot(*(center - c)) > radius + r + margin for c, r in placed)
 
 
-def generate_room(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate_room(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One room: points float32 [m, 3] (floor at z = 0), colors float32 [m, 3] in [0, 1], labels int32 [m]."""
     width, depth, height = rng.uniform(4.0, 6.0), rng.uniform(4.0, 6.0), rng.uniform(2.6, 3.2)
     room = _Room(rng, density=rng.uniform(250, 350))
@@ -105,8 +120,12 @@ def generate_room(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.
     room.rect((0, 0, 0), (width, 0, 0), (0, depth, 0), FLOOR, color(FLOOR))
     room.rect((0, 0, height), (width, 0, 0), (0, depth, 0), CEILING, color(CEILING))
     # Walls as (origin, along, inward normal); doors are carved out of them below.
-    walls = [((0, 0, 0), (width, 0, 0), (0, 1, 0)), ((width, depth, 0), (-width, 0, 0), (0, -1, 0)),
-             ((0, depth, 0), (0, -depth, 0), (1, 0, 0)), ((width, 0, 0), (0, depth, 0), (-1, 0, 0))]
+    walls = [
+        ((0, 0, 0), (width, 0, 0), (0, 1, 0)),
+        ((width, depth, 0), (-width, 0, 0), (0, -1, 0)),
+        ((0, depth, 0), (0, -depth, 0), (1, 0, 0)),
+        ((width, 0, 0), (0, depth, 0), (-1, 0, 0)),
+    ]
     wall_color = color(WALL)
     doors = {}  # wall index -> (start along the wall, width, height); at most one door per wall
     for w in rng.choice(4, size=rng.integers(1, 3), replace=False):
@@ -122,8 +141,13 @@ def generate_room(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.
             # The wall is the strip before the door, the lintel above it and the strip after it.
             start, door_w, door_h = doors[w]
             room.rect(origin, start * unit, (0, 0, height), WALL, wall_color)
-            room.rect(origin + start * unit + (0, 0, door_h), door_w * unit, (0, 0, height - door_h), WALL,
-                      wall_color)
+            room.rect(
+                origin + start * unit + (0, 0, door_h),
+                door_w * unit,
+                (0, 0, height - door_h),
+                WALL,
+                wall_color,
+            )
             # Door leaves stand a little proud of the wall plane, as their frames make them.
             offset = rng.uniform(0.01, 0.05) * normal
             room.rect(origin + start * unit + offset, door_w * unit, (0, 0, door_h), DOOR, color(DOOR))
@@ -238,15 +262,19 @@ class EmbeddedRooms(SceneDataset):
         self.dl = float(first_subsampling_dl)
         self.counts = {"train": int(num_train), "test": int(num_test)}
         self.seed = int(seed)
-        self._scenes: Dict[str, List[Scene]] = {}
+        self._scenes: dict[str, list[Scene]] = {}
 
     @classmethod
     def from_config(cls, config):
         extra = dict(config.dataset.extra)
-        return cls(config.model.first_subsampling_dl, extra.get("num_train", 8), extra.get("num_test", 3),
-                   extra.get("seed", 0))
+        return cls(
+            config.model.first_subsampling_dl,
+            extra.get("num_train", 8),
+            extra.get("num_test", 3),
+            extra.get("seed", 0),
+        )
 
-    def scenes(self, split: str) -> List[Scene]:
+    def scenes(self, split: str) -> list[Scene]:
         if split not in ("train", "validation", "test"):
             raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
         rooms = "train" if split == "train" else "test"
@@ -265,10 +293,18 @@ class EmbeddedRooms(SceneDataset):
         for i in range(self.counts[rooms]):
             points = arrays[f"points_{i}"]
             full = arrays[f"full_points_{i}"]
-            scenes.append(Scene(name=f"{rooms}_room_{i:02d}", points=points, colors=arrays[f"colors_{i}"],
-                                labels=arrays[f"labels_{i}"], tree=KDTree(points),
-                                projection=arrays[f"projection_{i}"], full_labels=arrays[f"full_labels_{i}"],
-                                full_points_loader=lambda full=full: full))
+            scenes.append(
+                Scene(
+                    name=f"{rooms}_room_{i:02d}",
+                    points=points,
+                    colors=arrays[f"colors_{i}"],
+                    labels=arrays[f"labels_{i}"],
+                    tree=KDTree(points),
+                    projection=arrays[f"projection_{i}"],
+                    full_labels=arrays[f"full_labels_{i}"],
+                    full_points_loader=lambda full=full: full,
+                )
+            )
         return scenes
 
     def _generate(self, rooms):
@@ -279,12 +315,18 @@ class EmbeddedRooms(SceneDataset):
         for i in range(self.counts[rooms]):
             # One stream per room: changing the number of rooms keeps the others.
             full, colors, labels = generate_room(np.random.default_rng([self.seed, stream, i]))
-            sub_points, sub_colors, sub_labels = (t.numpy() for t in ops.grid_subsampling(
-                full, self.dl, features=colors, labels=labels))
+            sub_points, sub_colors, sub_labels = (
+                t.numpy() for t in ops.grid_subsampling(full, self.dl, features=colors, labels=labels)
+            )
             projection = KDTree(sub_points).query(full, return_distance=False)[:, 0]
-            arrays.update({f"points_{i}": sub_points.astype(np.float32),
-                           f"colors_{i}": np.clip(sub_colors, 0, 1).astype(np.float32),
-                           f"labels_{i}": sub_labels.astype(np.int32),
-                           f"full_points_{i}": full, f"full_labels_{i}": labels,
-                           f"projection_{i}": projection.astype(np.int32)})
+            arrays.update(
+                {
+                    f"points_{i}": sub_points.astype(np.float32),
+                    f"colors_{i}": np.clip(sub_colors, 0, 1).astype(np.float32),
+                    f"labels_{i}": sub_labels.astype(np.int32),
+                    f"full_points_{i}": full,
+                    f"full_labels_{i}": labels,
+                    f"projection_{i}": projection.astype(np.int32),
+                }
+            )
         return arrays

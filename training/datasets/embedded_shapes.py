@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def _box_area(size):
 
 def _cylinder(rng, n, radius, height, caps=True):
     side = 2 * np.pi * radius * height
-    cap = np.pi * radius ** 2 if caps else 0.0
+    cap = np.pi * radius**2 if caps else 0.0
     on_side = rng.random(n) < side / (side + 2 * cap)
     theta = rng.random(n) * 2 * np.pi
     points = np.empty((n, 3))
@@ -73,7 +73,7 @@ def _cylinder(rng, n, radius, height, caps=True):
 
 
 def _cylinder_area(radius, height, caps=True):
-    return 2 * np.pi * radius * height + (2 * np.pi * radius ** 2 if caps else 0.0)
+    return 2 * np.pi * radius * height + (2 * np.pi * radius**2 if caps else 0.0)
 
 
 def _sphere(rng, n, radius, min_z=-1.0):
@@ -88,8 +88,7 @@ def _cone(rng, n, radius, height):
     t = np.sqrt(rng.random(n))
     theta = rng.random(n) * 2 * np.pi
     points = np.stack([t * radius * np.cos(theta), t * radius * np.sin(theta), height * (1 - t)], 1)
-    normals = _unit(np.stack([height * np.cos(theta), height * np.sin(theta),
-                              np.full(n, radius)], 1))
+    normals = _unit(np.stack([height * np.cos(theta), height * np.sin(theta), np.full(n, radius)], 1))
     return points, normals
 
 
@@ -114,7 +113,7 @@ class _Part:
     area: float
     role: int
     rotation: np.ndarray = None
-    offset: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def _rot_x(angle):
@@ -132,23 +131,34 @@ def box(size, role, offset=(0, 0, 0), rotation=None):
 
 
 def cylinder(radius, height, role, offset=(0, 0, 0), rotation=None, caps=True):
-    return _Part(lambda rng, n: _cylinder(rng, n, radius, height, caps),
-                 _cylinder_area(radius, height, caps), role, rotation, offset)
+    return _Part(
+        lambda rng, n: _cylinder(rng, n, radius, height, caps),
+        _cylinder_area(radius, height, caps),
+        role,
+        rotation,
+        offset,
+    )
 
 
 def sphere(radius, role, offset=(0, 0, 0), min_z=-1.0):
-    area = 4 * np.pi * radius ** 2 * (1 + max(min_z, -1.0)) / 2 if min_z > -1 else 4 * np.pi * radius ** 2
+    area = 4 * np.pi * radius**2 * (1 + max(min_z, -1.0)) / 2 if min_z > -1 else 4 * np.pi * radius**2
     return _Part(lambda rng, n: _sphere(rng, n, radius, min_z), area, role, None, offset)
 
 
 def cone(radius, height, role, offset=(0, 0, 0)):
-    return _Part(lambda rng, n: _cone(rng, n, radius, height),
-                 np.pi * radius * np.hypot(radius, height), role, None, offset)
+    return _Part(
+        lambda rng, n: _cone(rng, n, radius, height),
+        np.pi * radius * np.hypot(radius, height),
+        role,
+        None,
+        offset,
+    )
 
 
 def torus(major, minor, role, offset=(0, 0, 0), rotation=None):
-    return _Part(lambda rng, n: _torus(rng, n, major, minor), 4 * np.pi ** 2 * major * minor,
-                 role, rotation, offset)
+    return _Part(
+        lambda rng, n: _torus(rng, n, major, minor), 4 * np.pi**2 * major * minor, role, rotation, offset
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,8 +188,11 @@ def _shelf(rng):
     # thin horizontal boards, the sides the panels of an arch.
     w, d, h = rng.uniform(0.6, 1.0), rng.uniform(0.25, 0.4), rng.uniform(0.9, 1.4)
     t = rng.uniform(0.03, 0.05)
-    parts = [box((t, d, h), 0, (-w / 2, 0, h / 2)), box((t, d, h), 0, (w / 2, 0, h / 2)),
-             box((w, t, h), 0, (0, d / 2, h / 2))]
+    parts = [
+        box((t, d, h), 0, (-w / 2, 0, h / 2)),
+        box((t, d, h), 0, (w / 2, 0, h / 2)),
+        box((w, t, h), 0, (0, d / 2, h / 2)),
+    ]
     levels = int(rng.integers(3, 6))
     for z in np.linspace(t / 2, h - t / 2, levels):
         parts.append(box((w, d, t), 1, (0, 0, z)))
@@ -191,39 +204,51 @@ def _chair(rng):
     back = rng.uniform(0.4, 0.6)
     leg = rng.uniform(0.025, 0.04)
     corners = [(sx * (w / 2 - leg), sy * (w / 2 - leg)) for sx in (-1, 1) for sy in (-1, 1)]
-    return ([box((w, w, 0.05), 0, (0, 0, h))] + _legs(rng, corners, leg, h, h / 2, 1, square=True)
-            + [box((w, 0.04, back), 2, (0, w / 2 - 0.02, h + back / 2))])
+    return (
+        [box((w, w, 0.05), 0, (0, 0, h))]
+        + _legs(rng, corners, leg, h, h / 2, 1, square=True)
+        + [box((w, 0.04, back), 2, (0, w / 2 - 0.02, h + back / 2))]
+    )
 
 
 def _lamp(rng):
     h = rng.uniform(0.8, 1.2)
     base = rng.uniform(0.15, 0.25)
     shade_r, shade_h = rng.uniform(0.2, 0.3), rng.uniform(0.2, 0.3)
-    return [cylinder(base, 0.04, 0, (0, 0, 0.02)),
-            cylinder(rng.uniform(0.015, 0.03), h, 1, (0, 0, h / 2), caps=False),
-            cone(shade_r, shade_h, 2, (0, 0, h - shade_h * 0.4))]
+    return [
+        cylinder(base, 0.04, 0, (0, 0, 0.02)),
+        cylinder(rng.uniform(0.015, 0.03), h, 1, (0, 0, h / 2), caps=False),
+        cone(shade_r, shade_h, 2, (0, 0, h - shade_h * 0.4)),
+    ]
 
 
 def _mug(rng):
     r, h = rng.uniform(0.25, 0.35), rng.uniform(0.5, 0.8)
     handle = rng.uniform(0.12, 0.18)
-    return [cylinder(r, h, 0, (0, 0, h / 2)),
-            torus(handle, rng.uniform(0.025, 0.04), 1, (r + handle * 0.7, 0, h / 2), _rot_x(np.pi / 2))]
+    return [
+        cylinder(r, h, 0, (0, 0, h / 2)),
+        torus(handle, rng.uniform(0.025, 0.04), 1, (r + handle * 0.7, 0, h / 2), _rot_x(np.pi / 2)),
+    ]
 
 
 def _bottle(rng):
     r, h = rng.uniform(0.2, 0.3), rng.uniform(0.6, 0.9)
     neck_h = rng.uniform(0.2, 0.35)
-    return [cylinder(r, h, 0, (0, 0, h / 2)),
-            cone(r, r * 0.8, 0, (0, 0, h)),
-            cylinder(r * rng.uniform(0.25, 0.4), neck_h, 1, (0, 0, h + r * 0.5 + neck_h / 2))]
+    return [
+        cylinder(r, h, 0, (0, 0, h / 2)),
+        cone(r, r * 0.8, 0, (0, 0, h)),
+        cylinder(r * rng.uniform(0.25, 0.4), neck_h, 1, (0, 0, h + r * 0.5 + neck_h / 2)),
+    ]
 
 
 def _dumbbell(rng):
     length = rng.uniform(0.8, 1.2)
     r = rng.uniform(0.15, 0.25)
-    return [sphere(r, 0, (-length / 2, 0, 0)), sphere(r * rng.uniform(0.9, 1.1), 0, (length / 2, 0, 0)),
-            cylinder(rng.uniform(0.03, 0.05), length, 1, (0, 0, 0), _rot_y90(), caps=False)]
+    return [
+        sphere(r, 0, (-length / 2, 0, 0)),
+        sphere(r * rng.uniform(0.9, 1.1), 0, (length / 2, 0, 0)),
+        cylinder(rng.uniform(0.03, 0.05), length, 1, (0, 0, 0), _rot_y90(), caps=False),
+    ]
 
 
 def _rot_y90():
@@ -244,33 +269,39 @@ def _snowman(rng):
 def _mushroom(rng):
     stem_h = rng.uniform(0.4, 0.7)
     cap = rng.uniform(0.35, 0.5)
-    return [cylinder(rng.uniform(0.08, 0.14), stem_h, 0, (0, 0, stem_h / 2), caps=False),
-            sphere(cap, 1, (0, 0, stem_h - cap * 0.2), min_z=0.0)]
+    return [
+        cylinder(rng.uniform(0.08, 0.14), stem_h, 0, (0, 0, stem_h / 2), caps=False),
+        sphere(cap, 1, (0, 0, stem_h - cap * 0.2), min_z=0.0),
+    ]
 
 
 def _arch(rng):
     gap, h = rng.uniform(0.5, 0.9), rng.uniform(0.7, 1.0)
     s = rng.uniform(0.12, 0.2)
-    return [box((s, s, h), 0, (-gap / 2 - s / 2, 0, h / 2)), box((s, s, h), 0, (gap / 2 + s / 2, 0, h / 2)),
-            box((gap + 2 * s, s, s), 1, (0, 0, h + s / 2))]
+    return [
+        box((s, s, h), 0, (-gap / 2 - s / 2, 0, h / 2)),
+        box((s, s, h), 0, (gap / 2 + s / 2, 0, h / 2)),
+        box((gap + 2 * s, s, s), 1, (0, 0, h + s / 2)),
+    ]
 
 
 def _cross(rng):
     length = rng.uniform(0.9, 1.3)
     s = rng.uniform(0.08, 0.14)
-    return [box((length, s, s), 0), box((s, length, s), 0),
-            box((s, s, length * rng.uniform(0.6, 1.0)), 1)]
+    return [box((length, s, s), 0), box((s, length, s), 0), box((s, s, length * rng.uniform(0.6, 1.0)), 1)]
 
 
 def _ring_stand(rng):
     # A torus standing on a small box: the torus alone is the mug's handle, the box a stool's seat.
     major = rng.uniform(0.3, 0.45)
     base = rng.uniform(0.25, 0.4)
-    return [box((base, base, 0.08), 0, (0, 0, 0.04)),
-            torus(major, rng.uniform(0.04, 0.07), 1, (0, 0, 0.08 + major), _rot_x(np.pi / 2))]
+    return [
+        box((base, base, 0.08), 0, (0, 0, 0.04)),
+        torus(major, rng.uniform(0.04, 0.07), 1, (0, 0, 0.08 + major), _rot_x(np.pi / 2)),
+    ]
 
 
-SHAPES: Dict[str, Tuple[Tuple[str, ...], Callable]] = {
+SHAPES: dict[str, tuple[tuple[str, ...], Callable]] = {
     "table": (("top", "leg"), _table),
     "shelf": (("frame", "shelf"), _shelf),
     "chair": (("seat", "leg", "back"), _chair),
@@ -286,13 +317,20 @@ SHAPES: Dict[str, Tuple[Tuple[str, ...], Callable]] = {
 }
 
 
-def sample_shape(name: str, rng: np.random.Generator, points_range=(1500, 4000), noise_range=(0.002, 0.01),
-                 size_range=(0.5, 1.0), stretch_range=(0.5, 2.0), max_tilt=0.15):
+def sample_shape(
+    name: str,
+    rng: np.random.Generator,
+    points_range=(1500, 4000),
+    noise_range=(0.002, 0.01),
+    size_range=(0.5, 1.0),
+    stretch_range=(0.5, 2.0),
+    max_tilt=0.15,
+):
     """One procedural shape: (points float32 [n, 3], normals float32 [n, 3], part roles int32 [n]).
 
     The shape is stretched along each axis by a factor in ``stretch_range`` (so that global
-    proportions overlap between classes), centred, scaled to a size in ``size_range`` (the geometric mean of its bounding radius and of the radius of
-    a sphere of the same area), rotated
+    proportions overlap between classes), centred, scaled to a size in ``size_range`` (the
+    geometric mean of its bounding radius and of the radius of a sphere of the same area), rotated
     about the vertical by a random angle and tilted by up to ``max_tilt`` radians. Points are spread
     over the primitives by area with a density gradient along a random direction, then noised.
     """
@@ -360,13 +398,20 @@ class EmbeddedObjectDataset(ObjectDataset):
 
     def cache_identity(self):
         """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
-        return {"per_class": self.per_class, "seed": self.seed, "classes": self.classes, "version": self.version}
+        return {
+            "per_class": self.per_class,
+            "seed": self.seed,
+            "classes": self.classes,
+            "version": self.version,
+        }
 
     def _key(self, split):
-        spec = json.dumps([self.name, self.version, self.dl, self.per_class[split], self.seed, self.classes, split])
+        spec = json.dumps(
+            [self.name, self.version, self.dl, self.per_class[split], self.seed, self.classes, split]
+        )
         return hashlib.sha1(spec.encode()).hexdigest()[:16]
 
-    def clouds(self, split: str) -> List[ObjectCloud]:
+    def clouds(self, split: str) -> list[ObjectCloud]:
         if split not in self.per_class:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if split not in self._clouds:
@@ -377,11 +422,16 @@ class EmbeddedObjectDataset(ObjectDataset):
         path = cache_root() / self.name / f"{split}_{self._key(split)}.npz"
         data = load_or_build(path, lambda: self._generate(split))
         bounds = np.concatenate([[0], np.cumsum(data["lengths"])])
-        return [ObjectCloud(points=data["points"][a:b],
-                            normals=data["normals"][a:b] if "normals" in data else np.zeros((b - a, 3), np.float32),
-                            label=int(label), point_labels=data["roles"][a:b] if "roles" in data else None,
-                            name=f"{split}_{i:05d}")
-                for i, (a, b, label) in enumerate(zip(bounds[:-1], bounds[1:], data["labels"]))]
+        return [
+            ObjectCloud(
+                points=data["points"][a:b],
+                normals=data["normals"][a:b] if "normals" in data else np.zeros((b - a, 3), np.float32),
+                label=int(label),
+                point_labels=data["roles"][a:b] if "roles" in data else None,
+                name=f"{split}_{i:05d}",
+            )
+            for i, (a, b, label) in enumerate(zip(bounds[:-1], bounds[1:], data["labels"]))
+        ]
 
     def samples(self, split):
         """Yields (label, points [n, 3], normals [n, 3] or None, part roles [n] or None) at full
@@ -397,7 +447,9 @@ class EmbeddedObjectDataset(ObjectDataset):
 
         arrays = {"points": [], "normals": [], "roles": [], "labels": [], "lengths": []}
         for label, points, normals, roles in self.samples(split):
-            extras = {key: value for key, value in (("features", normals), ("labels", roles)) if value is not None}
+            extras = {
+                key: value for key, value in (("features", normals), ("labels", roles)) if value is not None
+            }
             out = ops.grid_subsampling(points, self.dl, **extras)
             out = out if isinstance(out, tuple) else (out,)
             arrays["points"].append(out[0].numpy())
@@ -407,9 +459,12 @@ class EmbeddedObjectDataset(ObjectDataset):
                 arrays["roles"].append(out[-1].numpy().astype(np.int32))
             arrays["labels"].append(label)
             arrays["lengths"].append(len(out[0]))
-        return {"points": np.concatenate(arrays["points"]), "labels": np.array(arrays["labels"], np.int32),
-                "lengths": np.array(arrays["lengths"], np.int64),
-                **{key: np.concatenate(arrays[key]) for key in ("normals", "roles") if arrays[key]}}
+        return {
+            "points": np.concatenate(arrays["points"]),
+            "labels": np.array(arrays["labels"], np.int32),
+            "lengths": np.array(arrays["lengths"], np.int64),
+            **{key: np.concatenate(arrays[key]) for key in ("normals", "roles") if arrays[key]},
+        }
 
 
 class EmbeddedShapes(EmbeddedObjectDataset):
@@ -422,7 +477,7 @@ class EmbeddedShapes(EmbeddedObjectDataset):
     def label_names(self):
         return list(self.classes)
 
-    def clouds(self, split: str) -> List[ObjectCloud]:
+    def clouds(self, split: str) -> list[ObjectCloud]:
         return [ObjectCloud(c.points, c.normals, c.label, None, c.name) for c in super().clouds(split)]
 
 
@@ -447,13 +502,19 @@ class EmbeddedParts(EmbeddedObjectDataset):
 
 def shapes_from_config(config):
     extra = dict(config.dataset.extra)
-    return EmbeddedShapes(config.model.first_subsampling_dl,
-                          (extra.get("train_per_class", 60), extra.get("test_per_class", 20)),
-                          extra.get("seed", 0), extra.get("classes"))
+    return EmbeddedShapes(
+        config.model.first_subsampling_dl,
+        (extra.get("train_per_class", 60), extra.get("test_per_class", 20)),
+        extra.get("seed", 0),
+        extra.get("classes"),
+    )
 
 
 def parts_from_config(config):
     extra = dict(config.dataset.extra)
-    return EmbeddedParts(config.model.first_subsampling_dl,
-                         (extra.get("train_per_class", 40), extra.get("test_per_class", 10)),
-                         extra.get("seed", 0), extra.get("classes"))
+    return EmbeddedParts(
+        config.model.first_subsampling_dl,
+        (extra.get("train_per_class", 40), extra.get("test_per_class", 10)),
+        extra.get("seed", 0),
+        extra.get("classes"),
+    )

@@ -12,20 +12,28 @@ original) and the result cached. ``on_bad_file="skip"`` leaves out the shapes wh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 
 from training.datasets.base import DatasetError, ObjectCloud, ObjectDataset, require_dir, skip_empty
-from training.datasets.common import (SplitReads, cache_file, check_bad_file_policy, check_split,
-                                      load_or_build, read_table, subsample)
+from training.datasets.common import (
+    SplitReads,
+    cache_file,
+    check_bad_file_policy,
+    check_split,
+    load_or_build,
+    read_table,
+    subsample,
+)
 
 COLUMNS = ("x", "y", "z", "normal_x", "normal_y", "normal_z")
-LAYOUT = ("<root>/modelnet40_shape_names.txt, <root>/modelnet40_{train,test}.txt listing shape ids "
-          "(e.g. airplane_0001), <root>/<class>/<shape id>.txt with 'x,y,z,nx,ny,nz' lines")
+LAYOUT = (
+    "<root>/modelnet40_shape_names.txt, <root>/modelnet40_{train,test}.txt listing shape ids "
+    "(e.g. airplane_0001), <root>/<class>/<shape id>.txt with 'x,y,z,nx,ny,nz' lines"
+)
 
 
-def _read_lines(path: Path) -> List[str]:
+def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"missing file {str(path)!r}; expected layout: {LAYOUT}")
     with open(path) as f:
@@ -50,36 +58,47 @@ class ModelNet40(ObjectDataset):
         if len(set(self.label_names)) != len(self.label_names):
             raise DatasetError(f"{self.root / 'modelnet40_shape_names.txt'}: class names must be distinct")
         self.num_parts = None
-        self._clouds: Dict[str, List[ObjectCloud]] = {}
+        self._clouds: dict[str, list[ObjectCloud]] = {}
 
     def cache_identity(self):
         """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
         return {"root": str(self.root.resolve()), "classes": self.label_names}
 
-    def clouds(self, split: str) -> List[ObjectCloud]:
+    def clouds(self, split: str) -> list[ObjectCloud]:
         check_split(split, ("train", "test"))
         if split not in self._clouds:
-            path = cache_file(self.name, split, self.dl, {"root": str(self.root.resolve()),
-                                                          "classes": self.label_names, "version": self.version})
+            path = cache_file(
+                self.name,
+                split,
+                self.dl,
+                {"root": str(self.root.resolve()), "classes": self.label_names, "version": self.version},
+            )
             reads = SplitReads(self.on_bad_file, split)
             arrays = load_or_build(path, lambda: self._build(split, reads), reads)
             reads.finish(len(arrays["labels"]))
             bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])
             self._clouds[split] = [
-                ObjectCloud(points=arrays["points"][a:b], normals=arrays["normals"][a:b], label=int(label),
-                            name=str(name))
-                for a, b, label, name in zip(bounds[:-1], bounds[1:], arrays["labels"], arrays["names"])]
+                ObjectCloud(
+                    points=arrays["points"][a:b],
+                    normals=arrays["normals"][a:b],
+                    label=int(label),
+                    name=str(name),
+                )
+                for a, b, label, name in zip(bounds[:-1], bounds[1:], arrays["labels"], arrays["names"])
+            ]
         return self._clouds[split]
 
     def _read_shape(self, list_file: Path, shape: str) -> np.ndarray:
         """float32 [n, 6] (x, y, z, normal) of the shape ``shape`` listed in ``list_file``."""
         class_name = shape.rsplit("_", 1)[0]
         if class_name not in self.label_names:
-            raise DatasetError(f"{list_file}: shape {shape!r} has class {class_name!r}, which is not in "
-                               f"modelnet40_shape_names.txt")
+            raise DatasetError(
+                f"{list_file}: shape {shape!r} has class {class_name!r}, which is not in "
+                f"modelnet40_shape_names.txt"
+            )
         return read_table(self.root / class_name / f"{shape}.txt", 6, delimiter=",", names=COLUMNS)
 
-    def _build(self, split: str, reads: SplitReads) -> Dict[str, np.ndarray]:
+    def _build(self, split: str, reads: SplitReads) -> dict[str, np.ndarray]:
         list_file = self.root / f"modelnet40_{split}.txt"
         index = {name: i for i, name in enumerate(self.label_names)}
         points, normals, labels, names = [], [], [], []
@@ -93,10 +112,13 @@ class ModelNet40(ObjectDataset):
             normals.append(sub_normals)
             labels.append(index[class_name])
             names.append(shape)
-        return {"points": np.concatenate(points) if points else np.zeros((0, 3), np.float32),
-                "normals": np.concatenate(normals) if normals else np.zeros((0, 3), np.float32),
-                "lengths": np.array([len(p) for p in points], np.int64),
-                "labels": np.array(labels, np.int32), "names": np.array(names, dtype=str)}
+        return {
+            "points": np.concatenate(points) if points else np.zeros((0, 3), np.float32),
+            "normals": np.concatenate(normals) if normals else np.zeros((0, 3), np.float32),
+            "lengths": np.array([len(p) for p in points], np.int64),
+            "labels": np.array(labels, np.int32),
+            "names": np.array(names, dtype=str),
+        }
 
 
 def from_config(config) -> ModelNet40:

@@ -19,24 +19,46 @@ that no file has yet; a file whose class is not listed is then a bad file.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 import numpy as np
 
 from training.datasets.base import DatasetError, Scene, SceneDataset, require_dir
-from training.datasets.common import (SplitReads, cached_scenes, check_bad_file_policy, check_split, option,
-                                      read_table)
+from training.datasets.common import (
+    SplitReads,
+    cached_scenes,
+    check_bad_file_policy,
+    check_split,
+    option,
+    read_table,
+)
 
-CLASSES = ["ceiling", "floor", "wall", "beam", "column", "window", "door", "chair", "table", "bookcase", "sofa",
-           "board", "clutter"]
+CLASSES = [
+    "ceiling",
+    "floor",
+    "wall",
+    "beam",
+    "column",
+    "window",
+    "door",
+    "chair",
+    "table",
+    "bookcase",
+    "sofa",
+    "board",
+    "clutter",
+]
 # Annotation names the original folds into a class.
 ALIASES = {"stairs": "clutter"}
 COLUMNS = ("x", "y", "z", "red", "green", "blue")
-LAYOUT = "<root>/Area_N/<room>/Annotations/<class>_<k>.txt with 'x y z r g b' lines (root may hold Stanford3dDataset_v1.2*)"
+LAYOUT = (
+    "<root>/Area_N/<room>/Annotations/<class>_<k>.txt with 'x y z r g b' lines"
+    " (root may hold Stanford3dDataset_v1.2*)"
+)
 
 
-def _find_areas(root: Path) -> Dict[int, Path]:
+def _find_areas(root: Path) -> dict[int, Path]:
     def areas_in(folder):
         found = {}
         for child in folder.iterdir():
@@ -72,8 +94,14 @@ class S3DIS(SceneDataset):
     has_colors = True
     version = 1
 
-    def __init__(self, root, first_subsampling_dl: float = 0.04, test_area: int = 5,
-                 on_bad_file: str = "error", class_names: Sequence[str] = ()):
+    def __init__(
+        self,
+        root,
+        first_subsampling_dl: float = 0.04,
+        test_area: int = 5,
+        on_bad_file: str = "error",
+        class_names: Sequence[str] = (),
+    ):
         if not first_subsampling_dl > 0:
             raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
         check_bad_file_policy(on_bad_file)
@@ -83,16 +111,18 @@ class S3DIS(SceneDataset):
         self.areas = _find_areas(self.root)
         self.test_area = int(test_area)
         if self.test_area not in self.areas:
-            raise DatasetError(f"test area Area_{self.test_area} not found in {str(self.root)!r} "
-                               f"(found {['Area_%d' % a for a in sorted(self.areas)]})")
+            raise DatasetError(
+                f"test area Area_{self.test_area} not found in {str(self.root)!r} "
+                f"(found {[f'Area_{a}' for a in sorted(self.areas)]})"
+            )
         self.label_names = self._classes(list(class_names))
-        self._scenes: Dict[str, List[Scene]] = {}
+        self._scenes: dict[str, list[Scene]] = {}
 
     def cache_identity(self):
         """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
         return {"root": str(self.root.resolve()), "test_area": self.test_area}
 
-    def scenes(self, split: str) -> List[Scene]:
+    def scenes(self, split: str) -> list[Scene]:
         check_split(split, ("train", "validation", "test"))
         held_out = split != "train"
         if held_out not in self._scenes:
@@ -100,22 +130,34 @@ class S3DIS(SceneDataset):
             scenes = []
             reads = SplitReads(self.on_bad_file, split)
             for area in areas:
-                key = {"root": str(self.areas[area].resolve()), "keep_full": held_out,
-                       "version": self.version, "classes": self.label_names}
-                scenes += cached_scenes(self.name, f"Area_{area}", self.dl, key, [area],
-                                        lambda area: self._read_area(area, reads), keep_full=held_out,
-                                        reads=reads)
+                key = {
+                    "root": str(self.areas[area].resolve()),
+                    "keep_full": held_out,
+                    "version": self.version,
+                    "classes": self.label_names,
+                }
+                scenes += cached_scenes(
+                    self.name,
+                    f"Area_{area}",
+                    self.dl,
+                    key,
+                    [area],
+                    lambda area: self._read_area(area, reads),
+                    keep_full=held_out,
+                    reads=reads,
+                )
             reads.finish(len(scenes))
             self._scenes[held_out] = scenes
         return self._scenes[held_out]
 
-    def _classes(self, class_names: List[str]) -> List[str]:
+    def _classes(self, class_names: list[str]) -> list[str]:
         if class_names:
             if len(set(class_names)) != len(class_names) or not all(class_names):
                 raise ValueError(f"dataset.class_names must be distinct non-empty names, got {class_names}")
             return class_names
-        found = {class_of(path) for folder in self.areas.values()
-                 for path in folder.glob("*/Annotations/*.txt")}
+        found = {
+            class_of(path) for folder in self.areas.values() for path in folder.glob("*/Annotations/*.txt")
+        }
         if all(ALIASES.get(name, name) in CLASSES for name in found):
             return list(CLASSES)
         return sorted(found)
@@ -126,8 +168,9 @@ class S3DIS(SceneDataset):
         if name not in self.label_names:
             name = ALIASES.get(name, name)
         if name not in self.label_names:
-            raise DatasetError(f"{path}: unknown class {class_of(path)!r} in the file name; "
-                               f"classes: {self.label_names}")
+            raise DatasetError(
+                f"{path}: unknown class {class_of(path)!r} in the file name; classes: {self.label_names}"
+            )
         return self.label_names.index(name), read_table(path, 6, names=COLUMNS)
 
     def _read_area(self, area: int, reads: SplitReads):
@@ -147,7 +190,12 @@ class S3DIS(SceneDataset):
                 colors.append(np.clip(data[:, 3:6], 0, 255).astype(np.uint8).astype(np.float32) / 255)
                 labels.append(np.full(len(data), label, np.int32))
         if not points:
-            return folder.name, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), np.zeros(0, np.int32)
+            return (
+                folder.name,
+                np.zeros((0, 3), np.float32),
+                np.zeros((0, 3), np.float32),
+                np.zeros(0, np.int32),
+            )
         return folder.name, np.concatenate(points), np.concatenate(colors), np.concatenate(labels)
 
 
@@ -159,8 +207,14 @@ def from_config(config) -> S3DIS:
     if area is None and config.dataset.split:
         text = config.dataset.split[5:] if config.dataset.split.startswith("Area_") else config.dataset.split
         if not text.isdigit():
-            raise ValueError(f"dataset.split must name the S3DIS test area (e.g. 'Area_5'), got {config.dataset.split!r}")
+            raise ValueError(
+                f"dataset.split must name the S3DIS test area (e.g. 'Area_5'), got {config.dataset.split!r}"
+            )
         area = int(text)
-    return S3DIS(config.dataset.path, config.model.first_subsampling_dl,
-                 test_area=5 if area is None else area, on_bad_file=config.dataset.on_bad_file,
-                 class_names=config.dataset.class_names)
+    return S3DIS(
+        config.dataset.path,
+        config.model.first_subsampling_dl,
+        test_area=5 if area is None else area,
+        on_bad_file=config.dataset.on_bad_file,
+        class_names=config.dataset.class_names,
+    )

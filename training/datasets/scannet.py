@@ -22,27 +22,56 @@ benchmark scores. ``on_bad_file="skip"`` leaves out the scenes whose mesh, label
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 
 from training.datasets.base import DatasetError, Scene, SceneDataset, require_dir
-from training.datasets.common import (SplitReads, cached_scenes, check_bad_file_policy, check_finite,
-                                      check_split, map_labels, option, read_ply_fields, subsample)
+from training.datasets.common import (
+    SplitReads,
+    cached_scenes,
+    check_bad_file_policy,
+    check_finite,
+    check_split,
+    map_labels,
+    option,
+    read_ply_fields,
+    subsample,
+)
 
 # nyu40 ids of the 20 ScanNet benchmark classes, in the original's order.
 CLASS_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39]
-CLASSES = ["wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
-           "counter", "desk", "curtain", "refridgerator", "shower curtain", "toilet", "sink", "bathtub",
-           "otherfurniture"]
+CLASSES = [
+    "wall",
+    "floor",
+    "cabinet",
+    "bed",
+    "chair",
+    "sofa",
+    "table",
+    "door",
+    "window",
+    "bookshelf",
+    "picture",
+    "counter",
+    "desk",
+    "curtain",
+    "refridgerator",
+    "shower curtain",
+    "toilet",
+    "sink",
+    "bathtub",
+    "otherfurniture",
+]
 LABELS = {i: (CLASS_IDS.index(i) if i in CLASS_IDS else -1) for i in range(41)}
 MESH_GRID = 0.01  # the original grids the face samples at 1 cm
 _CHUNK_SAMPLES = 1 << 20
-LAYOUT = ("<root>/scans/<scene>/<scene>_vh_clean_2.ply and _vh_clean_2.labels.ply, <root>/scannetv2_val.txt, "
-          "optional <root>/scannetv2_train.txt, <root>/scans_test/<scene>/<scene>_vh_clean_2.ply")
+LAYOUT = (
+    "<root>/scans/<scene>/<scene>_vh_clean_2.ply and _vh_clean_2.labels.ply, <root>/scannetv2_val.txt, "
+    "optional <root>/scannetv2_train.txt, <root>/scans_test/<scene>/<scene>_vh_clean_2.ply"
+)
 
 
-def _read_list(path: Path) -> Optional[List[str]]:
+def _read_list(path: Path) -> list[str] | None:
     if not path.is_file():
         return None
     with open(path) as f:
@@ -71,17 +100,19 @@ def sample_mesh(vertices: np.ndarray, faces: np.ndarray, spacing: float):
         # Chunks of about a million samples bound the temporaries on real scans.
         step = max(1, _CHUNK_SAMPLES // len(bary))
         for start in range(0, len(group_faces), step):
-            c = group_corners[start:start + step]
+            c = group_corners[start : start + step]
             p = np.einsum("kb,fbd->fkd", bary, c)  # [f, K, 3]
             d = ((p[:, :, None, :] - c[:, None, :, :]) ** 2).sum(3)  # [f, K, 3]
             points.append(p.reshape(-1, 3).astype(np.float32))
-            nearest.append(np.take_along_axis(group_faces[start:start + step], d.argmin(2), axis=1).reshape(-1))
+            nearest.append(
+                np.take_along_axis(group_faces[start : start + step], d.argmin(2), axis=1).reshape(-1)
+            )
     if not points:
         return np.zeros((0, 3), np.float32), np.zeros(0, np.int64)
     return np.concatenate(points), np.concatenate(nearest)
 
 
-def _alignment(path: Path) -> Optional[np.ndarray]:
+def _alignment(path: Path) -> np.ndarray | None:
     """The 4x4 axisAlignment of a scene's meta file, or None."""
     if not path.is_file():
         return None
@@ -94,8 +125,9 @@ def _alignment(path: Path) -> Optional[np.ndarray]:
                 except ValueError as err:
                     raise DatasetError(f"{path}: line {number}: axisAlignment needs 16 numbers") from err
                 if not np.all(np.isfinite(align)):
-                    raise DatasetError(f"{path}: line {number}: non-finite value in axisAlignment: "
-                                       f"{align.ravel().tolist()}")
+                    raise DatasetError(
+                        f"{path}: line {number}: non-finite value in axisAlignment: {align.ravel().tolist()}"
+                    )
                 return align
     return None
 
@@ -108,8 +140,13 @@ class Scannet(SceneDataset):
     has_colors = True
     version = 1
 
-    def __init__(self, root, first_subsampling_dl: float = 0.04, mesh_sampling: Optional[float] = 0.003,
-                 on_bad_file: str = "error"):
+    def __init__(
+        self,
+        root,
+        first_subsampling_dl: float = 0.04,
+        mesh_sampling: float | None = 0.003,
+        on_bad_file: str = "error",
+    ):
         if not first_subsampling_dl > 0:
             raise ValueError(f"first_subsampling_dl must be > 0, got {first_subsampling_dl}")
         check_bad_file_policy(on_bad_file)
@@ -126,7 +163,9 @@ class Scannet(SceneDataset):
         if val is None:
             val = _read_list(self.root / "scannet_v2_val.txt")  # the original's name
         if val is None:
-            raise DatasetError(f"missing file {str(self.root / 'scannetv2_val.txt')!r}; expected layout: {LAYOUT}")
+            raise DatasetError(
+                f"missing file {str(self.root / 'scannetv2_val.txt')!r}; expected layout: {LAYOUT}"
+            )
         train = _read_list(self.root / "scannetv2_train.txt")
         if train is None:
             train = sorted(d.name for d in scans.iterdir() if d.is_dir() and d.name not in set(val))
@@ -135,7 +174,7 @@ class Scannet(SceneDataset):
         if test is None:
             test = sorted(d.name for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []
         self.splits = {"train": sorted(train), "validation": sorted(val), "test": sorted(test)}
-        self._scenes: Dict[str, List[Scene]] = {}
+        self._scenes: dict[str, list[Scene]] = {}
 
     def cache_identity(self):
         """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
@@ -146,17 +185,28 @@ class Scannet(SceneDataset):
             return self.root / "scans_test" / scene
         return self.root / "scans" / scene
 
-    def scenes(self, split: str) -> List[Scene]:
+    def scenes(self, split: str) -> list[Scene]:
         check_split(split, ("train", "validation", "test"))
         if split not in self._scenes:
             if not self.splits[split]:
                 raise DatasetError(f"no {split} scene in {str(self.root)!r}; expected layout: {LAYOUT}")
-            key = {"root": str(self.root.resolve()), "scenes": self.splits[split], "mesh": self.mesh_sampling,
-                   "version": self.version}
+            key = {
+                "root": str(self.root.resolve()),
+                "scenes": self.splits[split],
+                "mesh": self.mesh_sampling,
+                "version": self.version,
+            }
             reads = SplitReads(self.on_bad_file, split, "scenes")
-            self._scenes[split] = cached_scenes(self.name, split, self.dl, key, self.splits[split],
-                                                lambda scene: reads.read(self._read, scene, split != "test"),
-                                                keep_full=split != "train", reads=reads)
+            self._scenes[split] = cached_scenes(
+                self.name,
+                split,
+                self.dl,
+                key,
+                self.splits[split],
+                lambda scene: reads.read(self._read, scene, split != "test"),
+                keep_full=split != "train",
+                reads=reads,
+            )
             reads.finish(len(self._scenes[split]))
         return self._scenes[split]
 
@@ -205,6 +255,9 @@ class Scannet(SceneDataset):
 def from_config(config) -> Scannet:
     """Scannet at ``config.dataset.path``; ``dataset.extra['mesh_sampling']`` (metres, or null for the
     vertices alone) overrides the original's 3 mm face sampling."""
-    return Scannet(config.dataset.path, config.model.first_subsampling_dl,
-                   mesh_sampling=option(config, "mesh_sampling", 0.003),
-                   on_bad_file=config.dataset.on_bad_file)
+    return Scannet(
+        config.dataset.path,
+        config.model.first_subsampling_dl,
+        mesh_sampling=option(config, "mesh_sampling", 0.003),
+        on_bad_file=config.dataset.on_bad_file,
+    )

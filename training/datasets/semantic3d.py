@@ -12,17 +12,34 @@ it must be finite). ``on_bad_file="skip"`` leaves out the scans whose text or la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 import numpy as np
 
 from training.datasets.base import DatasetError, Scene, SceneDataset, require_dir
-from training.datasets.common import (SplitReads, cached_scenes, check_bad_file_policy, check_split,
-                                      label_map, map_labels, option, read_table, subsample)
+from training.datasets.common import (
+    SplitReads,
+    cached_scenes,
+    check_bad_file_policy,
+    check_split,
+    label_map,
+    map_labels,
+    option,
+    read_table,
+    subsample,
+)
 
-CLASSES = ["man-made terrain", "natural terrain", "high vegetation", "low vegetation", "buildings", "hard scape",
-           "scanning artefacts", "cars"]
+CLASSES = [
+    "man-made terrain",
+    "natural terrain",
+    "high vegetation",
+    "low vegetation",
+    "buildings",
+    "hard scape",
+    "scanning artefacts",
+    "cars",
+]
 # Original label values: 0 is "unlabeled" and ignored; 1..8 are CLASSES.
 LABELS = label_map(range(9), ignored=(0,))
 # The sorted training scans the original holds out (its all_splits entries equal to validation_split).
@@ -40,11 +57,18 @@ class Semantic3D(SceneDataset):
     has_colors = True
     version = 1
 
-    def __init__(self, root, first_subsampling_dl: float = 0.06,
-                 validation_clouds: Sequence[str] = VALIDATION, on_bad_file: str = "error"):
+    def __init__(
+        self,
+        root,
+        first_subsampling_dl: float = 0.06,
+        validation_clouds: Sequence[str] = VALIDATION,
+        on_bad_file: str = "error",
+    ):
         if not first_subsampling_dl > PRESAMPLE_DL:
-            raise ValueError(f"first_subsampling_dl must be > {PRESAMPLE_DL} (scans are presampled at 1 cm), "
-                             f"got {first_subsampling_dl}")
+            raise ValueError(
+                f"first_subsampling_dl must be > {PRESAMPLE_DL} (scans are presampled at 1 cm), "
+                f"got {first_subsampling_dl}"
+            )
         check_bad_file_policy(on_bad_file)
         self.on_bad_file = on_bad_file
         root = require_dir(root, LAYOUT)
@@ -54,7 +78,7 @@ class Semantic3D(SceneDataset):
         if not self.files:
             raise DatasetError(f"no <scan>.txt file in {str(self.root)!r}; expected layout: {LAYOUT}")
         self.validation_clouds = sorted(validation_clouds)
-        self._scenes: Dict[str, List[Scene]] = {}
+        self._scenes: dict[str, list[Scene]] = {}
 
     def cache_identity(self):
         """What tells this dataset from another of the same name (keys the pipeline's calibration)."""
@@ -65,20 +89,35 @@ class Semantic3D(SceneDataset):
             return "test"
         return "validation" if path.stem in self.validation_clouds else "train"
 
-    def scenes(self, split: str) -> List[Scene]:
+    def scenes(self, split: str) -> list[Scene]:
         check_split(split, ("train", "validation", "test"))
         if split not in self._scenes:
             files = [f for f in self.files if self._split_of(f) == split]
             if not files:
-                rule = {"train": "labelled scans (<scan>.labels) outside the validation scans",
-                        "validation": f"labelled scans named {self.validation_clouds} (dataset.extra.validation_clouds)",
-                        "test": "unlabelled scans (no <scan>.labels)"}[split]
+                rule = {
+                    "train": "labelled scans (<scan>.labels) outside the validation scans",
+                    "validation": (
+                        f"labelled scans named {self.validation_clouds} (dataset.extra.validation_clouds)"
+                    ),
+                    "test": "unlabelled scans (no <scan>.labels)",
+                }[split]
                 raise DatasetError(f"no {split} scan in {str(self.root)!r}: the split takes {rule}")
-            key = {"root": str(self.root.resolve()), "files": [f.name for f in files], "version": self.version}
+            key = {
+                "root": str(self.root.resolve()),
+                "files": [f.name for f in files],
+                "version": self.version,
+            }
             reads = SplitReads(self.on_bad_file, split, "scans")
-            self._scenes[split] = cached_scenes(self.name, split, self.dl, key, files,
-                                                lambda path: reads.read(self._read, path),
-                                                keep_full=split != "train", reads=reads)
+            self._scenes[split] = cached_scenes(
+                self.name,
+                split,
+                self.dl,
+                key,
+                files,
+                lambda path: reads.read(self._read, path),
+                keep_full=split != "train",
+                reads=reads,
+            )
             reads.finish(len(self._scenes[split]))
         return self._scenes[split]
 
@@ -101,6 +140,9 @@ class Semantic3D(SceneDataset):
 def from_config(config) -> Semantic3D:
     """Semantic3D at ``config.dataset.path``; ``dataset.extra['validation_clouds']`` overrides the
     original's held-out scans."""
-    return Semantic3D(config.dataset.path, config.model.first_subsampling_dl,
-                      validation_clouds=option(config, "validation_clouds", VALIDATION),
-                      on_bad_file=config.dataset.on_bad_file)
+    return Semantic3D(
+        config.dataset.path,
+        config.model.first_subsampling_dl,
+        validation_clouds=option(config, "validation_clouds", VALIDATION),
+        on_bad_file=config.dataset.on_bad_file,
+    )
