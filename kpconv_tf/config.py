@@ -13,6 +13,7 @@ Unknown keys and wrong types raise ``ConfigError`` naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +243,7 @@ def _coerce(hint, value, key: str):
     """Checks ``value`` against the annotation ``hint``; ints are accepted for floats."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is Union:
+    if origin in (Union, types.UnionType):  # Optional[X] and X | None
         if value is None and type(None) in args:
             return None
         errors = []
@@ -252,11 +253,11 @@ def _coerce(hint, value, key: str):
             except ConfigError as err:
                 errors.append(err)
         raise errors[0]
-    if origin in (list, list):
+    if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, dict):
+    if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         if args and args[1] is Any:
