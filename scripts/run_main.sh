@@ -16,4 +16,9 @@ RUN_DIR="${KPCONV_RUN_DIR:-results/embedded_shapes_$(date +%Y-%m-%d_%H-%M-%S)}"
 # The last checkpoint: "best" is chosen on the validation split, which is the test split here.
 "$PY" -m training.test "$RUN_DIR" --checkpoint last
 "$PY" -m utils.plots "$RUN_DIR"
-echo "run directory: $RUN_DIR (test metrics: $RUN_DIR/test/metrics.json, plots: $RUN_DIR/*.png)"
+# The run as a user would deploy it: a portable SavedModel, and predictions on new shapes.
+"$PY" -m training.export "$RUN_DIR" "$RUN_DIR/exported" --checkpoint last
+"$PY" -m training.datasets.embedded_shapes "$RUN_DIR/new_shapes"
+"$PY" -m training.predict "$RUN_DIR/exported" "$RUN_DIR/new_shapes" --out "$RUN_DIR/predictions"
+echo "run directory: $RUN_DIR (test metrics: $RUN_DIR/test/metrics.json, plots: $RUN_DIR/*.png," \
+    "SavedModel: $RUN_DIR/exported, predictions on new shapes: $RUN_DIR/predictions/predictions.csv)"

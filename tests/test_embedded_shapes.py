@@ -105,3 +105,26 @@ def test_a_linear_classifier_on_global_statistics_does_not_solve_it():
     chance = 1 / len(SHAPES)
     # ~0.8 measured (seed 0), where KP-CNN reaches ~0.95: informative statistics, yet not a solution
     assert 2 * chance < accuracy < 0.85
+
+
+def test_new_shapes_are_written_as_ply_with_normals_and_differ_from_the_splits(tmp_path):
+    from training.datasets.embedded_shapes import main
+    from utils.point_files import read_point_file
+
+    main([str(tmp_path / "new"), "--per-class", "2", "--seed", "3"])
+    paths = sorted((tmp_path / "new").glob("*.ply"))
+    assert len(paths) == 2 * len(SHAPES)
+    first = read_point_file(tmp_path / "new" / "chair_0.ply")
+    assert {"nx", "ny", "nz"} <= set(first.fields)
+    normals = np.stack([first.fields[k] for k in ("nx", "ny", "nz")], 1)
+    np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-4)
+    assert 1500 <= len(first.points) <= 4000
+    # Not the first training or test chair: the new shapes have their own random stream.
+    rng_train = np.random.default_rng([3, 0])
+    for name in SHAPES:
+        train_points, _, _ = sample_shape(name, rng_train)
+        if name == "chair":
+            break
+    assert len(train_points) != len(first.points) or not np.allclose(train_points, first.points)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "bad"), "--per-class", "0"])

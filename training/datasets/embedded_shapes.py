@@ -18,6 +18,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -518,3 +519,44 @@ def parts_from_config(config):
         extra.get("seed", 0),
         extra.get("classes"),
     )
+
+
+def write_new_shapes(out_dir, per_class: int = 1, seed: int = 0, classes=None) -> list:
+    """Writes ``per_class`` new full-resolution shapes of every class as ``<class>_<k>.ply`` (fields
+    x, y, z, nx, ny, nz) into ``out_dir``: clouds to try ``training.predict`` on. They come from
+    their own random stream, so they are neither training nor test shapes. Returns the paths."""
+    from utils.point_files import write_point_file
+
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 2])  # streams 0 and 1 are the train and test splits
+    paths = []
+    for k in range(per_class):
+        for name in classes or SHAPES:
+            points, normals, _ = sample_shape(name, rng)
+            fields = dict(zip(("nx", "ny", "nz"), normals.T))
+            paths.append(write_point_file(out_dir / f"{name}_{k}.ply", points, fields))
+    return paths
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.datasets.embedded_shapes",
+        description="Write new procedural shapes as .ply files (to try training.predict on).",
+    )
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--per-class", type=int, default=1, help="shapes of every class")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.per_class < 1:
+        parser.error(f"--per-class must be >= 1, got {args.per_class}")
+    paths = write_new_shapes(args.out, args.per_class, args.seed)
+    print(f"wrote {len(paths)} shapes to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
