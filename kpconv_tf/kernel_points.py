@@ -14,19 +14,18 @@ jitter; pass a seed to make both reproducible.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from kpconv_tf.cache import cache_home
 from utils.ply import read_ply, write_ply
 
 FIXED_MODES = ("center", "verticals", "none")
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("KPCONV_TF_CACHE", Path.home() / ".cache" / "kpconv_tf"))
-    return root / "kernels"
+    return cache_home() / "kernels"
 
 
 def energy(points: np.ndarray) -> np.ndarray:

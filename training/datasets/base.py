@@ -10,13 +10,14 @@ Caches live in ``cache_root() / <dataset> / ...``, never in the dataset or worki
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from kpconv_tf.cache import cache_home
 
 
 class DatasetError(ValueError):
@@ -25,8 +26,7 @@ class DatasetError(ValueError):
 
 def cache_root() -> Path:
     """``$KPCONV_TF_CACHE/datasets`` (default ``~/.cache/kpconv_tf/datasets``)."""
-    root = Path(os.environ.get("KPCONV_TF_CACHE", Path.home() / ".cache" / "kpconv_tf"))
-    return root / "datasets"
+    return cache_home() / "datasets"
 
 
 def discard_cache(path: Path, err: Exception) -> None:
