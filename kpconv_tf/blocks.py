@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from kpconv_tf.config import ModelConfig
 from kpconv_tf.initializers import OriginalTruncatedNormal
+from kpconv_tf.inputs import layer_keys
 from kpconv_tf.layers import KPConv
 
 
@@ -148,17 +149,14 @@ class Block(keras.layers.Layer):
 
     def run_kpconv(self, conv, features, inputs, strided=False, upsample=False, layer=None):
         l = self.layer_index if layer is None else layer
+        keys = layer_keys(l)
+        support = inputs[keys.points]
         if strided:
-            query, support, neighbors = inputs[f"points_{l + 1}"], inputs[f"points_{l}"], inputs[f"pools_{l}"]
+            query, neighbors = inputs[layer_keys(l + 1).points], inputs[keys.pools]
         elif upsample:
-            query, support, neighbors = (
-                inputs[f"points_{l - 1}"],
-                inputs[f"points_{l}"],
-                inputs[f"upsamples_{l - 1}"],
-            )
+            query, neighbors = inputs[layer_keys(l - 1).points], inputs[layer_keys(l - 1).upsamples]
         else:
-            query = support = inputs[f"points_{l}"]
-            neighbors = inputs[f"neighbors_{l}"]
+            query, neighbors = support, inputs[keys.neighbors]
         if conv.deformable:
             out, deformed = conv(query, support, neighbors, features, return_deformed=True)
             self.deformed.append((deformed, query, support, neighbors, conv))
@@ -284,9 +282,9 @@ class ResnetBottleneckBlock(Block):
         x = self.norm3(self.conv3(x), training=training)
         shortcut = features
         if self.strided:
-            shortcut = max_pool(features, inputs[f"pools_{self.layer_index}"])
+            shortcut = max_pool(features, inputs[layer_keys(self.layer_index).pools])
         elif self.upsample:
-            shortcut = closest_pool(features, inputs[f"upsamples_{self.layer_index - 1}"])
+            shortcut = closest_pool(features, inputs[layer_keys(self.layer_index - 1).upsamples])
         if self.shortcut is not None:
             shortcut = self.shortcut_norm(self.shortcut(shortcut), training=training)
         return leaky_relu(x + shortcut)
@@ -346,7 +344,9 @@ class InceptionDeformableBlock(Block):
         )
         x = leaky_relu(self.concat_norm(tf.concat([x1, x2], axis=1), training=training))
         x = self.unary_norm(self.unary(x), training=training)
-        shortcut = max_pool(features, inputs[f"pools_{self.layer_index}"]) if self.strided else features
+        shortcut = (
+            max_pool(features, inputs[layer_keys(self.layer_index).pools]) if self.strided else features
+        )
         if self.shortcut is not None:
             shortcut = self.shortcut_norm(self.shortcut(shortcut), training=training)
         return leaky_relu(x + shortcut)
@@ -371,14 +371,14 @@ class MaxPoolBlock(Block):
     """'max_pool' / 'max_pool_wide': max over pools_l (features of points_{l+1})."""
 
     def call(self, features, inputs, training=False):
-        return max_pool(features, inputs[f"pools_{self.layer_index}"])
+        return max_pool(features, inputs[layer_keys(self.layer_index).pools])
 
 
 class GlobalAverageBlock(Block):
     """'global_average': per-cloud mean of the last layer's features -> [B, D]."""
 
     def call(self, features, inputs, training=False):
-        lengths = inputs[f"lengths_{self.layer_index}"]
+        lengths = inputs[layer_keys(self.layer_index).lengths]
         segments = tf.repeat(tf.range(tf.shape(lengths)[0]), lengths)
         sums = tf.math.unsorted_segment_sum(features, segments, tf.shape(lengths)[0])
         return sums / tf.cast(tf.maximum(lengths, 1), features.dtype)[:, None]
@@ -388,7 +388,7 @@ class NearestUpsampleBlock(Block):
     """'nearest_upsample': features of points_l copied to points_{l-1} by nearest neighbour."""
 
     def call(self, features, inputs, training=False):
-        return closest_pool(features, inputs[f"upsamples_{self.layer_index - 1}"])
+        return closest_pool(features, inputs[layer_keys(self.layer_index - 1).upsamples])
 
 
 _BLOCKS = {

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from kpconv_tf.config import Config
+from kpconv_tf.inputs import BATCH_INDEX, FEATURES, layer_keys
 
 _SECTIONS = {
     "dataset": {
@@ -290,21 +291,22 @@ def inputs_from_original(flat_inputs, config: Config) -> dict[str, tf.Tensor]:
         lengths.append(np.bincount(owner[first], minlength=len(lengths[l])).astype(np.int32))
     batch_index = np.repeat(np.arange(len(lengths[0])), lengths[0])
     inputs = {
-        "features": tf.constant(features, tf.float32),
-        "batch_index": tf.constant(batch_index, tf.int32),
+        FEATURES: tf.constant(features, tf.float32),
+        BATCH_INDEX: tf.constant(batch_index, tf.int32),
     }
     if config.model.network_model == "multi_segmentation":
         point_objects = rest[5]
         starts = np.concatenate([[0], np.cumsum(lengths[0])[:-1]])
         inputs["object_labels"] = tf.constant(point_objects[starts], tf.int32)
     for l in range(num_layers):
-        inputs[f"points_{l}"] = tf.constant(points[l], tf.float32)
-        inputs[f"neighbors_{l}"] = tf.constant(neighbors[l], tf.int32)
-        inputs[f"lengths_{l}"] = tf.constant(lengths[l], tf.int32)
+        keys = layer_keys(l)
+        inputs[keys.points] = tf.constant(points[l], tf.float32)
+        inputs[keys.neighbors] = tf.constant(neighbors[l], tf.int32)
+        inputs[keys.lengths] = tf.constant(lengths[l], tf.int32)
         if l < num_layers - 1:
-            inputs[f"pools_{l}"] = tf.constant(pools[l], tf.int32)
+            inputs[keys.pools] = tf.constant(pools[l], tf.int32)
             if segmentation:
-                inputs[f"upsamples_{l}"] = tf.constant(upsamples[l], tf.int32)
+                inputs[keys.upsamples] = tf.constant(upsamples[l], tf.int32)
     return inputs
 
 

@@ -26,26 +26,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from kpconv_tf.architecture import needs_upsamples
 from kpconv_tf.config import Config
+from kpconv_tf.inputs import input_spec
 from kpconv_tf.pyramid import build_pyramid
-
-
-def _input_signature(config: Config):
-    num_layers = config.model.num_layers
-    spec = {
-        "features": tf.TensorSpec([None, config.dataset.in_features_dim], tf.float32),
-        "batch_index": tf.TensorSpec([None], tf.int32),
-    }
-    for l in range(num_layers):
-        spec[f"points_{l}"] = tf.TensorSpec([None, 3], tf.float32)
-        spec[f"neighbors_{l}"] = tf.TensorSpec([None, None], tf.int32)
-        spec[f"lengths_{l}"] = tf.TensorSpec([None], tf.int32)
-        if l < num_layers - 1:
-            spec[f"pools_{l}"] = tf.TensorSpec([None, None], tf.int32)
-            if needs_upsamples(config.model):
-                spec[f"upsamples_{l}"] = tf.TensorSpec([None, None], tf.int32)
-    return spec
 
 
 def export_saved_model(model, config: Config, path, neighbor_limits=None):
@@ -53,7 +36,7 @@ def export_saved_model(model, config: Config, path, neighbor_limits=None):
     import keras
 
     limits = None if neighbor_limits is None else [int(x) for x in neighbor_limits]
-    signature = _input_signature(config)
+    signature = input_spec(config)
 
     def probabilities(inputs):
         inputs = {k: v for k, v in inputs.items() if k in signature}

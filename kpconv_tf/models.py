@@ -21,9 +21,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from kpconv_tf.architecture import is_pooling_block
+from kpconv_tf.architecture import is_pooling_block, layer_specs
 from kpconv_tf.blocks import UnaryConv, leaky_relu, make_block, normalization, unit_variables
 from kpconv_tf.config import Config
+from kpconv_tf.inputs import BATCH_INDEX, FEATURES, input_spec, layer_keys
 from kpconv_tf.layers import KPConv
 from kpconv_tf.losses import deformable_layer_offsets_loss, deformation_statistics, nearest_squared_distances
 
@@ -158,7 +159,7 @@ class KPCNN(_ConfiguredNetwork):
 
 def run_encoder(blocks, inputs, training):
     """Runs the encoder blocks; returns (per-block outputs, skip features per layer)."""
-    features = inputs["features"]
+    features = inputs[FEATURES]
     outputs, skips = [], []
     for block in blocks:
         if any(k in block.block_type for k in ("pool", "strided", "global")):
@@ -292,7 +293,7 @@ class KPFCNN(_ConfiguredNetwork):
         heads = len(self.config.dataset.num_classes)
         x = tf.transpose(tf.reshape(x, [-1, heads, self.config.model.first_features_dim]), [1, 0, 2])
         all_logits = tf.matmul(x, self.multi_weights) + self.classifier_bias  # [heads, N, C]
-        point_category = tf.gather(inputs["object_labels"], inputs["batch_index"])
+        point_category = tf.gather(inputs["object_labels"], inputs[BATCH_INDEX])
         return tf.gather_nd(all_logits, tf.stack([point_category, tf.range(tf.shape(point_category)[0])], 1))
 
     def call(self, inputs, training=False):
@@ -324,19 +325,16 @@ class KPFCNN(_ConfiguredNetwork):
 
 
 def dummy_inputs(config: Config, points_per_layer=4):
-    """A tiny valid input dict (one cloud, every layer) that builds all variables of a model."""
+    """A tiny valid input dict (one cloud of n points in every layer, the keys of input_spec, plus
+    object_labels [1] for multi-head networks) that builds all variables of a model."""
     n = points_per_layer
-    num_layers = config.model.num_layers
-    inputs = {
-        "features": tf.ones([n, config.dataset.in_features_dim]),
-        "batch_index": tf.zeros([n], tf.int32),
-        "object_labels": tf.zeros([1], tf.int32),
-    }
-    for l in range(num_layers):
-        inputs[f"points_{l}"] = tf.random.stateless_uniform([n, 3], seed=[l, 0]) * 0.01
-        inputs[f"neighbors_{l}"] = tf.tile(tf.range(n)[None], [n, 1])
-        inputs[f"lengths_{l}"] = tf.constant([n], tf.int32)
-        if l < num_layers - 1:
-            inputs[f"pools_{l}"] = tf.tile(tf.range(n)[None], [n, 1])
-            inputs[f"upsamples_{l}"] = tf.tile(tf.range(n)[None], [n, 1])
+    inputs = {FEATURES: tf.ones([n, config.dataset.in_features_dim]), BATCH_INDEX: tf.zeros([n], tf.int32)}
+    for l in range(len(layer_specs(config.model))):
+        keys = layer_keys(l)
+        inputs[keys.points] = tf.random.stateless_uniform([n, 3], seed=[l, 0]) * 0.01
+        inputs[keys.lengths] = tf.constant([n], tf.int32)
+    # The remaining keys are neighbour indices: every point neighbours every point.
+    for key in input_spec(config):
+        inputs.setdefault(key, tf.tile(tf.range(n)[None], [n, 1]))
+    inputs["object_labels"] = tf.zeros([1], tf.int32)
     return inputs

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from kpconv_tf.architecture import layer_specs, needs_upsamples
 from kpconv_tf.config import PYRAMID_IMPLEMENTATIONS, ModelConfig
+from kpconv_tf.inputs import BATCH_INDEX, FEATURES, layer_keys
 
 
 def pyramid_ops(implementation: str):
@@ -49,25 +50,26 @@ def build_pyramid(
     points = tf.convert_to_tensor(points, tf.float32)
     lengths = tf.convert_to_tensor(lengths, tf.int32)
     inputs = {
-        "features": tf.convert_to_tensor(features, tf.float32),
-        "batch_index": tf.repeat(tf.range(tf.shape(lengths)[0]), lengths),
+        FEATURES: tf.convert_to_tensor(features, tf.float32),
+        BATCH_INDEX: tf.repeat(tf.range(tf.shape(lengths)[0]), lengths),
     }
     for spec in specs:
         l = spec.index
+        keys = layer_keys(l)
         limit = 0 if neighbor_limits is None else int(neighbor_limits[l])
-        inputs[f"points_{l}"] = points
-        inputs[f"lengths_{l}"] = lengths
-        inputs[f"neighbors_{l}"] = ops.batch_neighbors(
+        inputs[keys.points] = points
+        inputs[keys.lengths] = lengths
+        inputs[keys.neighbors] = ops.batch_neighbors(
             points, points, lengths, lengths, spec.conv_radius, limit
         )
         if spec.next_dl is None:
             break
         sub_points, sub_lengths = ops.batch_grid_subsampling(points, lengths, spec.next_dl)
-        inputs[f"pools_{l}"] = ops.batch_neighbors(
+        inputs[keys.pools] = ops.batch_neighbors(
             sub_points, points, sub_lengths, lengths, spec.pool_radius, limit
         )
         if with_upsamples:
-            inputs[f"upsamples_{l}"] = ops.batch_neighbors(
+            inputs[keys.upsamples] = ops.batch_neighbors(
                 points, sub_points, lengths, sub_lengths, spec.upsample_radius, limit
             )
         points, lengths = sub_points, sub_lengths

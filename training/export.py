@@ -38,7 +38,8 @@ import tensorflow as tf
 import yaml
 
 from kpconv_tf.config import Config
-from kpconv_tf.export import LOADING_NOTE, _input_signature
+from kpconv_tf.export import LOADING_NOTE
+from kpconv_tf.inputs import input_spec
 from kpconv_tf.pyramid import build_pyramid, pyramid_ops
 
 # The nearest subsampled point of an input point is at most its own cell's barycentre away, within
@@ -99,7 +100,7 @@ class ExportModule(tf.Module):
         dl = float(model_config.first_subsampling_dl)
         dim = config.dataset.in_features_dim
         segmentation = task != "classification"
-        signature = _input_signature(config)
+        signature = input_spec(config)
 
         def probabilities(inputs):
             inputs = {k: v for k, v in inputs.items() if k in signature}

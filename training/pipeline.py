@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from kpconv_tf.architecture import layer_specs
 from kpconv_tf.config import Config
+from kpconv_tf.inputs import layer_keys
 from kpconv_tf.pyramid import build_pyramid
 from training.augment import augment_points, drop_colors
 from training.datasets.base import ObjectDataset, SceneDataset, cache_root, discard_cache
@@ -397,7 +398,7 @@ class Pipeline:
         )
         for index, (inputs, _) in enumerate(dataset):
             for l in range(num_layers):
-                neighbors = inputs[f"neighbors_{l}"].numpy()
+                neighbors = inputs[layer_keys(l).neighbors].numpy()
                 counts[l].append(np.sum(neighbors < neighbors.shape[0], axis=1))
             rows = min(sum(len(c) for c in layer) for layer in counts)
             if rows >= samples_threshold or index + 1 >= max_batches:

@@ -532,6 +532,7 @@ def _default_block(network, key):
 def erf_of(run, split, cloud_index, point, key, channel):
     """(sample, chosen input point, block info, |gradient| per input point [n], response, position of
     the block's point nearest the chosen one: the point whose response is differentiated)."""
+    from kpconv_tf.inputs import layer_keys
     from utils.visualize_model import erf_gradient, make_inputs, sample
 
     cloud = sample(run, split, cloud_index)
@@ -543,7 +544,7 @@ def erf_of(run, split, cloud_index, point, key, channel):
         )
     info = _default_block(run.network, key)
     inputs, _ = make_inputs(run, [cloud])
-    level_points = np.asarray(inputs[f"points_{info.level}"])
+    level_points = np.asarray(inputs[layer_keys(info.level).points])
     row = int(np.argmin(np.sum(np.square(level_points - cloud.points[point]), axis=1)))
     try:
         gradient, response = erf_gradient(run.network, inputs, info.key, row, channel)

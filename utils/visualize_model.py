@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from kpconv_tf.architecture import is_pooling_block
+from kpconv_tf.inputs import layer_keys
 from kpconv_tf.layers import KPConv
 from kpconv_tf.losses import deformation_statistics, nearest_squared_distances
 from kpconv_tf.models import block_key
@@ -283,10 +284,14 @@ def _conv_geometry(block, inputs, strided=False, upsample=False, layer=None):
     """Queries, supports and neighbours of a rigid KPConv call (``Block.run_kpconv``'s choice)."""
     l = block.layer_index if layer is None else layer
     if strided:
-        return inputs[f"points_{l + 1}"], inputs[f"points_{l}"], inputs[f"pools_{l}"]
+        return inputs[layer_keys(l + 1).points], inputs[layer_keys(l).points], inputs[layer_keys(l).pools]
     if upsample:
-        return inputs[f"points_{l - 1}"], inputs[f"points_{l}"], inputs[f"upsamples_{l - 1}"]
-    return inputs[f"points_{l}"], inputs[f"points_{l}"], inputs[f"neighbors_{l}"]
+        return (
+            inputs[layer_keys(l - 1).points],
+            inputs[layer_keys(l).points],
+            inputs[layer_keys(l - 1).upsamples],
+        )
+    return inputs[layer_keys(l).points], inputs[layer_keys(l).points], inputs[layer_keys(l).neighbors]
 
 
 def kpconv_records(network, inputs) -> list[ConvRecord]:
@@ -380,7 +385,7 @@ def nearest_rows(targets, sources, target_batch, source_batch):
 
 
 def level_batch_index(inputs, level: int) -> np.ndarray:
-    lengths = np.asarray(inputs[f"lengths_{level}"])
+    lengths = np.asarray(inputs[layer_keys(level).lengths])
     return np.repeat(np.arange(len(lengths)), lengths)
 
 
@@ -394,8 +399,8 @@ def to_input_points(inputs, values, level: int | None):
     if level == 0:
         return values
     rows = nearest_rows(
-        np.asarray(inputs["points_0"]),
-        np.asarray(inputs[f"points_{level}"]),
+        np.asarray(inputs[layer_keys(0).points]),
+        np.asarray(inputs[layer_keys(level).points]),
         batch0,
         level_batch_index(inputs, level),
     )
