@@ -73,7 +73,7 @@ def batches_per_second(pipeline, parallel_calls, batches):
 
 
 def training_step_ms(pipeline, config, steps):
-    from training.train import build_network
+    from kpconv_tf.models import build_network
     from training.trainer import TrainingModel
 
     inputs, labels = next(iter(pipeline.dataset("train", parallel_calls=1)))

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kpconv_tf.architecture import block_type
+
 ROWS = ("W1-rigid", "W1-deformable", "W2-rigid", "W2-deformable")
 INFLUENCE_FLOPS = 10  # differences, squares, sum, square root and linear influence per (q, h, k)
 
@@ -131,17 +133,20 @@ def step_flops(network, inputs) -> dict:
 def variant_architecture(architecture, deformable: bool) -> list:
     """The rigid variant (no ``_deformable``) or the deformable one (blocks after the second
     strided block deformable)."""
-    rigid = [name.replace("_deformable", "") for name in architecture]
+    rigid = [_RIGID.get(name, name) for name in architecture]
     if not deformable:
         return rigid
     out, strided = [], 0
     for name in rigid:
-        if strided >= 2 and name.startswith("resnetb"):
-            name = name.replace("resnetb", "resnetb_deformable", 1)
-        if "strided" in name:
-            strided += 1
+        if strided >= 2:
+            name = _DEFORMABLE.get(name, name)
+        strided += block_type(name).kind == "strided"
         out.append(name)
     return out
+
+
+_DEFORMABLE = {"resnetb": "resnetb_deformable", "resnetb_strided": "resnetb_deformable_strided"}
+_RIGID = {deformable: rigid for rigid, deformable in _DEFORMABLE.items()}
 
 
 def matmul_ceiling_gflops(repeats) -> float:
@@ -163,7 +168,7 @@ def run_row(row: str, repeats: int, quick: bool) -> dict:
     from benchmarks.bench_ops import median_ms
     from benchmarks.bench_pipeline import W1_LIMITS, make_pipeline, pipeline_limits
     from benchmarks.workloads import make_w1, make_w2
-    from training.train import build_network
+    from kpconv_tf.models import build_network
     from training.trainer import TrainStep
 
     workload, variant = row.split("-")
@@ -187,7 +192,7 @@ def run_row(row: str, repeats: int, quick: bool) -> dict:
     def fwd_bwd(x, y):
         with tf.GradientTape() as tape:
             loss = forward(x, y)
-        return tape.gradient(loss, step.variables)
+        return _checksum(tape.gradient(loss, step.variables))
 
     timed = {
         "forward_ms": tf.function(forward),
@@ -236,15 +241,23 @@ def _kpconv_ms(network, inputs, repeats) -> float:
                     tape.watch(watched[i])
                 out = function(*watched, **kwargs)
                 loss = tf.reduce_sum(out * out)
-            return tape.gradient(loss, [watched[i] for i in differentiable])
+            return _checksum(tape.gradient(loss, [watched[i] for i in differentiable]))
 
         replays.append(tf.function(replay))
 
     def all_calls():
         for replay in replays:
-            tf.nest.map_structure(lambda g: None if g is None else g.numpy(), replay())
+            replay().numpy()
 
     return median_ms(all_calls, repeats)
+
+
+def _checksum(gradients):
+    """One scalar that depends on every gradient: timing it waits for all of them without copying
+    each gradient out of TF (which would count as step time)."""
+    import tensorflow as tf
+
+    return tf.add_n([tf.reduce_sum(g) for g in gradients if g is not None])
 
 
 def _row_in_subprocess(row, repeats, quick):

@@ -1,11 +1,13 @@
-"""Network blocks, one Keras layer per original block name (supplementary Figure 8).
+"""Network blocks, one registered Keras layer per block family (supplementary Figure 8).
 
-``make_block(name, layer_index, radius, fdim, model_config)`` returns the block; it is called as
-``block(features, inputs, training=...)`` with ``inputs`` the stacked-batch dict of
-ARCHITECTURE.md. ``radius`` is the original's block radius ``first_subsampling_dl *
-density_parameter * 2**layer``; every KPConv gets ``extent = kp_extent * radius /
-density_parameter`` and kernel points at 1.5 x extent, rigid or deformable alike. ``fdim`` is the
-layer's feature dimension D of Figure 8 (bottleneck blocks output 2 D).
+``make_block(spec, config, network)`` builds the block of a ``kpconv_tf.architecture.BlockSpec``;
+the blocks themselves take plain arguments (widths, radius, extent, KPConv and batch-norm
+settings, family flags) and round-trip through ``get_config``. A block is called as
+``block(features, inputs, training=...)`` with ``features`` [N_l, Din] of its input layer and
+``inputs`` the stacked-batch dict of ``kpconv_tf.inputs``. Every KPConv of a block gets the block's
+``extent`` and kernel points at 1.5 x extent, rigid or deformable alike; ``fdim`` is the layer's
+feature dimension D of Figure 8 (bottleneck and inception blocks output 2 D). Deformable KPConvs add
+their offset regularisation with ``add_loss`` (``model.losses``).
 
 Each block lists its variables under their original names (``original_variables``), relative to
 its scope ``layer_{l}/{name}_{i}``, which is how checkpoints of the original release are mapped.
@@ -18,10 +20,12 @@ import zlib
 import keras
 import tensorflow as tf
 
-from kpconv_tf.config import ModelConfig
+from kpconv_tf.architecture import BlockSpec
+from kpconv_tf.config import Config
 from kpconv_tf.initializers import OriginalTruncatedNormal
 from kpconv_tf.inputs import layer_keys
 from kpconv_tf.layers import KPConv
+from kpconv_tf.losses import offset_loss_variant
 
 
 def leaky_relu(x):
@@ -59,9 +63,9 @@ class BiasOffset(keras.layers.Layer):
         return features + self.offset
 
 
-def normalization(model: ModelConfig, name):
-    if model.use_batch_norm:
-        return keras.layers.BatchNormalization(momentum=model.batch_norm_momentum, epsilon=1e-6, name=name)
+def normalization(use_batch_norm, momentum, name):
+    if use_batch_norm:
+        return keras.layers.BatchNormalization(momentum=momentum, epsilon=1e-6, name=name)
     return BiasOffset(name=name)
 
 
@@ -110,69 +114,143 @@ def closest_pool(features, upsamples):
 
 
 class Block(keras.layers.Layer):
-    """Common attributes: ``layer_index``, ``radius``, ``fdim``, the model config and the KPConv
-    geometry; subclasses define ``call(features, inputs, training)``."""
+    """What every block takes: its place and geometry (``layer_index``, ``radius``, ``extent``, ``fdim``
+    of ``kpconv_tf.architecture.BlockSpec``) and the KPConv and normalisation settings; subclasses
+    add their flags and define ``call(features, inputs, training)``.
 
-    def __init__(self, layer_index, radius, fdim, model_config, block_type="", **kwargs):
+    Args:
+      fdim: the layer's feature dimension D.
+      layer_index: pyramid layer the block reads (``inputs`` keys of ``kpconv_tf.inputs``).
+      radius, extent: the block radius and the KPConv influence distance (points' units).
+      block_type: the original block name (``kpconv_tf.architecture.BLOCK_TYPES``).
+      num_kernel_points, influence, aggregation, fixed_kernel_points, modulated, offset_bound: as
+        ``KPConv``'s kernel_size, influence, aggregation, fixed, modulated, offset_bound.
+      kernel_seed: the model's seed; each KPConv's is derived from it and the layer names.
+      use_batch_norm, batch_norm_momentum: batch norm (epsilon 1e-6), or a learned offset when off.
+      offset_loss, offset_loss_weight, repulse_extent: passed to the deformable KPConvs.
+    """
+
+    def __init__(
+        self,
+        fdim,
+        layer_index=0,
+        radius=1.0,
+        extent=1.0,
+        block_type="",
+        num_kernel_points=15,
+        influence="linear",
+        aggregation="sum",
+        fixed_kernel_points="center",
+        modulated=False,
+        offset_bound=0.0,
+        kernel_seed=None,
+        use_batch_norm=True,
+        batch_norm_momentum=0.99,
+        offset_loss=None,
+        offset_loss_weight=1.0,
+        repulse_extent=1.2,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self.block_type = block_type  # the original block name, e.g. 'resnetb_strided'
+        self.fdim = int(fdim)
         self.layer_index = int(layer_index)
         self.radius = float(radius)
-        self.fdim = int(fdim)
-        self.model_config = model_config
-        self.extent = model_config.kp_extent * self.radius / model_config.density_parameter
-        # (deformed kernel points, queries, supports, neighbors, KPConv) of the last call
-        self.deformed = []
+        self.extent = float(extent)
+        self.block_type = block_type
+        self.num_kernel_points = int(num_kernel_points)
+        self.influence = influence
+        self.aggregation = aggregation
+        self.fixed_kernel_points = fixed_kernel_points
+        self.modulated = bool(modulated)
+        self.offset_bound = float(offset_bound)
+        self.kernel_seed = kernel_seed
+        self.use_batch_norm = bool(use_batch_norm)
+        self.batch_norm_momentum = float(batch_norm_momentum)
+        self.offset_loss = offset_loss
+        self.offset_loss_weight = float(offset_loss_weight)
+        self.repulse_extent = float(repulse_extent)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "fdim": self.fdim,
+            "layer_index": self.layer_index,
+            "radius": self.radius,
+            "extent": self.extent,
+            "block_type": self.block_type,
+            "num_kernel_points": self.num_kernel_points,
+            "influence": self.influence,
+            "aggregation": self.aggregation,
+            "fixed_kernel_points": self.fixed_kernel_points,
+            "modulated": self.modulated,
+            "offset_bound": self.offset_bound,
+            "kernel_seed": self.kernel_seed,
+            "use_batch_norm": self.use_batch_norm,
+            "batch_norm_momentum": self.batch_norm_momentum,
+            "offset_loss": self.offset_loss,
+            "offset_loss_weight": self.offset_loss_weight,
+            "repulse_extent": self.repulse_extent,
+        }
+
+    def norm(self, name):
+        return normalization(self.use_batch_norm, self.batch_norm_momentum, name)
 
     def kpconv(self, filters, deformable=False, name="conv", offset_mode="kpconv"):
-        m = self.model_config
         seed = (
             None
-            if m.kernel_seed is None
-            else m.kernel_seed * 1000 + zlib.crc32((self.name + name).encode()) % 1000
+            if self.kernel_seed is None
+            else self.kernel_seed * 1000 + zlib.crc32((self.name + name).encode()) % 1000
         )
         return KPConv(
             filters,
-            m.num_kernel_points,
+            self.num_kernel_points,
             extent=self.extent,
             radius=self.radius,
-            influence=m.kp_influence,
-            aggregation=m.convolution_mode,
-            fixed=m.fixed_kernel_points,
+            influence=self.influence,
+            aggregation=self.aggregation,
+            fixed=self.fixed_kernel_points,
             deformable=deformable,
-            modulated=m.modulated and deformable,
+            modulated=self.modulated and deformable,
             kernel_seed=seed,
             offset_mode=offset_mode,
-            offset_bound=m.offset_bound if deformable else 0.0,
+            offset_bound=self.offset_bound if deformable else 0.0,
+            offset_loss=self.offset_loss if deformable else None,
+            offset_loss_weight=self.offset_loss_weight,
+            repulse_extent=self.repulse_extent,
             name=name,
         )
 
-    def run_kpconv(self, conv, features, inputs, strided=False, upsample=False, layer=None):
+    def kpconvs(self):
+        """The block's KPConv layers, in call order."""
+        return [value for value in vars(self).values() if isinstance(value, KPConv)]
+
+    def conv_geometry(self, inputs, strided=False, upsample=False, layer=None):
+        """(queries, supports, neighbours) of a KPConv of this block: within ``layer`` (default the
+        block's), from it to the next layer (strided) or to the previous one (upsample)."""
         l = self.layer_index if layer is None else layer
         keys = layer_keys(l)
-        support = inputs[keys.points]
         if strided:
-            query, neighbors = inputs[layer_keys(l + 1).points], inputs[keys.pools]
-        elif upsample:
-            query, neighbors = inputs[layer_keys(l - 1).points], inputs[layer_keys(l - 1).upsamples]
-        else:
-            query, neighbors = support, inputs[keys.neighbors]
-        if conv.deformable:
-            out, deformed = conv(query, support, neighbors, features, return_deformed=True)
-            self.deformed.append((deformed, query, support, neighbors, conv))
-            return out
+            return inputs[layer_keys(l + 1).points], inputs[keys.points], inputs[keys.pools]
+        if upsample:
+            below = layer_keys(l - 1)
+            return inputs[below.points], inputs[keys.points], inputs[below.upsamples]
+        return inputs[keys.points], inputs[keys.points], inputs[keys.neighbors]
+
+    def run_kpconv(self, conv, features, inputs, strided=False, upsample=False, layer=None):
+        query, support, neighbors = self.conv_geometry(inputs, strided, upsample, layer)
         return conv(query, support, neighbors, features)
 
     def original_variables(self):
         return {}
 
 
+@keras.saving.register_keras_serializable(package="kpconv_tf")
 class UnaryBlock(Block):
     """'unary': matmul -> BN -> leaky ReLU (fdim outputs)."""
 
     def build(self, features_shape, *args, **kwargs):
         self.conv = UnaryConv(self.fdim, name="conv")
-        self.norm = normalization(self.model_config, "norm")
+        self.norm = self.norm("norm")
 
     def call(self, features, inputs, training=False):
         return leaky_relu(self.norm(self.conv(features), training=training))
@@ -181,19 +259,22 @@ class UnaryBlock(Block):
         return unit_variables("", self.conv, self.norm)
 
 
+@keras.saving.register_keras_serializable(package="kpconv_tf")
 class SimpleBlock(Block):
     """'simple' / 'simple_strided' / 'simple_upsample': KPConv -> BN -> leaky ReLU (fdim outputs)."""
 
     def __init__(self, *args, strided=False, upsample=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.strided, self.upsample = strided, upsample
+        self.strided, self.upsample = bool(strided), bool(upsample)
+
+    def get_config(self):
+        return {**super().get_config(), "strided": self.strided, "upsample": self.upsample}
 
     def build(self, features_shape, *args, **kwargs):
         self.conv = self.kpconv(self.fdim)
-        self.norm = normalization(self.model_config, "norm")
+        self.norm = self.norm("norm")
 
     def call(self, features, inputs, training=False):
-        self.deformed = []
         x = self.run_kpconv(self.conv, features, inputs, self.strided, self.upsample)
         return leaky_relu(self.norm(x, training=training))
 
@@ -201,30 +282,33 @@ class SimpleBlock(Block):
         return unit_variables("", self.conv, self.norm)
 
 
+@keras.saving.register_keras_serializable(package="kpconv_tf")
 class DoubleConvBlock(Block):
     """'vgg': KPConv -> BN -> leaky, twice (fdim outputs). 'resnet': the same plus a shortcut
     (unary + BN when the width differs from fdim), summed before the last leaky ReLU."""
 
     def __init__(self, *args, residual=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.residual = residual
+        self.residual = bool(residual)
+
+    def get_config(self):
+        return {**super().get_config(), "residual": self.residual}
 
     def build(self, features_shape, *args, **kwargs):
         self.conv1, self.norm1 = (
             self.kpconv(self.fdim, name="conv1"),
-            normalization(self.model_config, "norm1"),
+            self.norm("norm1"),
         )
         self.conv2, self.norm2 = (
             self.kpconv(self.fdim, name="conv2"),
-            normalization(self.model_config, "norm2"),
+            self.norm("norm2"),
         )
         self.shortcut = None
         if self.residual and features_shape[-1] != self.fdim:
             self.shortcut = UnaryConv(self.fdim, name="shortcut")
-            self.shortcut_norm = normalization(self.model_config, "shortcut_norm")
+            self.shortcut_norm = self.norm("shortcut_norm")
 
     def call(self, features, inputs, training=False):
-        self.deformed = []
         x = leaky_relu(self.norm1(self.run_kpconv(self.conv1, features, inputs), training=training))
         x = self.norm2(self.run_kpconv(self.conv2, x, inputs), training=training)
         if not self.residual:
@@ -244,6 +328,7 @@ class DoubleConvBlock(Block):
         return out
 
 
+@keras.saving.register_keras_serializable(package="kpconv_tf")
 class ResnetBottleneckBlock(Block):
     """'resnetb' family (Figure 8): unary D/2 -> KPConv D/2 -> unary 2D, plus shortcut.
 
@@ -254,24 +339,28 @@ class ResnetBottleneckBlock(Block):
 
     def __init__(self, *args, strided=False, deformable=False, light=False, upsample=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.strided, self.deformable, self.light, self.upsample = strided, deformable, light, upsample
+        self.strided, self.deformable = bool(strided), bool(deformable)
+        self.light, self.upsample = bool(light), bool(upsample)
+
+    def get_config(self):
+        flags = {"strided": self.strided, "deformable": self.deformable, "light": self.light}
+        return {**super().get_config(), **flags, "upsample": self.upsample}
 
     def build(self, features_shape, *args, **kwargs):
         d_in = features_shape[-1]
         mid = self.fdim if self.light else self.fdim // 2
         self.conv1 = None if (self.light and d_in == mid) else UnaryConv(mid, name="conv1")
-        self.norm1 = None if self.conv1 is None else normalization(self.model_config, "norm1")
+        self.norm1 = None if self.conv1 is None else self.norm("norm1")
         self.conv2 = self.kpconv(mid, self.deformable, name="conv2")
-        self.norm2 = normalization(self.model_config, "norm2")
+        self.norm2 = self.norm("norm2")
         self.conv3 = UnaryConv(2 * self.fdim, name="conv3")
-        self.norm3 = normalization(self.model_config, "norm3")
+        self.norm3 = self.norm("norm3")
         self.shortcut = None
         if d_in != 2 * self.fdim:
             self.shortcut = UnaryConv(2 * self.fdim, name="shortcut")
-            self.shortcut_norm = normalization(self.model_config, "shortcut_norm")
+            self.shortcut_norm = self.norm("shortcut_norm")
 
     def call(self, features, inputs, training=False):
-        self.deformed = []
         x = features
         if self.conv1 is not None:
             x = self.norm1(self.conv1(x), training=training)
@@ -298,6 +387,7 @@ class ResnetBottleneckBlock(Block):
         return {name: v for unit in units for name, v in unit_variables(*unit).items()}
 
 
+@keras.saving.register_keras_serializable(package="kpconv_tf")
 class InceptionDeformableBlock(Block):
     """'inception_deformable' (+ '_strided'): two paths concatenated, then unary 2D + shortcut.
 
@@ -311,30 +401,32 @@ class InceptionDeformableBlock(Block):
 
     def __init__(self, *args, strided=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.strided = strided
+        self.strided = bool(strided)
+
+    def get_config(self):
+        return {**super().get_config(), "strided": self.strided}
 
     def build(self, features_shape, *args, **kwargs):
-        half, cfg = self.fdim // 2, self.model_config
+        half = self.fdim // 2
         self.unary1, self.unary1_norm = (
             UnaryConv(half, name="path1_unary"),
-            normalization(cfg, "path1_unary_norm"),
+            self.norm("path1_unary_norm"),
         )
         self.conv1 = self.kpconv(half, name="path1_conv")
         self.unary2, self.unary2_norm = (
             UnaryConv(half, name="path2_unary"),
-            normalization(cfg, "path2_unary_norm"),
+            self.norm("path2_unary_norm"),
         )
         self.conv2 = self.kpconv(half, name="path2_conv")
         self.deform = self.kpconv(half, deformable=True, name="path2_conv2_deform", offset_mode="mlp")
-        self.concat_norm = normalization(cfg, "concat_norm")
-        self.unary, self.unary_norm = UnaryConv(2 * self.fdim, name="unary"), normalization(cfg, "unary_norm")
+        self.concat_norm = self.norm("concat_norm")
+        self.unary, self.unary_norm = UnaryConv(2 * self.fdim, name="unary"), self.norm("unary_norm")
         self.shortcut = None
         if features_shape[-1] != 2 * self.fdim:
             self.shortcut = UnaryConv(2 * self.fdim, name="shortcut")
-            self.shortcut_norm = normalization(cfg, "shortcut_norm")
+            self.shortcut_norm = self.norm("shortcut_norm")
 
     def call(self, features, inputs, training=False):
-        self.deformed = []
         x1 = leaky_relu(self.unary1_norm(self.unary1(features), training=training))
         x1 = self.run_kpconv(self.conv1, x1, inputs, self.strided)
         x2 = leaky_relu(self.unary2_norm(self.unary2(features), training=training))
@@ -367,6 +459,7 @@ class InceptionDeformableBlock(Block):
         return out
 
 
+@keras.saving.register_keras_serializable(package="kpconv_tf")
 class MaxPoolBlock(Block):
     """'max_pool' / 'max_pool_wide': max over pools_l (features of points_{l+1})."""
 
@@ -374,6 +467,7 @@ class MaxPoolBlock(Block):
         return max_pool(features, inputs[layer_keys(self.layer_index).pools])
 
 
+@keras.saving.register_keras_serializable(package="kpconv_tf")
 class GlobalAverageBlock(Block):
     """'global_average': per-cloud mean of the last layer's features -> [B, D]."""
 
@@ -384,6 +478,7 @@ class GlobalAverageBlock(Block):
         return sums / tf.cast(tf.maximum(lengths, 1), features.dtype)[:, None]
 
 
+@keras.saving.register_keras_serializable(package="kpconv_tf")
 class NearestUpsampleBlock(Block):
     """'nearest_upsample': features of points_l copied to points_{l-1} by nearest neighbour."""
 
@@ -391,40 +486,53 @@ class NearestUpsampleBlock(Block):
         return closest_pool(features, inputs[layer_keys(self.layer_index - 1).upsamples])
 
 
-_BLOCKS = {
-    "unary": (UnaryBlock, {}),
-    "simple": (SimpleBlock, {}),
-    "simple_strided": (SimpleBlock, {"strided": True}),
-    "simple_upsample": (SimpleBlock, {"upsample": True}),
-    "resnet": (DoubleConvBlock, {"residual": True}),
-    "vgg": (DoubleConvBlock, {}),
-    "resnetb": (ResnetBottleneckBlock, {}),
-    "resnetb_light": (ResnetBottleneckBlock, {"light": True}),
-    "resnetb_strided": (ResnetBottleneckBlock, {"strided": True}),
-    "resnetb_light_strided": (ResnetBottleneckBlock, {"strided": True, "light": True}),
-    "resnetb_deformable": (ResnetBottleneckBlock, {"deformable": True}),
-    "resnetb_deformable_strided": (ResnetBottleneckBlock, {"deformable": True, "strided": True}),
-    "resnetb_upsample": (ResnetBottleneckBlock, {"upsample": True}),
-    "inception_deformable": (InceptionDeformableBlock, {}),
-    "inception_deformable_strided": (InceptionDeformableBlock, {"strided": True}),
-    "max_pool": (MaxPoolBlock, {}),
-    "max_pool_wide": (MaxPoolBlock, {}),
-    "global_average": (GlobalAverageBlock, {}),
-    "nearest_upsample": (NearestUpsampleBlock, {}),
+# The class of each ``kpconv_tf.architecture.BlockType.family``.
+BLOCK_FAMILIES = {
+    "unary": UnaryBlock,
+    "simple": SimpleBlock,
+    "double_conv": DoubleConvBlock,
+    "bottleneck": ResnetBottleneckBlock,
+    "inception": InceptionDeformableBlock,
+    "max_pool": MaxPoolBlock,
+    "global_average": GlobalAverageBlock,
+    "nearest_upsample": NearestUpsampleBlock,
 }
 
 
-def make_block(name, layer_index, radius, fdim, model_config, block_index=0, prefix="layer"):
-    """The block called ``name`` in an architecture list, at layer ``layer_index``."""
-    if name not in _BLOCKS:
-        raise ValueError(f"unknown block name {name!r} in the architecture")
-    cls, options = _BLOCKS[name]
-    return cls(
-        layer_index,
-        radius,
-        fdim,
-        model_config,
-        block_type=name,
-        name=f"{prefix}_{layer_index}_{name}_{block_index}",
-        **options,
+def make_block(spec: BlockSpec, config: Config, network: str):
+    """The block of ``spec`` in a ``network`` ('kpcnn' | 'kpfcnn', which fixes the offset-loss
+    normalisation), named ``{layer|uplayer}_{l}_{name}_{index}``, with ``config``'s settings."""
+    m, t, kind = config.model, config.train, spec.type
+    flags = {
+        "unary": {},
+        "simple": {"strided": kind.kind == "strided", "upsample": kind.kind == "upsample"},
+        "double_conv": {"residual": kind.residual},
+        "bottleneck": {
+            "strided": kind.kind == "strided",
+            "upsample": kind.kind == "upsample",
+            "deformable": kind.deformable,
+            "light": kind.light,
+        },
+        "inception": {"strided": kind.kind == "strided"},
+    }.get(kind.family, {})
+    return BLOCK_FAMILIES[kind.family](
+        spec.fdim,
+        layer_index=spec.layer,
+        radius=spec.radius,
+        extent=spec.extent,
+        block_type=spec.name,
+        num_kernel_points=m.num_kernel_points,
+        influence=m.kp_influence,
+        aggregation=m.convolution_mode,
+        fixed_kernel_points=m.fixed_kernel_points,
+        modulated=m.modulated,
+        offset_bound=m.offset_bound,
+        kernel_seed=m.kernel_seed,
+        use_batch_norm=m.use_batch_norm,
+        batch_norm_momentum=m.batch_norm_momentum,
+        offset_loss=offset_loss_variant(t.offsets_loss, network),
+        offset_loss_weight=t.offsets_decay,
+        repulse_extent=t.repulse_extent,
+        name=spec.scope.replace("/", "_"),
+        **flags,
     )

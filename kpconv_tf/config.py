@@ -21,6 +21,8 @@ from typing import Any, Union
 
 import yaml
 
+from kpconv_tf.architecture import BLOCK_TYPES, num_layers
+
 # Offset regularisations of deformable KPConv (kpconv_tf.losses): the original's two and the later
 # point-to-point definition of KPConv-PyTorch.
 OFFSETS_LOSSES = ("permissive", "fitting", "point2point")
@@ -30,6 +32,14 @@ BAD_FILE_POLICIES = ("error", "skip")
 # How kpconv_tf.pyramid builds the input pyramid: the compiled CPU ops (tf_custom_ops) or the same
 # results with standard TF ops only (kpconv_tf.standard_ops: CPU or GPU, no custom op library).
 PYRAMID_IMPLEMENTATIONS = ("compiled", "standard")
+# KPConv choices (paper section 3.3; kpconv_tf.ops, kpconv_tf.kernel_points).
+INFLUENCES = ("constant", "linear", "gaussian")
+AGGREGATIONS = ("sum", "closest")
+FIXED_MODES = ("center", "verticals", "none")  # kernel point constraints
+# The original's network_model names: KP-CNN for classification, KP-FCNN for the others.
+NETWORK_MODELS = ("classification", "segmentation", "cloud_segmentation", "multi_segmentation")
+SEMANTICS = ("original", "paper")  # offset-gradient handling and optimizer form (README)
+ROTATIONS = ("vertical", "all", "none")
 
 
 class ConfigError(ValueError):
@@ -86,7 +96,7 @@ class ModelConfig:
 
     @property
     def num_layers(self) -> int:
-        return sum(1 for b in self.architecture if "pool" in b or "strided" in b) + 1
+        return num_layers(self.architecture)
 
 
 @dataclass
@@ -188,13 +198,17 @@ class Config:
     def validate(self) -> None:
         d, m, t, a = self.dataset, self.model, self.train, self.augment
         _choice("dataset.on_bad_file", d.on_bad_file, BAD_FILE_POLICIES)
-        _choice("model.kp_influence", m.kp_influence, ("constant", "linear", "gaussian"))
-        _choice("model.convolution_mode", m.convolution_mode, ("closest", "sum"))
-        _choice("model.fixed_kernel_points", m.fixed_kernel_points, ("center", "verticals", "none"))
+        _choice("model.kp_influence", m.kp_influence, INFLUENCES)
+        _choice("model.convolution_mode", m.convolution_mode, AGGREGATIONS)
+        _choice("model.fixed_kernel_points", m.fixed_kernel_points, FIXED_MODES)
         _choice("model.pyramid", m.pyramid, PYRAMID_IMPLEMENTATIONS)
-        _choice("train.semantics", t.semantics, ("original", "paper"))
+        if m.network_model:  # empty: not chosen yet (the dataset readers set it)
+            _choice("model.network_model", m.network_model, NETWORK_MODELS)
+        for i, name in enumerate(m.architecture):
+            _choice(f"model.architecture[{i}]", name, BLOCK_TYPES)
+        _choice("train.semantics", t.semantics, SEMANTICS)
         _choice("train.offsets_loss", t.offsets_loss, OFFSETS_LOSSES)
-        _choice("augment.rotation", a.rotation, ("vertical", "all", "none"))
+        _choice("augment.rotation", a.rotation, ROTATIONS)
         for key, value in (
             ("model.first_subsampling_dl", m.first_subsampling_dl),
             ("model.kp_extent", m.kp_extent),

@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from kpconv_tf.config import Config
-from kpconv_tf.inputs import BATCH_INDEX, FEATURES, layer_keys
+from kpconv_tf.inputs import BATCH_INDEX, FEATURES, input_spec, layer_keys
+from kpconv_tf.models import build_network
 
 _SECTIONS = {
     "dataset": {
@@ -174,22 +175,6 @@ def config_from_original(source) -> Config:
     return Config.from_dict(data)
 
 
-def build_model(config: Config):
-    from kpconv_tf.models import KPCNN, KPFCNN, dummy_inputs
-
-    kind = config.model.network_model
-    if kind in ("classification", ""):
-        model = KPCNN(config)
-    elif kind in ("segmentation", "cloud_segmentation", "multi_segmentation"):
-        model = KPFCNN(config)
-    else:
-        raise ValueError(
-            f"network_model {kind!r} is not supported yet (classification, segmentation, cloud_segmentation)"
-        )
-    model(dummy_inputs(config), training=False)
-    return model
-
-
 def original_variable_map(model) -> dict[str, tf.Variable]:
     """{original variable name: our variable} of a built model."""
     return model.original_variables()
@@ -205,7 +190,7 @@ def load_original_checkpoint(checkpoint_prefix: str | Path, config: Config):
         prefix = tf.train.latest_checkpoint(prefix) or os.path.join(prefix, "model.ckpt")
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
-    model = build_model(config)
+    model = build_network(config)
     mapping = original_variable_map(model)
     stored = {name for name in shapes if name.startswith("KernelPointNetwork/")}
     missing = sorted(set(mapping) - stored)
@@ -267,7 +252,8 @@ def inputs_from_original(flat_inputs, config: Config) -> dict[str, tf.Tensor]:
     point of the next layer (that neighbour lies in the same cloud).
     """
     num_layers = config.model.num_layers
-    segmentation = config.model.network_model in ("segmentation", "cloud_segmentation", "multi_segmentation")
+    # The original's segmentation pipelines always hold upsamples; what we keep is input_spec's.
+    segmentation = config.model.network_model not in ("classification", "")
     groups = 4 if segmentation else 3
     flat = [np.asarray(x) for x in flat_inputs]
     if len(flat) < groups * num_layers + 5:
@@ -298,15 +284,15 @@ def inputs_from_original(flat_inputs, config: Config) -> dict[str, tf.Tensor]:
         point_objects = rest[5]
         starts = np.concatenate([[0], np.cumsum(lengths[0])[:-1]])
         inputs["object_labels"] = tf.constant(point_objects[starts], tf.int32)
+    spec = input_spec(config)
     for l in range(num_layers):
         keys = layer_keys(l)
-        inputs[keys.points] = tf.constant(points[l], tf.float32)
-        inputs[keys.neighbors] = tf.constant(neighbors[l], tf.int32)
-        inputs[keys.lengths] = tf.constant(lengths[l], tf.int32)
+        values = {keys.points: points[l], keys.neighbors: neighbors[l], keys.lengths: lengths[l]}
         if l < num_layers - 1:
-            inputs[keys.pools] = tf.constant(pools[l], tf.int32)
+            values[keys.pools] = pools[l]
             if segmentation:
-                inputs[keys.upsamples] = tf.constant(upsamples[l], tf.int32)
+                values[keys.upsamples] = upsamples[l]
+        inputs.update({key: tf.constant(v, spec[key].dtype) for key, v in values.items() if key in spec})
     return inputs
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from kpconv_tf.cache import cache_home
+from kpconv_tf.config import FIXED_MODES
 from utils.ply import read_ply, write_ply
-
-FIXED_MODES = ("center", "verticals", "none")
 
 
 def cache_dir() -> Path:

@@ -6,8 +6,15 @@ import keras
 import tensorflow as tf
 
 from kpconv_tf import ops
+from kpconv_tf.config import AGGREGATIONS, FIXED_MODES, INFLUENCES
 from kpconv_tf.initializers import OriginalTruncatedNormal
-from kpconv_tf.kernel_points import FIXED_MODES, load_kernels
+from kpconv_tf.kernel_points import load_kernels
+from kpconv_tf.losses import (
+    OFFSET_LOSS_VARIANTS,
+    deformable_offsets_loss,
+    deformation_statistics,
+    nearest_squared_distances,
+)
 
 
 @keras.saving.register_keras_serializable(package="kpconv_tf")
@@ -39,6 +46,12 @@ class KPConv(keras.layers.Layer):
       offset_bound: deformable only; > 0 bounds every offset coordinate to this many extents with
         ``bound * tanh(raw / bound)`` (slope 1 at zero, so small offsets are unchanged); 0 leaves
         them unbounded, as the original.
+      offset_loss: deformable only; None, or the regularisation term this layer adds with
+        ``add_loss`` at every call (``kpconv_tf.losses.OFFSET_LOSS_VARIANTS``), times
+        ``offset_loss_weight``; 'permissive' and 'fitting' normalise by ``radius`` (required then),
+        the others by ``extent``; ``repulse_extent`` is point2point's repulsion threshold. With a
+        loss, ``deformation_statistics`` holds (mean offset norm in extents, share of lost kernel
+        points) of the last call, float32 scalars.
       kernel_seed: seeds the kernel rotation/jitter (None: random, as the original).
       implementation: how the neighbour sums run (``kpconv_tf.ops``): 'auto' (default: the fused
         CPU op for float32 when no GPU is visible, standard TF ops otherwise), 'fused' or
@@ -64,6 +77,9 @@ class KPConv(keras.layers.Layer):
         offset_mode="kpconv",
         implementation="auto",
         offset_bound=0.0,
+        offset_loss=None,
+        offset_loss_weight=1.0,
+        repulse_extent=1.2,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -73,10 +89,10 @@ class KPConv(keras.layers.Layer):
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         if not float(extent) > 0:
             raise ValueError(f"extent must be > 0, got {extent}")
-        if influence not in ops.INFLUENCES:
-            raise ValueError(f"influence must be one of {ops.INFLUENCES}, got {influence!r}")
-        if aggregation not in ops.AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {ops.AGGREGATIONS}, got {aggregation!r}")
+        if influence not in INFLUENCES:
+            raise ValueError(f"influence must be one of {INFLUENCES}, got {influence!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         if fixed not in FIXED_MODES:
             raise ValueError(f"fixed must be one of {FIXED_MODES}, got {fixed!r}")
         if modulated and not deformable:
@@ -87,6 +103,17 @@ class KPConv(keras.layers.Layer):
             raise ValueError(f"implementation must be one of {ops.IMPLEMENTATIONS}, got {implementation!r}")
         if not float(offset_bound) >= 0:
             raise ValueError(f"offset_bound must be >= 0 (0: unbounded), got {offset_bound}")
+        if offset_loss is not None and (not deformable or offset_loss not in OFFSET_LOSS_VARIANTS):
+            raise ValueError(
+                f"offset_loss must be None or, for a deformable KPConv, one of {OFFSET_LOSS_VARIANTS}; "
+                f"got {offset_loss!r} (deformable={deformable})"
+            )
+        if offset_loss in ("permissive", "fitting") and radius is None:
+            raise ValueError(f"offset_loss={offset_loss!r} is normalised by the radius: pass radius")
+        self.offset_loss = offset_loss
+        self.offset_loss_weight = float(offset_loss_weight)
+        self.repulse_extent = float(repulse_extent)
+        self.deformation_statistics = None
         self.offset_bound = float(offset_bound)
         self.offset_mode = offset_mode
         self.implementation = implementation
@@ -213,9 +240,30 @@ class KPConv(keras.layers.Layer):
             modulations,
             implementation=self.implementation,
         )
+        deformed = self.kernel_points[None] + offsets
+        if self.offset_loss is not None:
+            self._add_offset_loss(deformed, query_points, support_points, neighbors)
         if return_deformed:
-            return out, self.kernel_points[None] + offsets
+            return out, deformed
         return out
+
+    def _add_offset_loss(self, deformed, query_points, support_points, neighbors):
+        nearest_d2 = nearest_squared_distances(deformed, query_points, support_points, neighbors)
+        term = deformable_offsets_loss(
+            self.offset_loss,
+            deformed,
+            query_points,
+            support_points,
+            neighbors,
+            self.radius,
+            self.extent,
+            self.repulse_extent,
+            nearest_d2,
+        )
+        self.add_loss(tf.constant(self.offset_loss_weight, tf.float32) * term)
+        self.deformation_statistics = deformation_statistics(
+            deformed, self.kernel_points, nearest_d2, self.extent
+        )
 
     def compute_output_shape(self, query_points_shape, *args, **kwargs):
         return (query_points_shape[0], self.filters)
@@ -235,6 +283,9 @@ class KPConv(keras.layers.Layer):
             kernel_seed=self.kernel_seed,
             offset_mode=self.offset_mode,
             offset_bound=self.offset_bound,
+            offset_loss=self.offset_loss,
+            offset_loss_weight=self.offset_loss_weight,
+            repulse_extent=self.repulse_extent,
             implementation=self.implementation,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )

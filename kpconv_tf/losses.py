@@ -2,16 +2,17 @@
 
 The normaliser differs between the original networks (fixture README section 7):
 
-* KP-CNN: fitting term only, normalised by the layer's conv radius
+* KP-CNN ('fitting'): fitting term only, normalised by the layer's conv radius
   ``first_subsampling_dl * density_parameter * 2**layer``.
-* KP-FCNN: fitting + repulsive terms, normalised by the layer's extent
-  ``first_subsampling_dl * KP_extent * 2**layer``.
+* KP-FCNN ('fitting', variant 'fitting_repulsive'): fitting + repulsive terms, normalised by the
+  layer's extent ``first_subsampling_dl * KP_extent * 2**layer``.
 * 'permissive' (both): mean distance of the deformed kernel points outside the conv radius.
 * 'point2point' (both networks; the later definition of KPConv-PyTorch, our stable default): twice
   the fitting term plus the repulsive term with threshold ``repulse_extent`` averaged over the K
   kernel points, both normalised by the layer's extent.
 
-The model-level loss is ``offsets_decay * sum`` of these terms over the deformable layers.
+Each deformable ``KPConv`` of a network adds ``offsets_decay * term`` with ``add_loss``, so the
+model-level loss is ``sum(model.losses)``.
 ``deformation_statistics`` gives what a user watches while training: the mean offset norm in extent
 units and the share of "lost" kernel points (no input point within the extent).
 """
@@ -22,6 +23,10 @@ import tensorflow as tf
 
 from kpconv_tf.config import OFFSETS_LOSSES
 from kpconv_tf.ops import _DEFORM_SHADOW, _as_tensors, centred_neighbors, squared_distances
+
+# The per-layer terms a deformable KPConv can add (its ``offset_loss``): the config's kinds, with the
+# original's KP-FCNN 'fitting' (normalised by the extent, plus the repulsive term) told apart.
+OFFSET_LOSS_VARIANTS = ("permissive", "fitting", "fitting_repulsive", "point2point")
 
 
 def nearest_squared_distances(deformed_kernel_points, query_points, support_points, neighbors):
@@ -89,36 +94,43 @@ def offset_permissive_loss(deformed_kernel_points, conv_radius):
     return tf.reduce_mean(tf.maximum(0.0, norms - 1.0))
 
 
-def deformable_layer_offsets_loss(
-    kind,
-    network,
-    deformed_kernel_points,
-    query_points,
-    support_points,
-    neighbors,
-    layer,
-    first_subsampling_dl,
-    density_parameter,
-    kp_extent,
-    repulse_extent=1.2,
-    nearest_d2=None,
-):
-    """One deformable layer's term for ``network`` 'kpcnn' or 'kpfcnn' and ``kind`` one of
-    ``OFFSETS_LOSSES`` (before ``offsets_decay``); ``nearest_d2`` as in ``offset_fitting_loss``."""
-    conv_radius = first_subsampling_dl * density_parameter * 2**layer
-    extent = first_subsampling_dl * kp_extent * 2**layer
+def offset_loss_variant(kind, network):
+    """The per-layer term (``OFFSET_LOSS_VARIANTS``) of config ``train.offsets_loss`` ``kind`` in
+    ``network`` 'kpcnn' or 'kpfcnn': the original's 'fitting' normalises differently in each."""
     if kind not in OFFSETS_LOSSES:
         raise ValueError(f"kind must be one of {OFFSETS_LOSSES}, got {kind!r}")
     if network not in ("kpcnn", "kpfcnn"):
         raise ValueError(f"network must be 'kpcnn' or 'kpfcnn', got {network!r}")
-    if kind == "permissive":
+    return "fitting_repulsive" if (kind, network) == ("fitting", "kpfcnn") else kind
+
+
+def deformable_offsets_loss(
+    variant,
+    deformed_kernel_points,
+    query_points,
+    support_points,
+    neighbors,
+    conv_radius,
+    extent,
+    repulse_extent=1.2,
+    nearest_d2=None,
+):
+    """One deformable layer's term (before ``offsets_decay``), a float32 scalar.
+
+    ``variant`` one of ``OFFSET_LOSS_VARIANTS``; ``conv_radius`` and ``extent`` are the layer's
+    ``first_subsampling_dl * density_parameter * 2**l`` and ``first_subsampling_dl * kp_extent *
+    2**l`` (the KPConv's radius and extent); ``nearest_d2`` as in ``offset_fitting_loss``.
+    """
+    if variant not in OFFSET_LOSS_VARIANTS:
+        raise ValueError(f"variant must be one of {OFFSET_LOSS_VARIANTS}, got {variant!r}")
+    if variant == "permissive":
         return offset_permissive_loss(deformed_kernel_points, conv_radius)
     fitting_args = (deformed_kernel_points, query_points, support_points, neighbors)
-    if kind == "point2point":
+    if variant == "point2point":
         repulsive = offset_repulsive_loss(deformed_kernel_points, extent, repulse_extent)
         k = tf.cast(tf.shape(deformed_kernel_points)[1], repulsive.dtype)
         return 2.0 * offset_fitting_loss(*fitting_args, extent, nearest_d2) + repulsive / k
-    if network == "kpcnn":
+    if variant == "fitting":
         return offset_fitting_loss(*fitting_args, conv_radius, nearest_d2)
     return offset_fitting_loss(*fitting_args, extent, nearest_d2) + offset_repulsive_loss(
         deformed_kernel_points, extent

@@ -11,9 +11,11 @@ feature dimension double after every strided / pooling block).
   features of that layer, taken before its pooling block), unary to ``first_features_dim`` -> BN ->
   leaky ReLU -> linear with bias.
 
-Training protocol used by ``training.trainer``: ``model(inputs, training, dropout_uniform=None)``,
-``model.output_loss(labels, logits, inputs)`` and ``model.offsets_loss()`` (the offset
-regularisation of the last forward pass, already multiplied by ``offsets_decay``).
+Both build their blocks from ``kpconv_tf.architecture.block_specs`` (``build_network(config)``
+picks the network by ``model.network_model``). Training protocol used by ``training.trainer``:
+``model(inputs, training, dropout_uniform=None)``, ``model.output_loss(labels, logits, inputs)``
+and ``model.losses`` (the offset regularisation of the last forward pass, one term per deformable
+KPConv, already multiplied by ``offsets_decay``).
 """
 
 from __future__ import annotations
@@ -21,36 +23,11 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from kpconv_tf.architecture import is_pooling_block, layer_specs
+from kpconv_tf.architecture import LAYER_ENDING_KINDS, block_specs, layer_specs
 from kpconv_tf.blocks import UnaryConv, leaky_relu, make_block, normalization, unit_variables
-from kpconv_tf.config import Config
+from kpconv_tf.config import NETWORK_MODELS, Config
+from kpconv_tf.initializers import OriginalTruncatedNormal
 from kpconv_tf.inputs import BATCH_INDEX, FEATURES, input_spec, layer_keys
-from kpconv_tf.layers import KPConv
-from kpconv_tf.losses import deformable_layer_offsets_loss, deformation_statistics, nearest_squared_distances
-
-
-def build_encoder(config: Config):
-    """Blocks of the encoder with their original scope names ``layer_{l}/{name}_{i}``.
-
-    Every block that ends a layer (pooling, strided) or leaves the encoder is preceded by a skip
-    feature in the original (its list ``F``); ``run_encoder`` returns those."""
-    m = config.model
-    radius = m.first_subsampling_dl * m.density_parameter
-    fdim = m.first_features_dim
-    layer = block_in_layer = 0
-    blocks = []
-    for name in m.architecture:
-        if "upsample" in name:
-            break
-        block = make_block(name, layer, radius, fdim, m, block_in_layer)
-        blocks.append((f"layer_{layer}/{name}_{block_in_layer}", block))
-        block_in_layer += 1
-        if is_pooling_block(name):
-            layer += 1
-            radius *= 2
-            fdim *= 2
-            block_in_layer = 0
-    return blocks
 
 
 class _ConfiguredNetwork(keras.Model):
@@ -74,19 +51,47 @@ class _ConfiguredNetwork(keras.Model):
             tf.reduce_sum(tf.where(valid, losses, 0.0)), tf.reduce_sum(tf.cast(valid, tf.float32))
         )
 
-    def offsets_loss(self):
-        """Offset regularisation of the last forward pass (x offsets_decay); 0 before any call."""
-        return self._offsets_loss if self._offsets_loss is not None else tf.constant(0.0, tf.float32)
+    def _build_blocks(self, network):
+        """``self.encoder`` and ``self.decoder`` (lists of blocks) from the architecture parse."""
+        specs = block_specs(self.config)
+        self.encoder = [make_block(s, self.config, network) for s in specs if not s.decoder]
+        self.decoder = [make_block(s, self.config, network) for s in specs if s.decoder]
+
+    def blocks_with_specs(self):
+        """[(BlockSpec, block)] of every block in call order, the encoder's first."""
+        return list(zip(block_specs(self.config), self.encoder + self.decoder))
+
+    def run_blocks(self, inputs, training=False):
+        """(features entering the head, [each block's output] in call order).
+
+        After each upsample block the decoder concatenates the features that entered the encoder
+        block ending the layer it reaches (the original's skip list ``F``)."""
+        features = inputs[FEATURES]
+        outputs, skips = [], []
+        for spec, block in self.blocks_with_specs():
+            if not spec.decoder and spec.kind in LAYER_ENDING_KINDS:
+                skips.append(features)
+            features = block(features, inputs, training=training)
+            outputs.append(features)
+            if spec.concat_skip is not None:
+                features = tf.concat([features, skips[spec.concat_skip]], axis=1)
+        return features, outputs
 
     def deformation_statistics(self):
-        """{layer key: (mean offset norm in extents, share of lost kernel points)} of the last
-        forward pass, one entry per deformable KPConv (keys: ``deformable_keys``); {} before any call."""
-        return dict(getattr(self, "_deformation_statistics", {}))
+        """{block key: (mean offset norm in extents, share of lost kernel points)} of the last
+        forward pass, one entry per block with a deformable KPConv (keys: ``deformable_keys``);
+        {} before any call."""
+        return {
+            spec.key: conv.deformation_statistics
+            for spec, block in self.blocks_with_specs()
+            for conv in block.kpconvs()
+            if conv.deformation_statistics is not None
+        }
 
     def _encoder_decoder_variables(self):
         return {
-            f"KernelPointNetwork/{scope}/{name}": variable
-            for scope, block in self.scoped_blocks
+            f"KernelPointNetwork/{spec.scope}/{name}": variable
+            for spec, block in self.blocks_with_specs()
             for name, variable in block.original_variables().items()
         }
 
@@ -115,14 +120,13 @@ class KPCNN(_ConfiguredNetwork):
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"config.dataset.num_classes must be an integer >= 2, got {num_classes!r}")
         self.config = config
-        self.scoped_blocks = build_encoder(config)
-        self.encoder = [block for _, block in self.scoped_blocks]
+        self._build_blocks("kpcnn")
+        m = config.model
         self.fc = UnaryConv(1024, name="fc")
-        self.fc_norm = normalization(config.model, "fc_norm")
+        self.fc_norm = normalization(m.use_batch_norm, m.batch_norm_momentum, "fc_norm")
         self.dropout_rate = config.model.dropout
         self.classifier = UnaryConv(num_classes, name="softmax")
         self.classifier_bias = None
-        self._offsets_loss = None
 
     def build(self, inputs_shape=None):
         if self.classifier_bias is None:
@@ -132,13 +136,12 @@ class KPCNN(_ConfiguredNetwork):
 
     def encode(self, inputs, training=False):
         """Per-block outputs of the encoder; the last is the [B, D] global average."""
-        return run_encoder(self.encoder, inputs, training)[0]
+        return self.run_blocks(inputs, training)[1]
 
     def call(self, inputs, training=False, dropout_uniform=None):
         if self.classifier_bias is None:
             self.build()
         outputs = self.encode(inputs, training=training)
-        self._offsets_loss, self._deformation_statistics = _offset_terms(self.encoder, self.config, "kpcnn")
         x = leaky_relu(self.fc_norm(self.fc(outputs[-1]), training=training))
         rate = self.dropout_rate
         if training and rate > 0:
@@ -157,65 +160,12 @@ class KPCNN(_ConfiguredNetwork):
         return out
 
 
-def run_encoder(blocks, inputs, training):
-    """Runs the encoder blocks; returns (per-block outputs, skip features per layer)."""
-    features = inputs[FEATURES]
-    outputs, skips = [], []
-    for block in blocks:
-        if any(k in block.block_type for k in ("pool", "strided", "global")):
-            skips.append(features)
-        features = block(features, inputs, training=training)
-        outputs.append(features)
-    skips.append(features)
-    return outputs, skips
-
-
-def _offset_terms(blocks, config, network):
-    """(offsets loss x offsets_decay, {layer key: (mean offset norm in extents, lost share)}) of the
-    deformable KPConvs run by ``blocks`` in the last forward pass; keys like ``l3_0`` (encoder layer
-    3, block 0 of that layer) or ``u2_0`` (decoder)."""
-    t, m = config.train, config.model
-    terms, statistics = [], {}
-    for block in blocks:
-        for deformed, query, support, neighbors, conv in block.deformed:
-            nearest_d2 = nearest_squared_distances(deformed, query, support, neighbors)
-            terms.append(
-                deformable_layer_offsets_loss(
-                    t.offsets_loss,
-                    network,
-                    deformed,
-                    query,
-                    support,
-                    neighbors,
-                    block.layer_index,
-                    m.first_subsampling_dl,
-                    m.density_parameter,
-                    m.kp_extent,
-                    t.repulse_extent,
-                    nearest_d2,
-                )
-            )
-            statistics[block_key(block)] = deformation_statistics(
-                deformed, conv.kernel_points, nearest_d2, conv.extent
-            )
-    if not terms:
-        return tf.constant(0.0, tf.float32), statistics
-    return tf.constant(t.offsets_decay, tf.float32) * tf.add_n(terms), statistics
-
-
-def block_key(block):
-    """``l3_0``: encoder layer 3, block 0 of that layer; ``u2_0`` for a decoder block (the names of the
-    per-layer diagnostics and of ``utils.visualize --layer``)."""
-    side = "u" if block.name.startswith("uplayer") else "l"
-    return f"{side}{block.layer_index}_{block.name.rsplit('_', 1)[1]}"
-
-
 def deformable_keys(network):
     """The keys of ``network.deformation_statistics()`` of a built network, in call order."""
     return [
-        block_key(block)
-        for block in getattr(network, "encoder", []) + getattr(network, "decoder", [])
-        if any(isinstance(layer, KPConv) and layer.deformable for layer in vars(block).values())
+        spec.key
+        for spec, block in network.blocks_with_specs()
+        if any(conv.deformable for conv in block.kpconvs())
     ]
 
 
@@ -225,9 +175,7 @@ class KPFCNN(_ConfiguredNetwork):
 
     def __init__(self, config: Config, **kwargs):
         super().__init__(**kwargs)
-        arch = config.model.architecture
-        first_up = next((i for i, b in enumerate(arch) if "upsample" in b), None)
-        if first_up is None:
+        if not any(spec.decoder for spec in block_specs(config)):
             raise ValueError("config.model.architecture needs a decoder (blocks from '*_upsample' on)")
         num_classes = config.dataset.num_classes
         self.multi_head = config.model.network_model == "multi_segmentation"
@@ -241,41 +189,20 @@ class KPFCNN(_ConfiguredNetwork):
             raise ValueError(f"config.dataset.num_classes must be an integer >= 2, got {num_classes!r}")
         self.config = config
         m = config.model
-        self.scoped_blocks = build_encoder(config)
-        self.encoder = [block for _, block in self.scoped_blocks]
-        layer = m.num_layers - 1
-        radius = m.first_subsampling_dl * m.density_parameter * 2**layer
-        fdim = m.first_features_dim * 2**layer
-        self.decoder, self.concat_after, block_in_layer = [], [], 0
-        for name in arch[first_up:]:
-            block = make_block(name, layer, radius, fdim, m, block_in_layer, prefix="uplayer")
-            self.scoped_blocks.append((f"uplayer_{layer}/{name}_{block_in_layer}", block))
-            self.decoder.append(block)
-            block_in_layer += 1
-            if "upsample" in name:
-                layer -= 1
-                radius *= 0.5
-                fdim //= 2
-                block_in_layer = 0
-                self.concat_after.append(layer)
-            else:
-                self.concat_after.append(None)
+        self._build_blocks("kpfcnn")
         # Multi-head (ShapeNetPart): one head per object category, as the original's
         # multi_segmentation_head: a shared unary to n_categories * first_features_dim, then per
         # category a linear map to max(num_classes) part logits; each point uses its cloud's head.
         heads = len(num_classes) if self.multi_head else 1
         self.head = UnaryConv(heads * m.first_features_dim, name="head_unary_conv")
-        self.head_norm = normalization(m, "head_norm")
+        self.head_norm = normalization(m.use_batch_norm, m.batch_norm_momentum, "head_norm")
         self.classifier = None if self.multi_head else UnaryConv(num_classes, name="softmax")
         self.num_outputs = max(num_classes) if self.multi_head else num_classes
         self.classifier_bias = None
-        self._offsets_loss = None
 
     def build(self, inputs_shape=None):
         if self.classifier_bias is None:
             if self.multi_head:
-                from kpconv_tf.initializers import OriginalTruncatedNormal
-
                 self.multi_weights = self.add_weight(
                     name="weights",
                     initializer=OriginalTruncatedNormal(),
@@ -299,15 +226,7 @@ class KPFCNN(_ConfiguredNetwork):
     def call(self, inputs, training=False):
         if self.classifier_bias is None:
             self.build()
-        _, skips = run_encoder(self.encoder, inputs, training)
-        features = skips[-1]
-        for block, skip_layer in zip(self.decoder, self.concat_after):
-            features = block(features, inputs, training=training)
-            if skip_layer is not None:
-                features = tf.concat([features, skips[skip_layer]], axis=1)
-        self._offsets_loss, self._deformation_statistics = _offset_terms(
-            self.encoder + self.decoder, self.config, "kpfcnn"
-        )
+        features, _ = self.run_blocks(inputs, training)
         x = leaky_relu(self.head_norm(self.head(features), training=training))
         if self.multi_head:
             return self._multi_head_logits(x, inputs)
@@ -338,3 +257,17 @@ def dummy_inputs(config: Config, points_per_layer=4):
         inputs.setdefault(key, tf.tile(tf.range(n)[None], [n, 1]))
     inputs["object_labels"] = tf.zeros([1], tf.int32)
     return inputs
+
+
+def build_network(config: Config):
+    """KPCNN for ``model.network_model`` 'classification' (or unset), KPFCNN for the segmentation
+    models (``kpconv_tf.config.NETWORK_MODELS``); its variables created on dummy inputs."""
+    kind = config.model.network_model
+    if kind in ("classification", ""):
+        network = KPCNN(config)
+    elif kind in NETWORK_MODELS:
+        network = KPFCNN(config)
+    else:
+        raise ValueError(f"model.network_model must be one of {list(NETWORK_MODELS)}, got {kind!r}")
+    network(dummy_inputs(config), training=False)
+    return network

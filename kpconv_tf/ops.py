@@ -31,8 +31,8 @@ import warnings
 
 import tensorflow as tf
 
-INFLUENCES = ("constant", "linear", "gaussian")
-AGGREGATIONS = ("sum", "closest")
+from kpconv_tf.config import AGGREGATIONS, INFLUENCES
+
 IMPLEMENTATIONS = ("standard", "fused", "auto")
 
 _RIGID_SHADOW = 1e6
@@ -208,17 +208,8 @@ def kpconv(
         features, query_points, support_points, kernel_points, weights
     )
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
-    sums = _kernel_sums(
-        query_points,
-        support_points,
-        neighbors,
-        features,
-        kernel_points,
-        extent,
-        influence,
-        aggregation,
-        implementation,
-    )
+    geometry = (query_points, support_points, neighbors)
+    sums = _kernel_sums(*geometry, features, kernel_points, extent, influence, aggregation, implementation)
     return _project(sums, weights)
 
 
@@ -252,17 +243,9 @@ def kpconv_deformable(
     if modulations is not None:
         modulations = tf.cast(modulations, features.dtype)
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
-    sums = _kernel_sums(
-        query_points,
-        support_points,
-        neighbors,
-        features,
-        kernel_points[None] + offsets,
-        extent,
-        influence,
-        aggregation,
-        implementation,
-    )
+    geometry = (query_points, support_points, neighbors)
+    deformed = kernel_points[None] + offsets
+    sums = _kernel_sums(*geometry, features, deformed, extent, influence, aggregation, implementation)
     if modulations is not None:
         sums = sums * modulations[:, :, None]
     return _project(sums, weights)

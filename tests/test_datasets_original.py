@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import tf_custom_ops  # noqa: F401  (loads the compiled ops from the shared cache before tests move it)
+from kpconv_tf.architecture import block_type
 from kpconv_tf.config import Config
 from training.datasets import common
 from training.datasets.base import DatasetError, ObjectDataset, SceneDataset
@@ -819,7 +820,7 @@ def test_scannet_samples_faces_as_the_original(tmp_path):
 def test_original_training_configs(name, dl, radius, features, batch, epochs, period):
     config = Config.from_yaml(CONFIGS / f"{name.lower()}.yaml")
     assert config.dataset.name == name
-    if any("deformable" in block for block in config.model.architecture):
+    if any(block_type(block).deformable for block in config.model.architecture):
         # Deformable layers ship the stable definition (README "Deformable KPConv").
         assert config.train.semantics == "paper" and config.train.offset_lr_factor == 0.1
         assert config.model.offset_bound == 1.0 and config.train.offsets_loss == "point2point"
@@ -836,7 +837,7 @@ def test_original_training_configs(name, dl, radius, features, batch, epochs, pe
     np.testing.assert_allclose(list(config.train.lr_decays.values()), 0.1 ** (1 / period), rtol=1e-12)
     arch = config.model.architecture
     assert arch[0] == "simple" and (arch[-1] == "global_average") == (name == "ModelNet40")
-    assert sum("strided" in b for b in arch) == 4 and config.model.num_layers == 5
+    assert sum(block_type(b).kind == "strided" for b in arch) == 4 and config.model.num_layers == 5
 
 
 def test_sample_mesh_chunks_agree(monkeypatch):

@@ -9,10 +9,10 @@ import keras
 import numpy as np
 import pytest
 
+from kpconv_tf.models import build_network
 from training.config import load_config
 from training.datasets import configure, load_dataset
 from training.pipeline import Pipeline
-from training.train import build_network
 from training.trainer import TrainingModel
 
 # The shipped ModelNet40 recipe (lr 1e-3, momentum 0.98, dropout 0.5, deformable layers 3-4), on a

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from kpconv_tf.architecture import block_type
 from kpconv_tf.config import Config
 from training.datasets import configure, load_dataset
 from training.datasets.embedded_lidar import (
@@ -97,6 +98,6 @@ def test_lidar_configs_differ_only_in_the_deformable_blocks():
     deformable, rigid = load_config("embedded_lidar"), load_config("embedded_lidar_rigid")
     assert deformable.dataset == rigid.dataset and deformable.augment == rigid.augment
     assert [b.replace("_deformable", "") for b in deformable.model.architecture] == rigid.model.architecture
-    assert sum("deformable" in b for b in deformable.model.architecture) == 3
+    assert sum(block_type(b).deformable for b in deformable.model.architecture) == 3
     assert deformable.model.offset_bound == 1.0 and deformable.train.offsets_loss == "point2point"
     assert deformable.train.learning_rate == rigid.train.learning_rate

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kpconv_tf import convert
 from kpconv_tf.config import Config
 from kpconv_tf.export import export_saved_model
+from kpconv_tf.inputs import input_spec
+from kpconv_tf.models import build_network
 from kpconv_tf.pyramid import build_pyramid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +33,7 @@ def test_export_round_trip_in_a_fresh_process(tmp_path):
             ),
         }
     )
-    model = convert.build_model(config)
+    model = build_network(config)
     rng = np.random.default_rng(0)
     points = rng.normal(size=(500, 3)).astype(np.float32) * 0.3
     lengths = np.array([200, 300], np.int32)
@@ -78,13 +79,17 @@ def test_precomputed_signature_matches_the_model(tmp_path):
             ),
         }
     )
-    model = convert.build_model(config)
+    model = build_network(config)
     points = np.random.default_rng(1).normal(size=(300, 3)).astype(np.float32) * 0.3
     inputs = build_pyramid(points, np.array([300], np.int32), np.ones((300, 1), np.float32), config.model)
     export_saved_model(model, config, tmp_path / "saved")
     loaded = tf.saved_model.load(str(tmp_path / "saved"))  # the ops are registered in this process
     got = loaded.precomputed(inputs)["probabilities"]
     np.testing.assert_allclose(got, tf.nn.softmax(model(inputs)), rtol=1e-5, atol=1e-6)
+    # The saved signature is the input layout's, key for key.
+    (saved,), _ = loaded.precomputed.concrete_functions[0].structured_input_signature
+    described = {key: (spec.shape.as_list(), spec.dtype) for key, spec in saved.items()}
+    assert described == {key: (s.shape.as_list(), s.dtype) for key, s in input_spec(config).items()}
 
 
 def test_keras_file_round_trip(tmp_path):
@@ -103,7 +108,7 @@ def test_keras_file_round_trip(tmp_path):
             ),
         }
     )
-    model = convert.build_model(config)
+    model = build_network(config)
     points = np.random.default_rng(2).normal(size=(200, 3)).astype(np.float32) * 0.3
     inputs = build_pyramid(points, np.array([200], np.int32), np.ones((200, 1), np.float32), config.model)
     model.save(tmp_path / "model.keras")

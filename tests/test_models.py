@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 
 from kpconv_tf import blocks, convert
-from kpconv_tf.config import Config
-from kpconv_tf.models import KPCNN
+from kpconv_tf.architecture import BLOCK_TYPES, BlockSpec, block_type
+from kpconv_tf.config import Config, ConfigError
+from kpconv_tf.models import KPCNN, build_network
 from kpconv_tf.pyramid import build_pyramid
 from training.trainer import l2_regularization
 
@@ -75,7 +76,7 @@ def test_checkpoint_import_reproduces_the_original(original):
         assert rel_err(out, d[f"block_{i:02d}"]) < 1e-4, d["block_names"][i]
     logits = model(inputs, training=False)
     assert rel_err(logits, d["logits"]) < 1e-4
-    assert float(model.offsets_loss()) == pytest.approx(float(d["offsets_loss"]), rel=1e-4)
+    assert float(tf.reduce_sum(model.losses)) == pytest.approx(float(d["offsets_loss"]), rel=1e-4)
     assert float(l2_regularization(model.variables, config.train.weights_decay)) == pytest.approx(
         float(d["regularization_loss"]), rel=1e-5
     )
@@ -120,7 +121,7 @@ def _config(arch, **model):
 
 @pytest.mark.parametrize("arch,expected", [(RIGID, 14.3e6), (DEFORMABLE, 15.2e6)])
 def test_parameter_counts_match_table3(arch, expected):
-    model = convert.build_model(_config(arch))
+    model = build_network(_config(arch))
     count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert count == pytest.approx(expected, rel=0.005)
 
@@ -170,7 +171,7 @@ def test_every_block_runs_and_clouds_are_independent(name):
     changed = model(_batch(other, config), training=False)
     np.testing.assert_allclose(changed[0], logits[0], rtol=1e-5, atol=1e-5)
     assert not np.allclose(changed[1], logits[1])
-    assert np.isfinite(float(model.offsets_loss()))
+    assert np.isfinite(float(tf.reduce_sum(model.losses)))
 
 
 def test_upsampling_blocks_run():
@@ -181,14 +182,22 @@ def test_upsampling_blocks_run():
     )
     inputs = _batch(_two_clouds(), config)
     for name in ("nearest_upsample", "simple_upsample", "resnetb_upsample"):
-        block = blocks.make_block(name, 1, 0.5, 8, config.model)
+        block = blocks.make_block(_spec(name), config, "kpfcnn")
         out = block(tf.ones([int(inputs["points_1"].shape[0]), 16]), inputs)
         assert out.shape[0] == inputs["points_0"].shape[0]
 
 
+def _spec(name, layer=1, radius=0.5, fdim=8):
+    kind = block_type(name)
+    out = 16 if kind.width is None else kind.width * fdim
+    return BlockSpec(name, kind, kind.kind == "upsample", layer, 0, radius, radius / 5, fdim, 16, out)
+
+
 def test_unknown_block():
     with pytest.raises(ValueError, match="unknown block"):
-        blocks.make_block("resnext", 0, 0.1, 8, _config(RIGID).model)
+        block_type("resnext")
+    with pytest.raises(ConfigError, match=r"model.architecture\[1\] must be one of"):
+        _config(["simple", "resnext", "global_average"])
 
 
 def test_every_original_block_name_is_available():
@@ -213,8 +222,10 @@ def test_every_original_block_name_is_available():
         "simple_upsample",
         "resnetb_upsample",
     ]
+    assert sorted(names) == sorted(BLOCK_TYPES)
     for name in names:
-        assert blocks.make_block(name, 1, 0.1, 8, _config(RIGID).model).block_type == name
+        block = blocks.make_block(_spec(name), _config(RIGID), "kpcnn")
+        assert block.block_type == name and block.name == f"{_spec(name).scope.replace('/', '_')}"
 
 
 S3DIS_LIKE = [
@@ -245,12 +256,12 @@ def test_kpfcnn_runs_per_point_and_maps_original_names():
             ),
         }
     )
-    model = convert.build_model(config)
+    model = build_network(config)
     clouds = _two_clouds()
     inputs = _batch(clouds, config)
     logits = model(inputs, training=False)
     assert logits.shape == (sum(len(c) for c in clouds), 7)
-    assert np.all(np.isfinite(logits.numpy())) and np.isfinite(float(model.offsets_loss()))
+    assert np.all(np.isfinite(logits.numpy())) and np.isfinite(float(tf.reduce_sum(model.losses)))
     names = convert.original_variable_map(model)
     assert "KernelPointNetwork/uplayer_1/unary_0/weights" in names
     assert "KernelPointNetwork/head_unary_conv/batch_normalization/gamma" in names
@@ -260,6 +271,30 @@ def test_kpfcnn_runs_per_point_and_maps_original_names():
     changed = model(_batch(other, config), training=False)
     n0 = len(clouds[0])
     np.testing.assert_allclose(changed[:n0], logits[:n0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [*SMALL_ARCHS.values(), S3DIS_LIKE], ids=[*SMALL_ARCHS, "s3dis_like"])
+def test_block_specs_give_every_blocks_widths_and_scope(arch):
+    network_model = "segmentation" if "nearest_upsample" in arch else "classification"
+    config = _config(arch, first_features_dim=8, first_subsampling_dl=0.05, network_model=network_model)
+    config.dataset.num_classes = 7
+    model = build_network(config)
+    inputs = _batch(_two_clouds(), config)
+    _, outputs = model.run_blocks(inputs)
+    width = config.dataset.in_features_dim
+    for (spec, block), out in zip(model.blocks_with_specs(), outputs, strict=True):
+        assert spec.scope.replace("/", "_") == block.name and spec.name == block.block_type
+        assert spec.in_width == width, spec
+        assert out.shape[-1] == spec.out_width, spec
+        width = spec.out_width + (0 if spec.concat_skip is None else _skip_width(model, spec.concat_skip))
+
+
+def _skip_width(model, layer):
+    """Width of the features entering the encoder block that ends ``layer``."""
+    ending = [
+        spec for spec, _ in model.blocks_with_specs() if not spec.decoder and spec.kind in ("strided", "pool")
+    ]
+    return ending[layer].in_width
 
 
 @pytest.mark.parametrize("arch_name,expected", [("rigid", 14.1e6), ("deformable", 14.9e6)])
@@ -279,7 +314,7 @@ def test_kpfcnn_parameter_counts_match_table3_scenes(arch_name, expected):
             ),
         }
     )
-    model = convert.build_model(config)
+    model = build_network(config)
     count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert count == pytest.approx(expected, rel=0.01)
 
@@ -295,7 +330,7 @@ def test_convert_cli_writes_config_and_weights(original, tmp_path):
     convert.main([str(run), str(tmp_path / "out")])
     restored_config = Config.from_yaml(tmp_path / "out" / "config.yaml")
     assert restored_config.to_dict() == config.to_dict()
-    restored = convert.build_model(restored_config)
+    restored = build_network(restored_config)
     restored.load_weights(tmp_path / "out" / "model.weights.h5")
     np.testing.assert_allclose(restored(inputs), model(inputs), rtol=1e-6, atol=1e-6)
 
@@ -314,7 +349,7 @@ def test_multi_head_part_segmentation_uses_each_clouds_head():
             ),
         }
     )
-    model = convert.build_model(config)
+    model = build_network(config)
     clouds = _two_clouds()
     inputs = dict(_batch(clouds, config))
     inputs["object_labels"] = tf.constant([2, 0], tf.int32)

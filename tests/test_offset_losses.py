@@ -10,6 +10,7 @@ from test_kpconv_layers import _deformable_layer_from_fixture
 from test_kpconv_ops import FIXTURES, rel_err
 
 from kpconv_tf import losses
+from kpconv_tf.layers import KPConv
 
 DEFORM = sorted(glob.glob(os.path.join(FIXTURES, "kpconv_deform_*.npz")))
 
@@ -19,19 +20,21 @@ def _loss(d, network, layer, rows=None):
     if rows is not None:
         q, n = q[rows], n[rows]
     _, deformed = layer(q, d["support_points"], n, d["features"], return_deformed=True)
-    term = losses.deformable_layer_offsets_loss(
-        "fitting",
-        network,
+    term = losses.deformable_offsets_loss(
+        losses.offset_loss_variant("fitting", network),
         deformed,
         q,
         d["support_points"],
         n,
-        layer=int(d["layer"]),
-        first_subsampling_dl=float(d["first_subsampling_dl"]),
-        density_parameter=float(d["density_parameter"]),
-        kp_extent=float(d["config_KP_extent"]),
+        *_normalizers(d),
     )
     return float(d["offsets_decay"]) * term
+
+
+def _normalizers(d):
+    """(conv radius, extent) of the fixture's layer, as the original derives them."""
+    scale = float(d["first_subsampling_dl"]) * 2 ** int(d["layer"])
+    return scale * float(d["density_parameter"]), scale * float(d["config_KP_extent"])
 
 
 @pytest.mark.parametrize("path", DEFORM, ids=os.path.basename)
@@ -51,6 +54,35 @@ def test_losses_and_gradients_match_original(path):
         assert f"nonempty_loss_kpfcnn_{key}" in d
     total = d["nonempty_loss_kpfcnn_fitting"] + d["nonempty_loss_kpfcnn_repulsive"]
     assert rel_err(total, d["nonempty_loss_kpfcnn_offsets"]) < 1e-5
+
+
+@pytest.mark.parametrize("path", DEFORM[:1], ids=os.path.basename)
+def test_kpconv_adds_its_term_through_add_loss(path):
+    d = np.load(path)
+    rigid = _deformable_layer_from_fixture(d)
+    radius, extent = _normalizers(d)
+    for network in ("kpcnn", "kpfcnn"):
+        layer = KPConv.from_config(
+            {
+                **rigid.get_config(),
+                "radius": radius,
+                "extent": extent,
+                "offset_loss": losses.offset_loss_variant("fitting", network),
+                "offset_loss_weight": float(d["offsets_decay"]),
+            }
+        )
+        args = (d["query_points"], d["support_points"], d["neighbors"], d["features"])
+        layer(*args)
+        layer.set_weights(rigid.get_weights())
+        layer(*args)
+        assert len(layer.losses) == 1  # the last call's term only
+        assert rel_err(layer.losses[0], d[f"loss_{network}_offsets"]) < 1e-5
+        norm, lost = layer.deformation_statistics
+        assert 0 <= float(lost) <= 1 and float(norm) > 0
+    with pytest.raises(ValueError, match="offset_loss"):
+        KPConv(8, offset_loss="fitting_repulsive")  # rigid
+    with pytest.raises(ValueError, match="radius"):
+        KPConv(8, deformable=True, offset_loss="permissive")
 
 
 def _repulsive_reference(deformed, norm, threshold):
@@ -98,7 +130,11 @@ def test_repulsive_gradient_treats_other_points_as_constants():
 
 def test_bad_kind():
     with pytest.raises(ValueError, match="kind"):
-        losses.deformable_layer_offsets_loss("elastic", "kpcnn", None, None, None, None, 0, 1, 1, 1)
+        losses.offset_loss_variant("elastic", "kpcnn")
+    with pytest.raises(ValueError, match="network"):
+        losses.offset_loss_variant("fitting", "pointnet")
+    with pytest.raises(ValueError, match="variant"):
+        losses.deformable_offsets_loss("elastic", None, None, None, None, 1, 1)
 
 
 def test_point2point_against_float64():
@@ -113,9 +149,8 @@ def test_point2point_against_float64():
         2 * _fitting_reference(deformed, q, s, n, extent) + _repulsive_reference(deformed, extent, 1.2) / 4
     )
     for network in ("kpcnn", "kpfcnn"):  # the same definition for both networks
-        value = losses.deformable_layer_offsets_loss(
-            "point2point", network, deformed, q, s, n, layer, dl, 5.0, kp_extent, repulse_extent=1.2
-        )
+        variant = losses.offset_loss_variant("point2point", network)
+        value = losses.deformable_offsets_loss(variant, deformed, q, s, n, dl * 5.0 * 2**layer, extent, 1.2)
         assert float(value) == pytest.approx(expected, rel=1e-9)
 
 

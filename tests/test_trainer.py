@@ -200,13 +200,11 @@ class ToyNetwork(keras.Model):
         logits = self.bn(inputs["features"] @ (self.w + self.ow) + self.ob, training=training)
         if dropout_uniform is not None:
             logits = tf.where(dropout_uniform[:, :4] >= 0.5, logits / 0.5, 0.0)
+        self.add_loss(0.1 * tf.reduce_sum(self.ow**2))  # stands for the offset regularisation
         return logits
 
     def output_loss(self, labels, logits, inputs):
         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-
-    def offsets_loss(self):
-        return 0.1 * tf.reduce_sum(self.ow**2)
 
 
 def _toy_data():

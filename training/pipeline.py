@@ -32,6 +32,7 @@ from kpconv_tf.inputs import layer_keys
 from kpconv_tf.pyramid import build_pyramid
 from training.augment import augment_points, drop_colors
 from training.datasets.base import ObjectDataset, SceneDataset, cache_root, discard_cache
+from training.scenes import scene_feature_columns
 
 OBJECT_TASKS = ("classification", "segmentation", "multi_segmentation")
 
@@ -263,20 +264,11 @@ def _features(config: Config, task: str, points, extra, batch_index, num_clouds,
         if dim == 4:
             return tf.concat([ones, extra], 1)  # the (augmented) normals
         raise ValueError(f"dataset.in_features_dim must be 1 or 4 (ones, normals) for objects, got {dim}")
-    colors, absolute = extra[:, :3], extra[:, 3:]
-    if dim in (3, 4, 5, 7):
-        colors = drop_colors(colors, batch_index, num_clouds, config.augment.color, seed)
-    options = {
-        1: [ones],
-        2: [ones, absolute[:, 2:]],
-        3: [colors],
-        4: [ones, colors],
-        5: [ones, colors, absolute[:, 2:]],
-        7: [ones, colors, points],
-    }
-    if dim not in options:
-        raise ValueError(f"dataset.in_features_dim must be one of {sorted(options)} for scenes, got {dim}")
-    return tf.concat(options[dim], 1)
+    columns = scene_feature_columns(dim)
+    parts = {"ones": ones, "height": extra[:, 5:], "xyz": points}  # extra: rgb, absolute xyz
+    if "rgb" in columns:
+        parts["rgb"] = drop_colors(extra[:, :3], batch_index, num_clouds, config.augment.color, seed)
+    return tf.concat([parts[c] for c in columns], 1)
 
 
 class Pipeline:

@@ -142,35 +142,46 @@ class SphereSampler:
         self._min_potentials = np.array([p.min() for p in self.potentials])
 
 
+# The original's scene input features by in_features_dim: columns in order (rgb is 3 wide, xyz the
+# centred crop points, height the absolute z).
+SCENE_FEATURES = {
+    1: ("ones",),
+    2: ("ones", "height"),
+    3: ("rgb",),
+    4: ("ones", "rgb"),
+    5: ("ones", "rgb", "height"),
+    7: ("ones", "rgb", "xyz"),
+}
+
+
+def scene_feature_columns(in_features_dim: int) -> tuple[str, ...]:
+    if in_features_dim not in SCENE_FEATURES:
+        raise ValueError(
+            f"dataset.in_features_dim must be one of {sorted(SCENE_FEATURES)} for scenes, "
+            f"got {in_features_dim}"
+        )
+    return SCENE_FEATURES[in_features_dim]
+
+
 def features_for(
     crop: SphereCrop,
     in_features_dim: int,
     points: np.ndarray | None = None,
     colors: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The original's scene input features, float32 [n, in_features_dim].
+    """The original's scene input features (``SCENE_FEATURES``), float32 [n, in_features_dim].
 
-    1: ones; 2: ones, absolute z; 3: rgb; 4: ones, rgb; 5: ones, rgb, absolute z; 7: ones, rgb,
-    centred xyz. ``points`` / ``colors`` replace the crop's when given (the original uses the
-    augmented points for 7 and the colours after colour dropping).
+    ``points`` / ``colors`` replace the crop's when given (the original uses the augmented points
+    for xyz and the colours after colour dropping).
     """
-    points = crop.points if points is None else points
-    colors = crop.colors if colors is None else colors
-    ones = np.ones((len(crop.points), 1), np.float32)
-    heights = crop.heights[:, None]
-    columns = {
-        1: [ones],
-        2: [ones, heights],
-        3: [colors],
-        4: [ones, colors],
-        5: [ones, colors, heights],
-        7: [ones, colors, points],
+    parts = {
+        "ones": np.ones((len(crop.points), 1), np.float32),
+        "rgb": crop.colors if colors is None else colors,
+        "height": crop.heights[:, None],
+        "xyz": crop.points if points is None else points,
     }
-    if in_features_dim not in columns:
-        raise ValueError(
-            f"in_features_dim must be one of {sorted(columns)} for scenes, got {in_features_dim}"
-        )
-    return np.concatenate(columns[in_features_dim], axis=1).astype(np.float32)
+    columns = scene_feature_columns(in_features_dim)
+    return np.concatenate([parts[c] for c in columns], axis=1).astype(np.float32)
 
 
 class SceneVoter:

@@ -25,11 +25,13 @@ import tensorflow as tf
 
 from kpconv_tf import metrics
 from kpconv_tf.config import Config
+from kpconv_tf.inputs import layer_keys
+from kpconv_tf.models import build_network
 from training.config import add_override_argument
 from training.datasets import configure, load_dataset
 from training.pipeline import Pipeline
 from training.run_store import CheckpointError, RunStore, read_checkpoint
-from training.train import build_network, checkpoint_for
+from training.train import checkpoint_for
 from training.trainer import TrainingModel
 
 SUBMISSION_FORMATS = {"Semantic3D": ("ply", "semantic3d"), "NPM3D": ("ply", "npm3d")}
@@ -87,7 +89,7 @@ def test_objects(pipeline: Pipeline, network, votes: int, split: str, seed: int,
             if not segmentation:
                 probs[cloud_indices] += p
                 continue
-            offsets = np.concatenate([[0], np.cumsum(inputs["lengths_0"].numpy())])
+            offsets = np.concatenate([[0], np.cumsum(inputs[layer_keys(0).lengths].numpy())])
             point_indices = meta["point_indices"].numpy()
             for b, c in enumerate(cloud_indices):
                 rows = slice(offsets[b], offsets[b + 1])
@@ -133,7 +135,7 @@ def test_scenes(pipeline: Pipeline, network, votes: float, split: str, seed: int
     last_report = time.time()
     for inputs, _, meta in pipeline.tf_dataset(stream, pipeline.neighbor_limits, True, seed):
         p = predict(inputs).numpy()
-        offsets = np.concatenate([[0], np.cumsum(inputs["lengths_0"].numpy())])
+        offsets = np.concatenate([[0], np.cumsum(inputs[layer_keys(0).lengths].numpy())])
         point_indices = meta["point_indices"].numpy()
         for b, scene_index in enumerate(meta["cloud_indices"].numpy()):
             rows = slice(offsets[b], offsets[b + 1])

@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 
 from kpconv_tf.config import Config
-from kpconv_tf.models import KPCNN, KPFCNN
+from kpconv_tf.models import build_network
 from training.config import add_override_argument, load_config
 from training.datasets import configure, load_dataset
 from training.pipeline import Pipeline
@@ -65,15 +65,6 @@ OFFSETS_GROWTH, OFFSETS_GROWTH_STEPS = 10.0, 50
 
 class TrainingInterrupted(RuntimeError):
     """Training stopped on a non-finite loss; the last good checkpoint is kept."""
-
-
-def build_network(config: Config):
-    """KPCNN for classification, KPFCNN otherwise; variables created."""
-    from kpconv_tf.models import dummy_inputs
-
-    network = KPCNN(config) if config.model.network_model == "classification" else KPFCNN(config)
-    network(dummy_inputs(config), training=False)
-    return network
 
 
 def checkpoint_for(training_model):

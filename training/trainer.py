@@ -196,7 +196,7 @@ class TrainStep:
         train = self.config.train
         output_loss = self.network.output_loss(labels, logits, inputs)
         regularization_loss = l2_regularization(self.network.variables, train.weights_decay)
-        offsets_loss = self.network.offsets_loss()
+        offsets_loss = tf.add_n(self.network.losses) if self.network.losses else tf.constant(0.0)
         gaussian_loss = tf.constant(0.0, tf.float32)  # the original has no 'kernel_extents' variables
         total_loss = ((offsets_loss + gaussian_loss) + regularization_loss) + output_loss
         result = {

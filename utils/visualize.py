@@ -43,11 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kpconv_tf.config import FIXED_MODES
 from utils import visualize_render as render
 from utils.ply import write_ply
 
 COMMANDS = ("kernels", "deformations", "erf", "features", "predictions")
-FIXED_MODES = ("center", "verticals", "none")
 DEFAULT_PANEL_PX = 300
 KERNEL_VIEWS = ("top", "front", "oblique")
 RIGID_COLOR = np.array([0.15, 0.35, 0.85])

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from kpconv_tf.architecture import is_pooling_block
-from kpconv_tf.inputs import layer_keys
+from kpconv_tf.architecture import LAYER_ENDING_KINDS, BlockSpec
+from kpconv_tf.inputs import FEATURES, layer_keys
 from kpconv_tf.layers import KPConv
 from kpconv_tf.losses import deformation_statistics, nearest_squared_distances
-from kpconv_tf.models import block_key
 
 
 @dataclass
@@ -177,27 +176,31 @@ def make_inputs(run: VisualRun, samples: list[Sample]):
 
 @dataclass
 class BlockInfo:
-    key: str
+    spec: BlockSpec
     block: object
-    decoder: bool
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def decoder(self) -> bool:
+        return self.spec.decoder
 
     @property
     def level(self) -> int | None:
-        kind = self.block.block_type
-        if "global" in kind:
+        """Pyramid layer of the block's output points; None for a per-cloud (global) output."""
+        kind, layer = self.spec.kind, self.spec.layer
+        if kind == "global":
             return None
-        if self.decoder and "upsample" in kind:
-            return self.block.layer_index - 1
-        if not self.decoder and is_pooling_block(kind):
-            return self.block.layer_index + 1
-        return self.block.layer_index
+        if kind == "upsample":
+            return layer - 1
+        return layer + 1 if kind in LAYER_ENDING_KINDS else layer
 
 
 def blocks_of(network) -> list[BlockInfo]:
-    """Every encoder then decoder block, with its key."""
-    return [BlockInfo(block_key(b), b, False) for b in network.encoder] + [
-        BlockInfo(block_key(b), b, True) for b in getattr(network, "decoder", [])
-    ]
+    """Every encoder then decoder block, with its spec."""
+    return [BlockInfo(spec, block) for spec, block in network.blocks_with_specs()]
 
 
 def find_block(network, key: str) -> BlockInfo:
@@ -218,21 +221,8 @@ def find_block(network, key: str) -> BlockInfo:
 
 def block_outputs(network, inputs, training=False):
     """{block key: output tensor} of one forward pass through the encoder (and decoder)."""
-    from kpconv_tf.models import run_encoder
-
-    infos = blocks_of(network)
-    encoder = [i for i in infos if not i.decoder]
-    outputs, skips = run_encoder(network.encoder, inputs, training)
-    result = {info.key: out for info, out in zip(encoder, outputs)}
-    if getattr(network, "decoder", None):
-        features = skips[-1]
-        decoder = [i for i in infos if i.decoder]
-        for info, skip_layer in zip(decoder, network.concat_after):
-            features = info.block(features, inputs, training=training)
-            result[info.key] = features
-            if skip_layer is not None:
-                features = tf.concat([features, skips[skip_layer]], axis=1)
-    return result
+    outputs = network.run_blocks(inputs, training)[1]
+    return {info.key: out for info, out in zip(blocks_of(network), outputs)}
 
 
 @dataclass
@@ -261,15 +251,12 @@ def recording_convs(network):
         original = block.run_kpconv
 
         def run(conv, features, inputs, *args, _block=block, _original=original, _key=info.key, **kwargs):
-            before = len(_block.deformed)
-            out = _original(conv, features, inputs, *args, **kwargs)
-            if len(_block.deformed) > before:
-                deformed, query, support, neighbors, _ = _block.deformed[-1]
-            else:
-                deformed = None
-                query, support, neighbors = _conv_geometry(_block, inputs, *args, **kwargs)
+            query, support, neighbors = _block.conv_geometry(inputs, *args, **kwargs)
+            deformed = None
+            if conv.deformable:
+                deformed = conv.kernel_points[None] + conv.offsets(query, support, neighbors, features)[1]
             records.append((_key, conv, query, support, neighbors, deformed))
-            return out
+            return _original(conv, features, inputs, *args, **kwargs)
 
         object.__setattr__(block, "run_kpconv", run)
         patched.append(block)
@@ -278,20 +265,6 @@ def recording_convs(network):
     finally:
         for block in patched:
             object.__delattr__(block, "run_kpconv")
-
-
-def _conv_geometry(block, inputs, strided=False, upsample=False, layer=None):
-    """Queries, supports and neighbours of a rigid KPConv call (``Block.run_kpconv``'s choice)."""
-    l = block.layer_index if layer is None else layer
-    if strided:
-        return inputs[layer_keys(l + 1).points], inputs[layer_keys(l).points], inputs[layer_keys(l).pools]
-    if upsample:
-        return (
-            inputs[layer_keys(l - 1).points],
-            inputs[layer_keys(l).points],
-            inputs[layer_keys(l - 1).upsamples],
-        )
-    return inputs[layer_keys(l).points], inputs[layer_keys(l).points], inputs[layer_keys(l).neighbors]
 
 
 def kpconv_records(network, inputs) -> list[ConvRecord]:
@@ -349,10 +322,10 @@ def erf_gradient(network, inputs, key: str, point: int, channel: int | None = No
     or the sum over channels when None. Inference mode (batch-norm statistics fixed).
     """
     info = find_block(network, key)
-    features = tf.convert_to_tensor(inputs["features"])
+    features = tf.convert_to_tensor(inputs[FEATURES])
     with tf.GradientTape() as tape:
         tape.watch(features)
-        outputs = block_outputs(network, {**inputs, "features": features})[info.key]
+        outputs = block_outputs(network, {**inputs, FEATURES: features})[info.key]
         rows = int(outputs.shape[0])
         if not 0 <= point < rows:
             raise ValueError(f"point {point} out of range: block {info.key} has {rows} rows")
