@@ -161,7 +161,10 @@ class KPCNN(_ConfiguredNetwork):
 
 
 def deformable_keys(network):
-    """The keys of ``network.deformation_statistics()`` of a built network, in call order."""
+    """The keys of ``network.deformation_statistics()`` of a built network, in call order ([] for a
+    network without KPConv blocks: the statistics are an optional part of the training protocol)."""
+    if not hasattr(network, "blocks_with_specs"):
+        return []
     return [
         spec.key
         for spec, block in network.blocks_with_specs()
