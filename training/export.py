@@ -63,11 +63,9 @@ def grid_subsampling(points, lengths, dl: float, features, implementation: str):
 
 def use_standard_convolutions(network) -> None:
     """Switches every KPConv of ``network`` to standard TF ops (no ``KpconvKernelAggregate``)."""
-    from kpconv_tf.layers import KPConv
-
-    for layer in network._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, KPConv):
-            layer.implementation = "standard"
+    for _, block in network.blocks_with_specs():
+        for conv in block.kpconvs():
+            conv.implementation = "standard"
 
 
 class ExportModule(tf.Module):
