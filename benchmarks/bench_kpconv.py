@@ -7,8 +7,10 @@ KP_extent / conv_radius), 64->64 and 128->128 channels, rigid and deformable. Im
 ``transcription`` (the baseline: tiles the [N, H, K, 3] difference tensor as the original
 ``KPConv_ops`` does), our layer with ``implementation="standard"`` (standard TF ops) and with
 ``implementation="fused"`` (the compiled ``kernel_aggregate`` op), all inside a ``tf.function``.
-Each (implementation, layer, width, pass) runs in a fresh subprocess so its peak RSS increase
-(over the process after the inputs exist) is its own. Medians over the repeats after one warm-up.
+``gemm`` times the layer's matrix products alone (the floor a fused layer approaches; the rows give
+each implementation's time over it, ``*_gemm_ratio``). Each (implementation, layer, width, pass)
+runs in a fresh subprocess so its peak RSS increase (over the process after the inputs exist) is
+its own. Medians over the repeats after one warm-up.
 Prints a table, writes ``benchmarks/results/bench_kpconv.json``.
 
     python -m benchmarks.bench_kpconv [--repeats 5] [--n 100000]
@@ -74,6 +76,37 @@ def _transcription(query, support, neighbors, features, kernel_points, weights, 
 
 
 IMPLS = ("transcription", "standard", "fused")
+
+
+def gemm_seconds(kind, width, mode, n, repeats):
+    """Median time of the layer's matrix products alone, on random operands: the [N, K*Din] x
+    [K*Din, Dout] output product (and for deformable the offset KPConv's [K*Din, 3K] one); fwd+bwd
+    adds each product's weight gradient (transposed A) and input gradient (transposed B)."""
+    import tensorflow as tf
+
+    sums = tf.random.normal([n, 15 * width])
+    products = [tf.random.normal([15 * width, width])]
+    if kind == "deformable":
+        products.append(tf.random.normal([15 * width, 45]))
+    upstream = [tf.random.normal([n, w.shape[1]]) for w in products]
+
+    @tf.function
+    def step():
+        total = 0.0
+        for w, g in zip(products, upstream):
+            total += tf.reduce_sum(tf.matmul(sums, w))
+            if mode != "fwd":
+                total += tf.reduce_sum(tf.matmul(sums, g, transpose_a=True))
+                total += tf.reduce_sum(tf.matmul(g, w, transpose_b=True))
+        return total
+
+    step().numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step().numpy()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def run_one(impl, kind, width, mode, n, h, repeats):
@@ -143,6 +176,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.one:
         impl, kind, width, mode = args.one
+        if impl == "gemm":
+            print(json.dumps(dict(seconds=gemm_seconds(kind, int(width), mode, args.n, args.repeats))))
+            return
         seconds, mb = run_one(impl, kind, int(width), mode, args.n, args.h, args.repeats)
         print(json.dumps(dict(seconds=seconds, peak_mb=mb)))
         return
@@ -152,7 +188,7 @@ def main(argv=None):
         for width in (64, 128):
             for mode in ("fwd", "fwd+bwd"):
                 row = dict(kind=kind, width=width, mode=mode)
-                for impl in IMPLS:
+                for impl in (*IMPLS, "gemm"):
                     out = subprocess.run(
                         [
                             sys.executable,
@@ -178,18 +214,21 @@ def main(argv=None):
                         raise RuntimeError(out.stderr[-3000:])
                     result = json.loads(out.stdout.strip().splitlines()[-1])
                     row[f"{impl}_s"] = result["seconds"]
-                    row[f"{impl}_mb"] = result["peak_mb"]
+                    if "peak_mb" in result:
+                        row[f"{impl}_mb"] = result["peak_mb"]
                 for impl in IMPLS[1:]:
                     row[f"{impl}_speedup"] = row["transcription_s"] / row[f"{impl}_s"]
                     row[f"{impl}_memory_ratio"] = row[f"{impl}_mb"] / max(row["transcription_mb"], 1e-9)
+                    row[f"{impl}_gemm_ratio"] = row[f"{impl}_s"] / row["gemm_s"]
                 rows.append(row)
                 print(
                     f"{kind:10} {width:4d} {mode:8} "
                     + " | ".join(
                         f"{impl} {row[impl + '_s']:.3f} s {row[impl + '_mb']:6.0f} MB" for impl in IMPLS
                     )
-                    + " | fused: "
-                    + f"{row['fused_speedup']:.2f}x faster, {row['fused_memory_ratio']:.2f}x memory",
+                    + f" | GEMMs {row['gemm_s']:.3f} s | fused: "
+                    + f"{row['fused_speedup']:.2f}x faster, {row['fused_memory_ratio']:.2f}x memory, "
+                    + f"{row['fused_gemm_ratio']:.2f}x its GEMMs",
                     flush=True,
                 )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
