@@ -41,7 +41,7 @@ from training.run_store import (
     read_checkpoint,
     write_json_atomically,
 )
-from training.trainer import TrainingModel
+from training.trainer import TrainingModel, make_optimizer
 
 LOG_COLUMNS = (
     "epoch",
@@ -79,8 +79,12 @@ def build_network(config: Config):
 def checkpoint_for(training_model):
     """Checkpoint of everything a run needs to continue: every network variable (weights and
     batch-norm statistics, listed explicitly because the blocks sit in Python lists that TF's object
-    graph does not follow), the momentum slots, the learning rate and the step count."""
-    return tf.train.Checkpoint(model=training_model, network_variables=list(training_model.network.variables))
+    graph does not follow) and, once compiled, the optimizer's (slots, learning rate, step count)."""
+    optimizer = getattr(training_model, "optimizer", None)
+    return tf.train.Checkpoint(
+        network_variables=list(training_model.network.variables),
+        optimizer_variables=list(optimizer.variables) if optimizer is not None else [],
+    )
 
 
 class RunLogger(keras.callbacks.Callback):
@@ -270,14 +274,14 @@ def train(
     pipeline = Pipeline(dataset, config)
     calibration = {"batch_limit": pipeline.batch_limit, "neighbor_limits": pipeline.neighbor_limits}
     model = TrainingModel(network, config)
-    model.compile()
+    model.compile(optimizer=make_optimizer(config, config.train.epoch_steps or _steps_per_pass(pipeline)))
     store = RunStore(run_dir)
     state = {"epochs": 0, "steps": 0, "best": None, "best_epoch": None, "finished": False}
     if resume:
         state.update(store.restore(checkpoint_for(model))["state"])
-        if int(model.step.optimizer.iterations.numpy()) != state["steps"]:
+        if int(model.optimizer.iterations.numpy()) != state["steps"]:
             raise CheckpointError(
-                f"{run_dir}: checkpoint step {int(model.step.optimizer.iterations.numpy())} "
+                f"{run_dir}: checkpoint step {int(model.optimizer.iterations.numpy())} "
                 f"differs from its record's steps {state['steps']}"
             )
     else:
@@ -345,11 +349,8 @@ def _train_epochs(model, pipeline, config, store, state, start_time, max_minutes
                 break
             logs = {k: v[-1] for k, v in history.history.items()}
             state["epochs"] = epoch + 1
-            if (epoch + 1) in config.train.lr_decays:
-                lr = model.learning_rate
-                lr.assign(lr * config.train.lr_decays[epoch + 1])
             row = {"epoch": epoch + 1, "steps": state["steps"], "seconds": round(time.time() - t0, 2), **logs}
-            row["learning_rate"] = float(model.learning_rate.numpy())
+            row["learning_rate"] = float(model.optimizer.learning_rate)
             append_csv(run_dir / "training_log.csv", row)
             logger.write_scalars(row, epoch + 1)
             score = logs.get(validation_key)
