@@ -338,9 +338,9 @@ def test_mlp_offset_variables_get_one_scaled_entry():
 
 
 def test_deformation_diagnostics_logged_and_divergence_warned(tmp_path, capsys):
-    from training.train import OFFSETS_GROWTH_STEPS, RunLogger, append_csv
+    from training.train import OFFSETS_GROWTH_STEPS, StepLog, append_csv
 
-    logger = RunLogger(tmp_path, {"steps": 0, "epochs": 0, "start_time": 0.0})
+    logger = StepLog(tmp_path, start_time=0.0)
     # Keras hands the callback epoch running means; a steady per-step value gives no warning...
     for batch in range(2 * OFFSETS_GROWTH_STEPS):
         logger._watch_offsets(batch, 0.5)
