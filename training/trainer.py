@@ -445,7 +445,8 @@ class TrainingModel(keras.Model):
         fc = getattr(self.network, "fc", None)
         if fc is None or not getattr(self.network, "dropout_rate", 0):
             return None
-        seed = tf.stack([tf.constant(self.config.train.seed, tf.int64), self.optimizer.iterations])
+        iterations = tf.cast(self.optimizer.iterations, tf.int64)  # a Keras variable: tf.stack refuses it
+        seed = tf.stack([tf.constant(self.config.train.seed, tf.int64), iterations])
         return tf.random.stateless_uniform([tf.shape(labels)[0], fc.filters], seed)
 
     def train_step(self, data):
