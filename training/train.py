@@ -174,6 +174,18 @@ class ContinueEpoch(keras.callbacks.Callback):
                 variable.assign(value)
 
 
+class RunProgbar(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar counting the run's epochs ("Epoch 3/10"), also in the fit over the rest
+    of an epoch a resume falls in (whose own ``epochs`` stops at that epoch)."""
+
+    def __init__(self, total_epochs: int):
+        super().__init__()
+        self.total_epochs = total_epochs
+
+    def set_params(self, params):
+        super().set_params({**params, "epochs": self.total_epochs})
+
+
 def _whole_epoch(model, epoch, steps_per_epoch):
     """True when the optimizer has made every step of ``epoch`` (not stopped inside it)."""
     return int(model.optimizer.iterations.numpy()) >= (epoch + 1) * steps_per_epoch
@@ -407,6 +419,7 @@ def _fit(model, pipeline, config, store, state, start_time, max_minutes, max_epo
         EpochValidation(pipeline, epoch_steps),
         RunCommit(store, state, config, epoch_steps, step_log),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        *([RunProgbar(total_epochs)] if verbose else []),  # last: it prints the val_* logs too
     ]
 
     def fit(epochs, steps_per_epoch, first=()):
