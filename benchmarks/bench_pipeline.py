@@ -78,6 +78,7 @@ def training_step_ms(pipeline, config, steps):
 
     inputs, labels = next(iter(pipeline.dataset("train", parallel_calls=1)))
     model = TrainingModel(build_network(config), config)
+    model.compile()  # the optimizer train.optimizer names
     step = tf.function(lambda x, y: model.step.run(x, y))
     step(inputs, labels)
     times = []

@@ -100,12 +100,36 @@ class ModelConfig:
 
 
 @dataclass
+class LRDecay:
+    """The original's exponential decay in compact form: ``lr *= factor ** (every_epochs / over_epochs)``
+    at the end of epochs ``every_epochs, 2 * every_epochs, ...`` (counted from 0, as the original's
+    ``lr_decays`` keys), so the rate falls by ``factor`` over ``over_epochs`` epochs.
+    ``{every_epochs: 1, factor: 0.1, over_epochs: 80}`` is ModelNet40's
+    ``{i: 0.1 ** (1 / 80) for i in range(1, max_epoch)}``."""
+
+    every_epochs: int = 1
+    factor: float = 0.1
+    over_epochs: int = 100
+
+
+# Optimizers of train.optimizer besides every Keras optimizer name (keras.optimizers.get).
+ORIGINAL_OPTIMIZER = "original_momentum"
+
+
+@dataclass
 class TrainConfig:
     """Optimiser, losses, schedule and bookkeeping (original 'Training parameters')."""
 
     learning_rate: float = 1e-4
     momentum: float = 0.9
+    # original_momentum (TF1 momentum, training.trainer.OriginalMomentum) or a Keras optimizer name,
+    # or a mapping {name: adamw, weight_decay: 1e-4, ...} of its constructor arguments; learning_rate
+    # (with the decay) and, for original_momentum / sgd, momentum come from the keys above.
+    optimizer: str | dict[str, Any] = ORIGINAL_OPTIMIZER
+    # {epoch: factor}: lr *= factor at the end of epoch `epoch` counted from 0 (the original's keys);
+    # replaced by lr_decay when that is given.
     lr_decays: dict[int, float] = field(default_factory=lambda: {200: 0.2, 300: 0.2})
+    lr_decay: LRDecay | None = None
     grad_clip_norm: float = 100.0  # per-variable clipping by norm; <= 0 disables
     weights_decay: float = 1e-3
     gaussian_decay: float = 1e-3
@@ -125,6 +149,18 @@ class TrainConfig:
     semantics: str = "paper"  # original | paper (see README: offset-gradient handling and optimizer form)
     seed: int = 0
     votes: int = 100  # test-time augmented passes for objects
+
+    def decays(self) -> dict[int, float]:
+        """``{epoch: factor}`` of the learning-rate decay: ``lr_decay`` expanded up to ``max_epoch``,
+        else ``lr_decays``."""
+        if self.lr_decay is None:
+            return dict(self.lr_decays)
+        d = self.lr_decay
+        factor = d.factor ** (d.every_epochs / d.over_epochs)
+        return dict.fromkeys(range(d.every_epochs, self.max_epoch, d.every_epochs), factor)
+
+    def optimizer_name(self) -> str:
+        return self.optimizer if isinstance(self.optimizer, str) else str(self.optimizer.get("name", ""))
 
 
 @dataclass
@@ -157,8 +193,13 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None) -> Config:
         config = _build(cls, data or {}, "")
+        train = (data or {}).get("train") or {}
+        if train.get("lr_decay") is not None and train.get("lr_decays"):
+            raise ConfigError("train.lr_decay and train.lr_decays are both given: keep one")
         for item in overrides or []:
             config.set(item)
+        if config.train.lr_decay is not None:
+            config.train.lr_decays = {}  # lr_decay replaces them (also when set by an override)
         config.validate()
         return config
 
@@ -219,6 +260,22 @@ class Config:
                 raise ConfigError(f"{key} must be > 0, got {value}")
         if m.offset_bound < 0:
             raise ConfigError(f"model.offset_bound must be >= 0 (0: unbounded), got {m.offset_bound}")
+        if not (t.optimizer_name() and isinstance(t.optimizer, (str, dict))):
+            raise ConfigError(
+                f"train.optimizer must be a name or a mapping with a 'name', got {t.optimizer!r}"
+            )
+        if t.semantics == "original" and t.optimizer_name() != ORIGINAL_OPTIMIZER:
+            raise ConfigError(
+                f"train.semantics 'original' needs train.optimizer {ORIGINAL_OPTIMIZER!r} (its double "
+                f"update of the offset variables is a momentum update), got {t.optimizer_name()!r}: "
+                "use semantics 'paper'"
+            )
+        if t.lr_decay is not None and not (
+            t.lr_decay.every_epochs >= 1 and t.lr_decay.over_epochs >= 1 and t.lr_decay.factor > 0
+        ):
+            raise ConfigError(
+                f"train.lr_decay needs every_epochs >= 1, over_epochs >= 1, factor > 0: {t.lr_decay}"
+            )
         if not t.offset_lr_factor >= 0:
             raise ConfigError(f"train.offset_lr_factor must be >= 0, got {t.offset_lr_factor}")
         if m.num_kernel_points < 1:
@@ -281,6 +338,8 @@ def _coerce(hint, value, key: str):
         }
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
     if hint is bool:
         if isinstance(value, bool):
             return value

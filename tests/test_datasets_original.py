@@ -832,9 +832,9 @@ def test_original_training_configs(name, dl, radius, features, batch, epochs, pe
     assert config.model.density_parameter == 5.0 and config.model.kp_extent == 1.0
     if radius is not None:
         assert config.dataset.in_radius == radius
-    # The original decays the learning rate by 0.1 ** (1 / period) at the end of every epoch.
-    assert sorted(config.train.lr_decays) == list(range(1, epochs))
-    np.testing.assert_allclose(list(config.train.lr_decays.values()), 0.1 ** (1 / period), rtol=1e-12)
+    # The original decays the learning rate by 0.1 ** (1 / period) at the end of epochs 1 .. max_epoch - 1.
+    assert sorted(config.train.decays()) == list(range(1, epochs))
+    np.testing.assert_allclose(list(config.train.decays().values()), 0.1 ** (1 / period), rtol=1e-12)
     arch = config.model.architecture
     assert arch[0] == "simple" and (arch[-1] == "global_average") == (name == "ModelNet40")
     assert sum(block_type(b).kind == "strided" for b in arch) == 4 and config.model.num_layers == 5

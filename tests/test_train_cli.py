@@ -53,10 +53,17 @@ def straight_run(tmp_path_factory, env):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     result = run_cli(
         "training.train",
-        ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0", *sets(TINY)],
+        ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "2", *sets(TINY)],
         env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # one fit over the run: Keras counts the real epochs, and reads no more data than there is
+    assert [line for line in result.stdout.splitlines() if line.startswith("Epoch ")] == [
+        "Epoch 1/3",
+        "Epoch 2/3",
+        "Epoch 3/3",
+    ]
+    assert "ran out of data" not in result.stdout + result.stderr
     return run_dir
 
 
@@ -145,6 +152,33 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path, env):
     state = json.loads((run_dir / "state.json").read_text())
     assert state["steps"] >= 1 and not state["finished"]
     assert Path(f"{RunStore(run_dir).prefix('last')}.index").exists()
+
+
+@pytest.mark.slow
+def test_resume_inside_an_epoch_ends_as_the_straight_run(tmp_path, env, straight_run):
+    """A time-budget stop after the first step, then --resume: the rest of epoch 1, then epochs 2-3."""
+    run_dir = tmp_path / "budget"
+    args = ["--config", "embedded_shapes", "--run-dir", str(run_dir), "--verbose", "0"]
+    result = run_cli("training.train", [*args, "--max-minutes", "0.001", *sets(TINY)], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "state.json").read_text())["steps"] == 1
+    result = run_cli("training.train", ["--resume", str(run_dir), "--verbose", "2"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the rest of epoch 1 (its own fit), then epochs 2 and 3, counted as the run's
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert epochs == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"], epochs
+    assert "ran out of data" not in result.stdout + result.stderr
+    ours, straight = network_values(run_dir), network_values(straight_run)
+    for key in straight:
+        np.testing.assert_array_equal(ours[key], straight[key], err_msg=key)
+    for row, reference in zip(read_log(run_dir), read_log(straight_run), strict=True):
+        for key in reference:
+            if key.startswith("val_") and reference[key]:
+                assert float(row[key]) == pytest.approx(float(reference[key]), rel=1e-6), key
+            elif key != "seconds":
+                assert row[key] == reference[key], key
+    steps = [line.split()[:-1] for line in (run_dir / "training.txt").read_text().splitlines()]
+    assert steps == [line.split()[:-1] for line in (straight_run / "training.txt").read_text().splitlines()]
 
 
 def test_config_errors_name_the_key(tmp_path, monkeypatch):

@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kpconv_tf.config import Config
+from kpconv_tf.config import Config, ConfigError
 from training.trainer import (
     OFFSET_GRADIENT_SCALE,
+    EpochDecay,
     OriginalMomentum,
     TrainingModel,
     is_offset_variable,
+    make_optimizer,
     make_train_step,
+    paper_gradients,
     update_entries,
 )
 
@@ -46,11 +49,22 @@ def _grad_with_norm(rng, shape, norm):
     return (g * norm / np.linalg.norm(g)).astype(np.float32)
 
 
+def _momentum(variables, lr=LR, momentum=MOMENTUM, clip=100.0):
+    optimizer = OriginalMomentum(lr, momentum, clip_norm=clip)
+    optimizer.build(variables)
+    return optimizer
+
+
 def _step(variables, grads, semantics, clip=100.0, optimizer=None):
-    optimizer = optimizer or OriginalMomentum(variables, LR, MOMENTUM)
-    entries = update_entries([tf.constant(g) for g in grads], variables, semantics, clip)
-    optimizer.apply(entries, variables)
-    return optimizer, entries
+    """One update as the train step does it: ``original`` clips and doubles in the optimizer,
+    ``paper`` transforms the gradients and applies them once."""
+    grads = [tf.constant(g) for g in grads]
+    if semantics == "paper":
+        grads = paper_gradients(grads, variables, clip)
+        clip = 0.0
+    optimizer = optimizer or _momentum(variables, clip=clip)
+    optimizer.apply_gradients(zip(grads, variables))
+    return optimizer
 
 
 def test_offset_detection_and_entry_order():
@@ -94,7 +108,7 @@ def test_paper_scale_is_one_tenth():
     ]
     initial = [v.numpy() for v in variables]
     grads = [_grad_with_norm(rng, v.shape, 7.0) for v in variables]  # unclipped
-    optimizer, _ = _step(variables, grads, "paper")
+    optimizer = _step(variables, grads, "paper")
     assert OFFSET_GRADIENT_SCALE == 0.1
     for v, v0, g, slot in zip(variables, initial, grads, optimizer.slots):
         np.testing.assert_allclose(slot.numpy(), 0.1 * g, rtol=1e-5, atol=1e-9)
@@ -112,7 +126,7 @@ def test_clip_and_momentum_match_float32_emulation():
     variables = _vars(shapes, rng)
     state = [v.numpy() for v in variables]
     accums = [np.zeros(v.shape, np.float32) for v in variables]
-    optimizer = OriginalMomentum(variables, LR, MOMENTUM)
+    optimizer = _momentum(variables)
     for step, norms in enumerate(
         [(50.0, 300.0, 514.95, 24.24), (2000.0, 3.0, 80.0, 1500.0), (10.0, 10.0, 191.54, 10.6)]
     ):
@@ -153,7 +167,7 @@ def test_offset_double_update_table(name, norm, expected_slot, expected_dv):
     shape = (45,) if name.endswith("bias") else (15, 64, 45)
     variable = tf.Variable(np.zeros(shape, np.float32), name=name)
     grad = _grad_with_norm(rng, shape, norm)
-    optimizer, _ = _step([variable], [grad], "original")
+    optimizer = _step([variable], [grad], "original")
     big = np.abs(grad) > 1e-3 * np.abs(grad).max()
     slot_ratio = optimizer.slots[0].numpy()[big] / grad[big]
     dv_ratio = -variable.numpy()[big] / (LR * grad[big])
@@ -165,10 +179,10 @@ def test_slots_and_learning_rate_checkpoint_round_trip(tmp_path):
     rng = np.random.default_rng(4)
     variables = _vars([((3, 4), "a/weights"), ((4,), "a/offset_conv_bias")], rng)
     grads = [_grad_with_norm(rng, v.shape, 200.0) for v in variables]
-    optimizer, _ = _step(variables, grads, "original")
+    optimizer = _step(variables, grads, "original")
     optimizer.learning_rate.assign(0.02)
     path = tf.train.Checkpoint(optimizer=optimizer).write(str(tmp_path / "ckpt"))
-    fresh = OriginalMomentum(variables, 1.0, 0.5)
+    fresh = _momentum(variables, 1.0, 0.5)
     tf.train.Checkpoint(optimizer=fresh).read(path).assert_consumed()
     for a, b in zip(optimizer.slots, fresh.slots):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -177,9 +191,9 @@ def test_slots_and_learning_rate_checkpoint_round_trip(tmp_path):
     fresh.reset()
     assert all(not np.any(s.numpy()) for s in fresh.slots)
     with pytest.raises(ValueError, match="momentum"):
-        OriginalMomentum(variables, 0.1, 1.5)
+        OriginalMomentum(0.1, 1.5)
     with pytest.raises(ValueError, match="learning_rate"):
-        OriginalMomentum(variables, 0.0, 0.9)
+        OriginalMomentum(0.0, 0.9)
 
 
 class ToyNetwork(keras.Model):
@@ -239,11 +253,11 @@ def test_fit_runs_the_same_step_as_make_train_step():
     history = wrapper.fit(dataset, epochs=1, verbose=0, shuffle=False)
     for a, b in zip(nets[0].variables, nets[1].variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
-    for a, b in zip(step.optimizer.slots, wrapper.momentum_optimizer.slots):
+    for a, b in zip(step.optimizer.slots, wrapper.optimizer.slots):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
     mean_loss = np.mean([float(r["total_loss"]) for r in manual])
     np.testing.assert_allclose(history.history["loss"][0], mean_loss, rtol=1e-6)
-    assert int(wrapper.momentum_optimizer.iterations.numpy()) == 3
+    assert int(wrapper.optimizer.iterations.numpy()) == 3
     # the total is offsets + l2 + output, l2 over 'weights' variables (offset_conv_weights included)
     first = manual[0]
     expected_l2 = 1e-3 * 0.5 * sum(np.sum(v.numpy() ** 2) for v in _initial_weights(x))
@@ -322,9 +336,9 @@ def test_mlp_offset_variables_get_one_scaled_entry():
 
 
 def test_deformation_diagnostics_logged_and_divergence_warned(tmp_path, capsys):
-    from training.train import OFFSETS_GROWTH_STEPS, RunLogger, append_csv
+    from training.train import OFFSETS_GROWTH_STEPS, StepLog, append_csv
 
-    logger = RunLogger(tmp_path, {"steps": 0, "epochs": 0, "start_time": 0.0})
+    logger = StepLog(tmp_path, start_time=0.0)
     # Keras hands the callback epoch running means; a steady per-step value gives no warning...
     for batch in range(2 * OFFSETS_GROWTH_STEPS):
         logger._watch_offsets(batch, 0.5)
@@ -350,3 +364,65 @@ def test_deformation_diagnostics_logged_and_divergence_warned(tmp_path, capsys):
         header = f.readline().strip().split(",")
     assert {"offset_norm_l3_0", "lost_share_l3_0", "val_lost_share_l3_0"} <= set(header)
     assert "val_output_loss" not in header
+
+
+def test_epoch_decay_is_the_originals_schedule():
+    """Keys are the original's: lr *= factor at the end of epoch k counted from 0, in float32."""
+    config = Config.from_dict(
+        {"train": {"learning_rate": 1e-3, "max_epoch": 5, "lr_decay": {"factor": 0.1, "over_epochs": 80}}}
+    )
+    factor = 0.1 ** (1 / 80)
+    assert config.train.decays() == dict.fromkeys(range(1, 5), factor) and config.train.lr_decays == {}
+    schedule = EpochDecay(config.train.learning_rate, 3, config.train.decays())
+    lr, expected = np.float32(1e-3), []
+    for epoch in range(6):
+        expected += [lr] * 3
+        if epoch in config.train.decays():
+            lr = np.float32(lr * np.float32(factor))  # TF1's assign(lr * decay)
+    got = [schedule(step).numpy() for step in range(18)]
+    np.testing.assert_array_equal(got, expected)  # epochs 0 and 1 at lr0; epoch 5 keeps epoch 4's rate
+    optimizer = make_optimizer(config, steps_per_epoch=3)
+    assert isinstance(optimizer, OriginalMomentum) and isinstance(optimizer._learning_rate, EpochDecay)
+    # a dict written out is still read; an override of lr_decay replaces it
+    written = Config.from_dict({"train": {"lr_decays": {"2": 0.5}}})
+    assert written.train.decays() == {2: 0.5}
+    replaced = Config.from_dict({"train": {"lr_decays": {2: 0.5}}}, ["train.lr_decay={every_epochs: 2}"])
+    assert replaced.train.lr_decays == {} and sorted(replaced.train.decays())[:2] == [2, 4]
+    with pytest.raises(ConfigError, match="both"):
+        Config.from_dict({"train": {"lr_decays": {2: 0.5}, "lr_decay": {"every_epochs": 2}}})
+
+
+def test_paper_semantics_with_any_keras_optimizer():
+    x, y = _toy_data()
+    config = _toy_config("paper")
+    config.train.grad_clip_norm = 1e6  # unclipped: the update is -lr * scale * g
+    nets = []
+    for _ in range(2):
+        net = ToyNetwork(seed=7)
+        net({"features": x[:2]})
+        nets.append(net)
+    with tf.GradientTape() as tape:
+        logits = nets[0]({"features": x[:16]}, training=True)
+        loss = make_train_step(nets[0], config).losses({"features": x[:16]}, y[:16], logits)["total_loss"]
+    grads = tape.gradient(loss, nets[0].trainable_variables)
+    wrapper = TrainingModel(nets[1], config)
+    sgd = keras.optimizers.SGD(0.05)
+    wrapper.compile(optimizer=sgd)  # overrides train.optimizer
+    assert wrapper.optimizer is sgd
+    before = [v.numpy() for v in nets[1].trainable_variables]
+    wrapper.fit(tf.data.Dataset.from_tensors(({"features": x[:16]}, y[:16])), epochs=1, verbose=0)
+    for v, v0, g in zip(nets[1].trainable_variables, before, grads):
+        scale = OFFSET_GRADIENT_SCALE if is_offset_variable(v) else 1.0
+        np.testing.assert_allclose(
+            v.numpy() - v0, -0.05 * scale * g.numpy(), rtol=2e-4, atol=1e-7, err_msg=v.path
+        )
+    # train.optimizer names any Keras optimizer, with its arguments
+    config.train.optimizer = {"name": "adamw", "weight_decay": 0.01}
+    adamw = make_optimizer(config)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == 0.01
+    config.train.optimizer = "sgd"
+    assert make_optimizer(config).momentum == config.train.momentum
+    with pytest.raises(ValueError, match="OriginalMomentum"):
+        TrainingModel(nets[1], _toy_config("original")).compile(optimizer=keras.optimizers.Adam(1e-3))
+    with pytest.raises(ConfigError, match="original_momentum"):
+        Config.from_dict({"train": {"semantics": "original", "optimizer": "adam"}})

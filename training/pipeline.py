@@ -487,6 +487,13 @@ class Pipeline:
         depends on the seed and k only, so a resumed run passes its epoch count.
         """
         seed = self.config.train.seed if seed is None else int(seed)
+        stream = self._split_stream(split, seed, mode, count, start_pass)
+        return self.tf_dataset(
+            stream, self.neighbor_limits, with_meta, seed, start_batch, augment, parallel_calls
+        )
+
+    def _split_stream(self, split, seed, mode=None, count=None, start_pass=0):
+        """The stream of batches behind ``dataset(split, ...)``."""
         if mode is None:
             mode = "random" if split == "train" else ("sequential" if split == "test" else "potentials")
         data_split = split
@@ -497,10 +504,19 @@ class Pipeline:
                 1 if self.is_scene else self.config.train.batch_num
             )
         passes = start_pass if split == "validation" else None
-        stream = self.stream(data_split, mode, seed, count, start_pass=passes)
-        return self.tf_dataset(
-            stream, self.neighbor_limits, with_meta, seed, start_batch, augment, parallel_calls
-        )
+        return self.stream(data_split, mode, seed, count, start_pass=passes)
+
+    def validation_pass(self, index: int):
+        """Validation pass ``index`` alone (``dataset("validation", start_pass=index)`` iterated
+        once), with its number of batches known to tf.data (Keras then reads no more than it holds).
+        Scenes: ``validation_size`` batches; objects: the pass's objects packed, counted here."""
+        if self.is_scene:
+            length = self.config.dataset.validation_size  # a scene pass stops at that many batches
+        else:
+            stream = self._split_stream("validation", self.config.train.seed, start_pass=index)
+            length = sum(1 for _ in stream.batches())
+        dataset = self.dataset("validation", start_pass=index)
+        return dataset.apply(tf.data.experimental.assert_cardinality(length))
 
     def distributed_dataset(self, strategy, split: str = "train", **kwargs):
         """The split for ``strategy`` (``tf.distribute``): every input pipeline builds its own stream,

@@ -1,4 +1,4 @@
-"""Trains KP-CNN / KP-FCNN with ``model.fit``.
+"""Trains KP-CNN / KP-FCNN with one ``model.fit`` whose callbacks keep the run directory.
 
     python -m training.train --config FILE [--set k=v ...] [--run-dir DIR] [--max-minutes M]
                              [--resume DIR] [--finetune RUN_DIR_OR_CHECKPOINT]
@@ -41,7 +41,7 @@ from training.run_store import (
     read_checkpoint,
     write_json_atomically,
 )
-from training.trainer import TrainingModel
+from training.trainer import TrainingModel, make_optimizer
 
 LOG_COLUMNS = (
     "epoch",
@@ -70,51 +70,45 @@ class TrainingInterrupted(RuntimeError):
 def checkpoint_for(training_model):
     """Checkpoint of everything a run needs to continue: every network variable (weights and
     batch-norm statistics, listed explicitly because the blocks sit in Python lists that TF's object
-    graph does not follow), the momentum slots, the learning rate and the step count."""
-    return tf.train.Checkpoint(model=training_model, network_variables=list(training_model.network.variables))
+    graph does not follow) and, once compiled, the optimizer's (slots, learning rate, step count)."""
+    optimizer = getattr(training_model, "optimizer", None)
+    return tf.train.Checkpoint(
+        network_variables=list(training_model.network.variables),
+        optimizer_variables=list(optimizer.variables) if optimizer is not None else [],
+    )
 
 
-class RunLogger(keras.callbacks.Callback):
-    """Per-step ``training.txt`` (original columns), TensorBoard scalars, the time budget and the
-    non-finite-loss stop; the epoch loop in ``train`` does the CSV, decay and checkpoints."""
+class StepLog(keras.callbacks.Callback):
+    """The original's per-step ``training.txt`` (``epochs steps out_loss offset_loss train_accuracy
+    time``, epochs done and steps done after the step) and a warning when the offsets loss grows
+    (deformable kernels diverging). Steps with a non-finite loss are not written."""
 
-    def __init__(self, run_dir: Path, state: dict, deadline=None):
+    def __init__(self, run_dir: Path, start_time: float):
         super().__init__()
-        self.run_dir = run_dir
-        self.state = state
-        self.deadline = deadline
-        self.writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-        self.epoch_start = time.time()
-        self.stopped_for_time = False
-        self.nan = False
+        self.start_time = start_time
+        self.epoch = 0
         self.offsets_history = collections.deque(maxlen=OFFSETS_GROWTH_STEPS + 1)
-        # Line-buffered so that a killed run keeps its steps; closed by on_train_end.
+        # Line-buffered so that a killed run keeps its steps; closed by close().
         self.steps_text = open(run_dir / "training.txt", "a", buffering=1)  # noqa: SIM115
         if self.steps_text.tell() == 0:
             self.steps_text.write("epochs steps out_loss offset_loss train_accuracy time\n")
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.time()
+        self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
-        loss = float(logs.get("loss", 0.0))
-        self.state["steps"] += 1
-        self._watch_offsets(batch, float(logs.get("offsets_loss", 0.0)))
-        if not math.isfinite(loss):
-            self.nan = True
-            self.model.stop_training = True
+        steps = int(self.model.optimizer.iterations.numpy())
+        self._watch_offsets(batch, float(logs.get("offsets_loss", 0.0)), steps)
+        if not math.isfinite(float(logs.get("loss", 0.0))):
             return
         self.steps_text.write(
-            f"{self.state['epochs']} {self.state['steps']} {logs.get('output_loss', 0.0):.3f} "
+            f"{self.epoch} {steps} {logs.get('output_loss', 0.0):.3f} "
             f"{logs.get('offsets_loss', 0.0):.3f} {logs.get('accuracy', 0.0):.3f} "
-            f"{time.time() - self.state['start_time']:.3f}\n"
+            f"{time.time() - self.start_time:.3f}\n"
         )
-        if self.deadline is not None and time.time() > self.deadline:
-            self.stopped_for_time = True
-            self.model.stop_training = True
 
-    def _watch_offsets(self, batch, running_mean):
+    def _watch_offsets(self, batch, running_mean, steps=0):
         """Warns when the step's offsets loss is ``OFFSETS_GROWTH``x what it was 50 steps before
         (deformable kernels diverging). Keras logs epoch running means; the step's own value is
         recovered from two consecutive means."""
@@ -131,7 +125,7 @@ class RunLogger(keras.callbacks.Callback):
         ):
             print(
                 f"\nwarning: the offsets loss grew from {first:.3g} to {value:.3g} over the last "
-                f"{OFFSETS_GROWTH_STEPS} steps (step {self.state['steps']}): the deformable kernel points "
+                f"{OFFSETS_GROWTH_STEPS} steps (step {steps}): the deformable kernel points "
                 "are drifting away from the points (see offset_norm_* / lost_share_* in training_log.csv); "
                 'the stable definition is in README, "Deformable KPConv"',
                 file=sys.stderr,
@@ -139,16 +133,126 @@ class RunLogger(keras.callbacks.Callback):
             )
             self.offsets_history.clear()
 
-    def write_scalars(self, values: dict, step: int):
-        with self.writer.as_default():
-            for name, value in values.items():
-                if value is not None and name not in ("epoch", "steps"):
-                    tf.summary.scalar(name, float(value), step=step)
-        self.writer.flush()
-
     def close(self):
         self.steps_text.close()
-        self.writer.close()
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training after the step during which ``deadline`` (``time.time()`` seconds) passed."""
+
+    def __init__(self, deadline: float):
+        super().__init__()
+        self.deadline = deadline
+        self.reached = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if time.time() > self.deadline:
+            self.reached = True
+            self.model.stop_training = True
+
+
+class ContinueEpoch(keras.callbacks.Callback):
+    """Puts back the metrics' running sums of an epoch stopped inside (``RunCommit``) after Keras
+    resets them, so the resumed epoch logs the means of all its steps."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for metric, values in zip(self.model.metrics, self.values, strict=True):
+            for variable, value in zip(metric.variables, values, strict=True):
+                variable.assign(value)
+
+
+class RunProgbar(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar counting the run's epochs ("Epoch 3/10"), also in the fit over the rest
+    of an epoch a resume falls in (whose own ``epochs`` stops at that epoch)."""
+
+    def __init__(self, total_epochs: int):
+        super().__init__()
+        self.total_epochs = total_epochs
+
+    def set_params(self, params):
+        super().set_params({**params, "epochs": self.total_epochs})
+
+
+def _whole_epoch(model, epoch, steps_per_epoch):
+    """True when the optimizer has made every step of ``epoch`` (not stopped inside it)."""
+    return int(model.optimizer.iterations.numpy()) >= (epoch + 1) * steps_per_epoch
+
+
+def _finite_loss(logs):
+    return math.isfinite(float((logs or {}).get("loss", 0.0)))
+
+
+class EpochValidation(keras.callbacks.Callback):
+    """Validation pass ``epoch`` after every whole epoch, its results logged as ``val_*``.
+
+    Each pass is a dataset of its own with its length known (``Pipeline.validation_pass``): passes
+    differ in batch count (objects are packed by points), while ``fit(validation_data=...)`` keeps
+    one iterator whose length is fixed by the first pass.
+    """
+
+    def __init__(self, pipeline, steps_per_epoch: int):
+        super().__init__()
+        self.pipeline = pipeline
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not (_finite_loss(logs) and _whole_epoch(self.model, epoch, self.steps_per_epoch)):
+            return
+        results = self.model.evaluate(self.pipeline.validation_pass(epoch), verbose=0, return_dict=True)
+        logs.update({f"val_{name}": value for name, value in results.items()})
+
+
+class RunCommit(keras.callbacks.Callback):
+    """Commits the run (``RunStore``) at the end of every epoch.
+
+    A whole epoch: its CSV row, then a commit with the state (epochs, steps, best score), the best
+    save and the ``epoch_NNNN`` snapshots. A stop inside an epoch (time budget): a commit of the step
+    reached, without a row, its state holding the metrics' running sums (``epoch_metrics``, for
+    ``ContinueEpoch``). After a non-finite loss nothing is written: the last good commit stays.
+    """
+
+    def __init__(self, store, state, config, steps_per_epoch, step_log):
+        super().__init__()
+        self.store = store
+        self.state = state
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        self.step_log = step_log
+        segmentation = config.model.network_model == "segmentation"
+        self.validation_key = "val_mean_iou" if segmentation else "val_accuracy"
+        self.logs_of_run = [store.run_dir / "training_log.csv", store.run_dir / "training.txt"]
+        self.epoch_start = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not _finite_loss(logs):
+            return
+        state, model = self.state, self.model
+        state["steps"] = int(model.optimizer.iterations.numpy())
+        self.step_log.steps_text.flush()
+        if not _whole_epoch(model, epoch, self.steps_per_epoch):
+            state["epoch_metrics"] = [[v.numpy().tolist() for v in m.variables] for m in model.metrics]
+            self.store.commit(checkpoint_for(model), state, self.logs_of_run)
+            return
+        state.pop("epoch_metrics", None)
+        state["epochs"] = epoch + 1
+        row = {"epoch": epoch + 1, "steps": state["steps"], **logs}
+        row["seconds"] = round(time.time() - self.epoch_start, 2)
+        row["learning_rate"] = float(model.optimizer.learning_rate)
+        append_csv(self.store.run_dir / "training_log.csv", row)
+        score = logs.get(self.validation_key)
+        best = score is not None and (state["best"] is None or score > state["best"])
+        if best:
+            state["best"], state["best_epoch"] = float(score), epoch + 1
+        gap = self.config.train.snapshot_gap
+        snapshot = f"epoch_{epoch + 1:04d}" if gap and (epoch + 1) % gap == 0 else None
+        self.store.commit(checkpoint_for(model), state, self.logs_of_run, best=best, snapshot=snapshot)
 
 
 DEFORMATION_PREFIXES = ("offset_norm_", "lost_share_", "val_offset_norm_", "val_lost_share_")
@@ -261,14 +365,14 @@ def train(
     pipeline = Pipeline(dataset, config)
     calibration = {"batch_limit": pipeline.batch_limit, "neighbor_limits": pipeline.neighbor_limits}
     model = TrainingModel(network, config)
-    model.compile()
+    model.compile(optimizer=make_optimizer(config, config.train.epoch_steps or _steps_per_pass(pipeline)))
     store = RunStore(run_dir)
     state = {"epochs": 0, "steps": 0, "best": None, "best_epoch": None, "finished": False}
     if resume:
         state.update(store.restore(checkpoint_for(model))["state"])
-        if int(model.step.optimizer.iterations.numpy()) != state["steps"]:
+        if int(model.optimizer.iterations.numpy()) != state["steps"]:
             raise CheckpointError(
-                f"{run_dir}: checkpoint step {int(model.step.optimizer.iterations.numpy())} "
+                f"{run_dir}: checkpoint step {int(model.optimizer.iterations.numpy())} "
                 f"differs from its record's steps {state['steps']}"
             )
     else:
@@ -281,7 +385,7 @@ def train(
             finetune and not resume
         ):  # a resume before the first epoch's save must start from these weights too
             store.commit(checkpoint_for(model), state)
-        _train_epochs(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose)
+        _fit(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose)
     except TrainingInterrupted:
         raise  # the run directory keeps its logs for diagnosis
     except (Exception, KeyboardInterrupt):
@@ -291,77 +395,63 @@ def train(
     return run_dir
 
 
-def _train_epochs(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose):
-    """The epoch loop: one ``fit`` per epoch, a commit at the end of each and at the time budget."""
+def _fit(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose):
+    """One ``fit`` over the remaining epochs (after one over the rest of an epoch a resume falls in);
+    the bookkeeping is in the callbacks."""
     run_dir = store.run_dir
-    state["start_time"] = start_time
-
-    validation_key = "val_mean_iou" if config.model.network_model == "segmentation" else "val_accuracy"
-    deadline = start_time + 60 * max_minutes if max_minutes else None
-    logger = RunLogger(run_dir, state, deadline)
-    logs_of_run = [run_dir / "training_log.csv", run_dir / "training.txt"]
-    validation = pipeline.dataset("validation", start_pass=state["epochs"])
     total_epochs = min(config.train.max_epoch, max_epochs) if max_epochs else config.train.max_epoch
     epoch_steps = config.train.epoch_steps or _steps_per_pass(pipeline)
+    step_log = StepLog(run_dir, start_time)
+    budget = TimeBudget(start_time + 60 * max_minutes) if max_minutes else None
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        step_log,
+        *([budget] if budget else []),
+        EpochValidation(pipeline, epoch_steps),
+        RunCommit(store, state, config, epoch_steps, step_log),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        *([RunProgbar(total_epochs)] if verbose else []),  # last: it prints the val_* logs too
+    ]
+
+    def fit(epochs, steps_per_epoch, first=()):
+        # shuffle=False: the stream is already shuffled (Keras would warn that it ignores the flag).
+        history = model.fit(
+            pipeline.dataset("train", start_batch=state["steps"]),
+            epochs=epochs,
+            initial_epoch=state["epochs"],
+            steps_per_epoch=steps_per_epoch,
+            shuffle=False,
+            callbacks=[*first, *callbacks],
+            verbose=verbose,
+        )
+        losses = history.history.get("loss", [])
+        if losses and not math.isfinite(losses[-1]):
+            raise TrainingInterrupted(
+                f"non-finite loss at step {int(model.optimizer.iterations.numpy())} (epoch "
+                f"{state['epochs']}); training stopped, {latest_description(run_dir)}. Lower "
+                "train.learning_rate or check the data."
+            )
+
     try:
-        while state["epochs"] < total_epochs:
-            epoch = state["epochs"]
-            done_in_epoch = state["steps"] - epoch * epoch_steps
-            remaining = epoch_steps - done_in_epoch
-            train_data = pipeline.dataset("train", start_batch=state["steps"])
-            t0 = time.time()
-            # shuffle=False: the stream is already shuffled (Keras would warn that it ignores the flag).
-            history = model.fit(
-                train_data,
-                steps_per_epoch=remaining,
-                epochs=epoch + 1,
-                initial_epoch=epoch,
-                shuffle=False,
-                validation_data=validation,
-                callbacks=[logger],
-                verbose=verbose,
-            )
-            if logger.nan:
-                raise TrainingInterrupted(
-                    f"non-finite loss at step {state['steps']} (epoch {epoch}); training stopped, "
-                    f"{latest_description(run_dir)}. Lower train.learning_rate or check the data."
-                )
-            if logger.stopped_for_time and state["steps"] - epoch * epoch_steps < epoch_steps:
-                logger.steps_text.flush()
-                store.commit(checkpoint_for(model), state, logs_of_run)
-                print(
-                    f"time budget of {max_minutes} min reached at step {state['steps']}: checkpoint saved, "
-                    f"resume with --resume {run_dir}"
-                )
-                break
-            logs = {k: v[-1] for k, v in history.history.items()}
-            state["epochs"] = epoch + 1
-            if (epoch + 1) in config.train.lr_decays:
-                lr = model.learning_rate
-                lr.assign(lr * config.train.lr_decays[epoch + 1])
-            row = {"epoch": epoch + 1, "steps": state["steps"], "seconds": round(time.time() - t0, 2), **logs}
-            row["learning_rate"] = float(model.learning_rate.numpy())
-            append_csv(run_dir / "training_log.csv", row)
-            logger.write_scalars(row, epoch + 1)
-            score = logs.get(validation_key)
-            best = score is not None and (state["best"] is None or score > state["best"])
-            if best:
-                state["best"], state["best_epoch"] = float(score), epoch + 1
-            snapshot = (
-                f"epoch_{epoch + 1:04d}"
-                if config.train.snapshot_gap and (epoch + 1) % config.train.snapshot_gap == 0
-                else None
-            )
-            logger.steps_text.flush()
-            store.commit(checkpoint_for(model), state, logs_of_run, best=best, snapshot=snapshot)
-            if logger.stopped_for_time:
-                print(f"time budget of {max_minutes} min reached after epoch {epoch + 1}")
-                break
-        else:
-            state["finished"] = True
-            store.write_state(state, (store.newest() or {}).get("save"))
+        done_in_epoch = state["steps"] - state["epochs"] * epoch_steps
+        if done_in_epoch and state["epochs"] < total_epochs:
+            # the rest of the epoch stopped in, its running means continued
+            fit(state["epochs"] + 1, epoch_steps - done_in_epoch, [ContinueEpoch(state["epoch_metrics"])])
+        if not (budget and budget.reached) and state["epochs"] < total_epochs:
+            fit(total_epochs, epoch_steps)
     finally:
-        logger.close()
+        step_log.close()
+    if budget and budget.reached:
+        if state["steps"] > state["epochs"] * epoch_steps:
+            print(
+                f"time budget of {max_minutes} min reached at step {state['steps']}: checkpoint saved, "
+                f"resume with --resume {run_dir}"
+            )
+        else:
+            print(f"time budget of {max_minutes} min reached after epoch {state['epochs']}")
+    if state["epochs"] >= total_epochs:
+        state["finished"] = True
+        store.write_state(state, (store.newest() or {}).get("save"))
 
 
 def check_new_run_dir(run_dir: Path):

@@ -8,7 +8,10 @@
   with ``g``, both through the same momentum slot. The order of the two updates is not defined by
   the original program; we use the order its runs showed most of the time (README 10.4): weights
   take ``g`` first, biases take ``0.1 * g`` first.
-* ``paper`` applies the paper's intent: offset-convolution gradients scaled by 0.1, once.
+  The update is ``OriginalMomentum``, a Keras optimizer (``train.optimizer: original_momentum``).
+* ``paper`` applies the paper's intent: offset-convolution gradients scaled by 0.1, once, and each
+  gradient clipped by norm on its own (``train.grad_clip_norm``, unless the optimizer has its own
+  ``clipnorm`` / ``global_clipnorm`` / ``clipvalue``), with any Keras optimizer.
 
 Both use the same loss: ``total = ((offsets + gaussian) + l2) + output`` in float32, the grouping
 of the original graph, where ``l2 = weights_decay * sum(l2_loss(v))`` over the variables whose name
@@ -22,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kpconv_tf.config import ORIGINAL_OPTIMIZER
 from kpconv_tf.metrics import ConfusionMeanIoU
 from kpconv_tf.models import deformable_keys
 
@@ -32,7 +36,10 @@ SEMANTICS = ("original", "paper")
 def is_offset_variable(variable):
     """True for the offset variables of deformable KPConvs (scaled gradients): the offset
     convolution (``offset_conv_*``) and the MLP offsets of the inception blocks (``offset_mlp_*``)."""
-    path = _variable_path(variable)
+    return _is_offset_path(_variable_path(variable))
+
+
+def _is_offset_path(path):
     return "offset_conv" in path or "offset_mlp" in path
 
 
@@ -63,82 +70,175 @@ def update_entries(
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     if len(gradients) != len(variables):
         raise ValueError(f"gradients and variables differ in length: {len(gradients)} != {len(variables)}")
-    clip = clip_norm is not None and clip_norm > 0
-    scale = tf.constant(offset_scale, tf.float32)
     entries = []
     for index, (grad, variable) in enumerate(zip(gradients, variables)):
-        if grad is None:
-            continue
-        if isinstance(grad, tf.IndexedSlices):
-            grad = tf.convert_to_tensor(grad)
-        if not is_offset_variable(variable):
-            parts = [grad]
-        elif semantics == "paper":
-            parts = [scale * grad]
-        elif not clip:
-            parts = [grad]  # the original only duplicates offset entries in its clipping branch
-        elif "offset_mlp" in _variable_path(variable):
-            parts = [scale * grad]  # its if-chain gives MLP offsets the scaled entry only
-        elif _variable_path(variable).endswith("bias"):
-            parts = [scale * grad, grad]
-        else:
-            parts = [grad, scale * grad]
-        for part in parts:
-            entries.append((index, tf.clip_by_norm(part, clip_norm) if clip else part))
+        if grad is not None:
+            parts = entry_parts(grad, _variable_path(variable), semantics, clip_norm, offset_scale)
+            entries.extend((index, part) for part in parts)
     return entries
 
 
-class OriginalMomentum(tf.Module):
-    """TF1 ``MomentumOptimizer`` state and update, trackable by ``tf.train.Checkpoint``.
+def entry_parts(grad, path, semantics, clip_norm, offset_scale=OFFSET_GRADIENT_SCALE):
+    """The update entries of one variable (path ``path``), in order (``update_entries``)."""
+    clip = clip_norm is not None and clip_norm > 0
+    scale = tf.constant(offset_scale, tf.float32)
+    if isinstance(grad, tf.IndexedSlices):
+        grad = tf.convert_to_tensor(grad)
+    if not _is_offset_path(path):
+        parts = [grad]
+    elif semantics == "paper":
+        parts = [scale * grad]
+    elif not clip:
+        parts = [grad]  # the original only duplicates offset entries in its clipping branch
+    elif "offset_mlp" in path:
+        parts = [scale * grad]  # its if-chain gives MLP offsets the scaled entry only
+    elif path.endswith("bias"):
+        parts = [scale * grad, grad]
+    else:
+        parts = [grad, scale * grad]
+    return [tf.clip_by_norm(part, clip_norm) if clip else part for part in parts]
 
-    ``learning_rate`` is a float32 variable (callbacks decay it per epoch); ``slots[i]`` is the
-    accumulator of ``variables[i]``; ``iterations`` counts applied steps. Updates use the
-    ``ResourceApplyMomentum`` kernel, the op the original trainer ran (``use_nesterov=False``), so
-    ``accum = m * accum + g; var -= lr * accum`` holds in float32 exactly, also after the learning
-    rate changes (unlike Keras SGD, whose slot stores ``-lr * g`` sums).
+
+def paper_gradients(gradients, variables, clip_norm, offset_scale=OFFSET_GRADIENT_SCALE):
+    """``paper`` semantics as a gradient transform for any optimizer: the offset variables'
+    gradients x ``offset_scale``, then each clipped by norm on its own (``clip_norm <= 0``: not)."""
+    return [
+        None if g is None else entry_parts(g, _variable_path(v), "paper", clip_norm, offset_scale)[0]
+        for g, v in zip(gradients, variables)
+    ]
+
+
+class OriginalMomentum(keras.optimizers.Optimizer):
+    """The original trainer's update as a Keras optimizer (TensorFlow backend).
+
+    TF1 ``MomentumOptimizer``: the ``ResourceApplyMomentum`` kernel the original ran
+    (``use_nesterov=False``), so ``accum = m * accum + g; var -= lr * accum`` holds in float32
+    exactly, also after the learning rate changes (unlike Keras SGD, whose slot stores ``-lr * g``
+    sums). With ``clip_norm > 0`` each update entry is clipped by norm on its own and every offset
+    variable is updated twice through its slot (``update_entries``, ``original`` semantics); with
+    ``clip_norm <= 0`` the raw gradients are applied once, as the original without clipping (the
+    ``paper`` step passes gradients it scaled and clipped itself).
+
+    ``learning_rate``: a float (a variable, assignable) or a ``LearningRateSchedule``;
+    ``slots[i]`` is the accumulator of the i-th variable of ``build``; ``iterations`` counts steps.
     """
 
-    def __init__(self, variables, learning_rate, momentum, name="original_momentum"):
-        super().__init__(name=name)
+    def __init__(
+        self,
+        learning_rate=1e-4,
+        momentum=0.9,
+        clip_norm=0.0,
+        offset_scale=OFFSET_GRADIENT_SCALE,
+        name=ORIGINAL_OPTIMIZER,
+        **kwargs,
+    ):
         if not 0.0 <= float(momentum) < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if float(learning_rate) <= 0.0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        if not callable(learning_rate):
+            if float(learning_rate) <= 0.0:
+                raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+            learning_rate = float(learning_rate)  # Keras takes Python floats only (not np.float32)
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = float(momentum)
-        self.learning_rate = tf.Variable(np.float32(learning_rate), trainable=False, name="learning_rate")
-        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
-        self.slots = [
-            tf.Variable(
-                tf.zeros(v.shape, tf.float32),
-                trainable=False,
-                name=_variable_path(v).replace("/", "_") + "_momentum",
-            )
-            for v in variables
-        ]
-        self._num_variables = len(self.slots)
+        self.clip_norm = float(clip_norm)
+        self.offset_scale = float(offset_scale)
 
-    def apply(self, entries, variables):
-        """Applies ``(variable_index, update)`` entries in order; a variable may appear twice."""
-        if len(variables) != self._num_variables:
-            raise ValueError(f"variables: expected {self._num_variables}, got {len(variables)}")
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.slots = [self.add_variable_from_reference(v, "momentum") for v in variables]
+        # update_step sees the backend tf.Variables, whose names lack the layer path
+        self._paths = [_variable_path(v) for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        slot = self.slots[index].value
+        learning_rate = tf.cast(learning_rate, tf.float32)
         momentum = tf.constant(self.momentum, tf.float32)
-        learning_rate = self.learning_rate.read_value()
-        for index, update in entries:
+        for part in entry_parts(gradient, self._paths[index], "original", self.clip_norm, self.offset_scale):
             tf.raw_ops.ResourceApplyMomentum(
-                var=variables[index].handle,
-                accum=self.slots[index].handle,
+                var=variable.handle,
+                accum=slot.handle,
                 lr=learning_rate,
-                grad=tf.cast(update, tf.float32),
+                grad=tf.cast(part, tf.float32),
                 momentum=momentum,
                 use_locking=False,
                 use_nesterov=False,
             )
-        self.iterations.assign_add(1)
 
     def reset(self):
         """Sets every slot to zero (the state of a fresh original trainer)."""
         for slot in self.slots:
             slot.assign(tf.zeros_like(slot))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(momentum=self.momentum, clip_norm=self.clip_norm, offset_scale=self.offset_scale)
+        return config
+
+
+class EpochDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """The original's per-epoch learning rate as a function of the step.
+
+    ``decays`` ``{epoch: factor}``: ``lr *= factor`` at the end of epoch ``epoch`` counted from 0
+    (the original's ``lr_decays``); the rate of step s is that of epoch ``s // steps_per_epoch``,
+    the products taken in float32 in epoch order (TF1's ``assign(lr * factor)``, bitwise).
+    """
+
+    def __init__(self, initial_learning_rate, steps_per_epoch, decays):
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.decays = {int(k): float(v) for k, v in decays.items()}
+        rates = [np.float32(self.initial_learning_rate)]
+        for epoch in range(max(self.decays, default=-1) + 1):
+            rates.append(np.float32(rates[-1] * np.float32(self.decays.get(epoch, 1.0))))
+        self._rates = np.array(rates, np.float32)  # rate of epoch e; the last holds for every later one
+
+    def __call__(self, step):
+        epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
+        return tf.gather(tf.constant(self._rates), tf.minimum(epoch, len(self._rates) - 1))
+
+    def get_config(self):
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "steps_per_epoch": self.steps_per_epoch,
+            "decays": self.decays,
+        }
+
+
+def make_optimizer(config, steps_per_epoch=None):
+    """The optimizer of ``config.train.optimizer``: ``OriginalMomentum`` or any Keras optimizer.
+
+    Its learning rate is ``train.learning_rate`` decayed per epoch (``EpochDecay`` of
+    ``train.decays()``) when ``steps_per_epoch`` is given and a decay is configured, else a constant
+    (an assignable variable). ``original_momentum`` clips per entry by ``train.grad_clip_norm`` under
+    ``original`` semantics; under ``paper`` the train step scales and clips (``paper_gradients``).
+    """
+    train = config.train
+    options = {} if isinstance(train.optimizer, str) else dict(train.optimizer)
+    name = options.pop("name", train.optimizer if isinstance(train.optimizer, str) else None)
+    decays = train.decays()
+    learning_rate = (
+        EpochDecay(train.learning_rate, steps_per_epoch, decays)
+        if steps_per_epoch and decays
+        else float(train.learning_rate)
+    )
+    options.setdefault("learning_rate", learning_rate)
+    if name == ORIGINAL_OPTIMIZER:
+        options.setdefault("momentum", train.momentum)
+        options.setdefault("offset_scale", train.offset_lr_factor)
+        options.setdefault("clip_norm", train.grad_clip_norm if train.semantics == "original" else 0.0)
+        return OriginalMomentum(**options)
+    if name.lower() == "sgd":
+        options.setdefault("momentum", train.momentum)
+    return keras.optimizers.get({"class_name": name, "config": options})
+
+
+def _offsets_loss(network):
+    """The offsets loss of the network's last forward pass: the sum of the terms its deformable
+    KPConvs added (``network.losses``, each already x ``offsets_decay``); 0 for a rigid network."""
+    return tf.add_n(network.losses) if network.losses else tf.constant(0.0)
 
 
 def l2_regularization(variables, weights_decay):
@@ -169,7 +269,7 @@ class TrainStep:
     Attributes:
         network: the Keras network (KPCNN / KPFCNN).
         variables: ``network.trainable_variables`` in creation order.
-        optimizer: ``OriginalMomentum`` (learning-rate variable, slots, iteration counter).
+        optimizer: a built Keras optimizer (default ``make_optimizer(config)``: constant learning rate).
     """
 
     def __init__(self, network, config, optimizer=None):
@@ -178,17 +278,26 @@ class TrainStep:
             raise ValueError(f"config.train.semantics must be one of {SEMANTICS}, got {semantics!r}")
         if not network.built:
             raise ValueError("network: build it first (call it once on a batch in inference mode)")
+        optimizer = optimizer or make_optimizer(config)
+        if semantics == "original" and not isinstance(optimizer, OriginalMomentum):
+            raise ValueError(
+                f"train.semantics 'original' needs OriginalMomentum (its offset double update is a "
+                f"momentum update), got {type(optimizer).__name__}: use semantics 'paper'"
+            )
         self.network = network
         self.config = config
         self.semantics = semantics
         self.variables = list(network.trainable_variables)
-        self.optimizer = optimizer or OriginalMomentum(
-            self.variables, config.train.learning_rate, config.train.momentum
-        )
+        self.optimizer = optimizer
+        self.optimizer.build(self.variables)
+        # paper: per-variable clipping by train.grad_clip_norm unless the optimizer clips itself
+        own_clip = any(getattr(optimizer, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue"))
+        self._paper_clip = 0.0 if own_clip else config.train.grad_clip_norm
         self._compiled = {}
 
     @property
     def learning_rate(self):
+        """The optimizer's learning rate: its variable, or the schedule's value at this step."""
         return self.optimizer.learning_rate
 
     def losses(self, inputs, labels, logits):
@@ -196,7 +305,7 @@ class TrainStep:
         train = self.config.train
         output_loss = self.network.output_loss(labels, logits, inputs)
         regularization_loss = l2_regularization(self.network.variables, train.weights_decay)
-        offsets_loss = tf.add_n(self.network.losses) if self.network.losses else tf.constant(0.0)
+        offsets_loss = _offsets_loss(self.network)
         gaussian_loss = tf.constant(0.0, tf.float32)  # the original has no 'kernel_extents' variables
         total_loss = ((offsets_loss + gaussian_loss) + regularization_loss) + output_loss
         result = {
@@ -223,15 +332,13 @@ class TrainStep:
             logits = self.forward(inputs, True, dropout_uniform)
             result = self.losses(inputs, labels, logits)
         gradients = tape.gradient(result["total_loss"], self.variables)
-        entries = update_entries(
-            gradients,
-            self.variables,
-            self.semantics,
-            self.config.train.grad_clip_norm,
-            self.config.train.offset_lr_factor,
-        )
-        result["learning_rate"] = self.optimizer.learning_rate.read_value()
-        self.optimizer.apply(entries, self.variables)
+        updates = gradients
+        if self.semantics == "paper":
+            updates = paper_gradients(
+                gradients, self.variables, self._paper_clip, self.config.train.offset_lr_factor
+            )
+        result["learning_rate"] = tf.identity(self.learning_rate)
+        self.optimizer.apply_gradients([(u, v) for u, v in zip(updates, self.variables) if u is not None])
         result["accuracy"] = accuracy(labels, logits)
         result["grad_norms"] = tf.stack(
             [tf.norm(g) if g is not None else tf.constant(0.0) for g in gradients]
@@ -277,7 +384,8 @@ def make_train_step(network, config, optimizer=None):
     ``total_loss``, ``accuracy`` (of this step's forward pass, before the update), ``learning_rate``,
     ``grad_norms`` [V] (raw gradient norms per trainable variable) and ``logits``.
     ``dropout_uniform`` [B, 1024] float32 replaces the head's random dropout draw (replay).
-    ``step.optimizer`` holds the learning-rate variable and the momentum slots.
+    ``step.optimizer`` (default: ``make_optimizer(config)``, constant learning rate) holds the
+    learning-rate variable and the momentum slots.
     """
     return TrainStep(network, config, optimizer)
 
@@ -286,21 +394,18 @@ class TrainingModel(keras.Model):
     """Wraps a network so that ``fit`` / ``evaluate`` run ``TrainStep`` and the original losses.
 
     ``fit`` data: ``(inputs, labels)`` tuples (extra tuple elements are ignored). ``train_step``
-    runs ``TrainStep.run`` (weights updated by ``OriginalMomentum``, not by a Keras optimizer);
-    ``test_step`` computes the same losses in inference mode and the accuracy. Logged metrics are
-    epoch means: ``loss`` (total), ``output_loss``, ``regularization_loss``, ``offsets_loss``,
-    ``accuracy``, the deformation diagnostics (``deformation_metric_names``), plus
-    ``learning_rate`` (last value). Compile with ``compile()`` (no arguments).
-    ``training_model.learning_rate`` is the variable callbacks decay; ``training.train.checkpoint_for``
-    saves the network variables, the slots, the learning rate and the iteration count (exact resume).
+    runs ``TrainStep.run`` with the compiled optimizer; ``test_step`` computes the same losses in
+    inference mode and the accuracy. Logged metrics are epoch means: ``loss`` (total),
+    ``output_loss``, ``regularization_loss``, ``offsets_loss``, ``accuracy``, the deformation
+    diagnostics (``deformation_metric_names``), plus ``learning_rate`` (the rate of the next step).
+    ``training.train.checkpoint_for`` saves the network variables and the optimizer's (slots,
+    learning rate, iteration count: exact resume).
     """
 
     def __init__(self, network, config, **kwargs):
         super().__init__(**kwargs)
         self.network = network
         self.config = config
-        self.step = make_train_step(network, config)
-        self.momentum_optimizer = self.step.optimizer
         names = ["loss", "output_loss", "regularization_loss", "offsets_loss", "accuracy"]
         names += deformation_metric_names(network)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
@@ -313,17 +418,17 @@ class TrainingModel(keras.Model):
         )
 
     @property
-    def learning_rate(self):
-        return self.step.optimizer.learning_rate
-
-    @property
     def metrics(self):
         return list(self._trackers.values()) + ([self._miou] if self._miou is not None else [])
 
-    def compile(self, **kwargs):
-        kwargs.setdefault("optimizer", None)
+    def compile(self, optimizer=None, **kwargs):
+        """``optimizer``: a Keras optimizer or its name (``paper`` semantics apply to it); by default
+        ``make_optimizer(config, train.epoch_steps)``, the one ``train.optimizer`` names."""
+        if optimizer is None:
+            optimizer = make_optimizer(self.config, self.config.train.epoch_steps)
         kwargs.setdefault("jit_compile", False)  # the custom ops and raw momentum ops have no XLA kernels
-        super().compile(**kwargs)
+        super().compile(optimizer=keras.optimizers.get(optimizer), **kwargs)
+        self.step = TrainStep(self.network, self.config, self.optimizer)
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
@@ -332,7 +437,7 @@ class TrainingModel(keras.Model):
         for name, tracker in self._trackers.items():
             tracker.update_state(result["total_loss" if name == "loss" else name])
         logs = {name: tracker.result() for name, tracker in self._trackers.items()}
-        logs["learning_rate"] = self.learning_rate.read_value()
+        logs["learning_rate"] = tf.identity(self.optimizer.learning_rate)
         return logs
 
     def _dropout_uniform(self, labels):
@@ -341,7 +446,8 @@ class TrainingModel(keras.Model):
         fc = getattr(self.network, "fc", None)
         if fc is None or not getattr(self.network, "dropout_rate", 0):
             return None
-        seed = tf.stack([tf.constant(self.config.train.seed, tf.int64), self.step.optimizer.iterations])
+        iterations = tf.cast(self.optimizer.iterations, tf.int64)  # a Keras variable: tf.stack refuses it
+        seed = tf.stack([tf.constant(self.config.train.seed, tf.int64), iterations])
         return tf.random.stateless_uniform([tf.shape(labels)[0], fc.filters], seed)
 
     def train_step(self, data):
