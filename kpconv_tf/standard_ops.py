@@ -30,7 +30,13 @@ __all__ = ["batch_grid_subsampling", "batch_neighbors"]
 _KEY_BITS = 61
 
 
+_POINTS = tf.TensorSpec([None, 3], tf.float32)
+_LENGTHS = tf.TensorSpec([None], tf.int32)
+_SCALAR = tf.TensorSpec([], tf.float32)
+
+
 def _points(value, name):
+    """float32 [N, 3] tensor of `value` (float16 / float64 converted); the static checks."""
     t = tf.convert_to_tensor(value)
     if t.dtype in (tf.float16, tf.float64):
         t = tf.cast(t, tf.float32)
@@ -38,16 +44,34 @@ def _points(value, name):
         raise TypeError(f"{name} must be float32 (or float64, converted), got {t.dtype.name}")
     if t.shape.rank is not None and (t.shape.rank != 2 or t.shape[-1] not in (None, 3)):
         raise ValueError(f"{name} must have shape [N, 3], got {t.shape}")
-    return tf.debugging.assert_all_finite(t, f"{name} has a NaN or infinite coordinate")
+    return t
 
 
-def _lengths(value, name, points, points_name):
+def _lengths(value, name):
+    """int32 [B] tensor of `value`; the static checks."""
     t = tf.convert_to_tensor(value)
     if not t.dtype.is_integer:
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype.name}")
     if t.shape.rank is not None and t.shape.rank != 1:
         raise ValueError(f"{name} must be a vector [B], got shape {t.shape}")
-    t = tf.cast(t, tf.int32)
+    return tf.cast(t, tf.int32)
+
+
+def _positive_scalar(value, name):
+    """float32 scalar tensor of `value`; a Python number is checked here, a tensor in the graph."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    t = tf.convert_to_tensor(value, dtype_hint=tf.float32)
+    if t.shape.rank not in (None, 0):
+        raise ValueError(f"{name} must be a scalar, got shape {t.shape}")
+    return tf.cast(t, tf.float32)
+
+
+def _checked_points(t, name):
+    return tf.debugging.assert_all_finite(t, f"{name} has a NaN or infinite coordinate")
+
+
+def _checked_lengths(t, name, points, points_name):
     checks = [
         tf.debugging.assert_non_negative(t, message=f"{name} has a negative length"),
         tf.debugging.assert_equal(
@@ -60,13 +84,8 @@ def _lengths(value, name, points, points_name):
         return tf.identity(t)
 
 
-def _positive_scalar(value, name):
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    t = tf.convert_to_tensor(value, dtype_hint=tf.float32)
-    if t.shape.rank not in (None, 0):
-        raise ValueError(f"{name} must be a scalar, got shape {t.shape}")
-    t = tf.cast(t, tf.float32)
+def _checked_scalar(t, name):
+    """float64 of the float32 scalar `t`, checked > 0 and finite."""
     check = tf.debugging.assert_positive(t, message=f"{name} must be > 0")
     with tf.control_dependencies([check]):
         return tf.cast(tf.debugging.assert_all_finite(t, f"{name} must be finite"), tf.float64)
@@ -100,21 +119,44 @@ def batch_grid_subsampling(points, lengths, sample_dl, features=None):
       (sub_points float32 [M, 3], sub_lengths int32 [B]), then sub_features [M, D] when given.
     """
     points = _points(points, "points")
+    lengths = _lengths(lengths, "lengths")
+    sample_dl = _positive_scalar(sample_dl, "sample_dl")
+    if features is None:
+        return _subsampling(points, lengths, sample_dl)
+    features = tf.convert_to_tensor(features)
+    if not features.dtype.is_floating:
+        raise TypeError(f"features must be floating point, got {features.dtype.name}")
+    if features.shape.rank is not None and features.shape.rank != 2:
+        raise ValueError(f"features must have shape [N, D], got {features.shape}")
+    # Through float32, as the compiled op reads them.
+    return _subsampling_with_features(points, lengths, sample_dl, tf.cast(features, tf.float32))
+
+
+# One graph per signature, also when called eagerly: eager dispatch of the ~60 small ops cost more
+# than the subsampling itself on pyramid layers of a few thousand points.
+@tf.function(input_signature=[_POINTS, _LENGTHS, _SCALAR], autograph=False)
+def _subsampling(points, lengths, sample_dl):
+    return _grid_subsampling(points, lengths, sample_dl, None)
+
+
+@tf.function(
+    input_signature=[_POINTS, _LENGTHS, _SCALAR, tf.TensorSpec([None, None], tf.float32)], autograph=False
+)
+def _subsampling_with_features(points, lengths, sample_dl, features):
+    return _grid_subsampling(points, lengths, sample_dl, features)
+
+
+def _grid_subsampling(points, lengths, sample_dl, features):
+    points = _checked_points(points, "points")
     values = tf.cast(points, tf.float64)
     if features is not None:
-        features = tf.convert_to_tensor(features)
-        if not features.dtype.is_floating:
-            raise TypeError(f"features must be floating point, got {features.dtype.name}")
-        if features.shape.rank is not None and features.shape.rank != 2:
-            raise ValueError(f"features must have shape [N, D], got {features.shape}")
         check = tf.debugging.assert_equal(
             tf.shape(features)[0], tf.shape(points)[0], message="features must have one row per point"
         )
         with tf.control_dependencies([check]):
-            # Through float32, as the compiled op reads them.
-            values = tf.concat([values, tf.cast(tf.cast(features, tf.float32), tf.float64)], 1)
-    lengths = _lengths(lengths, "lengths", points, "points")
-    dl = _positive_scalar(sample_dl, "sample_dl")
+            values = tf.concat([values, tf.cast(features, tf.float64)], 1)
+    lengths = _checked_lengths(lengths, "lengths", points, "points")
+    dl = _checked_scalar(sample_dl, "sample_dl")
     n = tf.shape(points)[0]
     cloud = _cloud_of(lengths, n)
     lo, hi = _bounding_boxes(points, cloud, lengths)
@@ -155,9 +197,12 @@ def batch_grid_subsampling(points, lengths, sample_dl, features=None):
 def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors=0):
     """Radius neighbours of stacked clouds (standard ops; see the module docstring).
 
-    Supports are hashed per cloud into cells at least one radius wide and sorted by (cloud, cell);
-    each query gathers the supports of its 27 neighbouring cells (9 runs of 3 consecutive cells,
-    located by ``tf.searchsorted``) and measures distances to those candidates only.
+    Supports and queries are hashed per cloud into cells at least one radius wide and sorted by
+    (cloud, cell). Each occupied query cell takes the supports of its 27 neighbouring cells (9 runs
+    of 3 consecutive cells, located by ``tf.searchsorted``) as its candidates; query cells are
+    processed in buckets of equal (queries per cell, candidates per cell) powers of two, each a
+    dense block [cells, queries, candidates] of distances, so coordinates are gathered per cell
+    rather than per (query, candidate) pair.
 
     Args:
       queries: float32 [Nq, 3]. supports: float32 [Ns, 3].
@@ -170,12 +215,30 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     """
     if isinstance(max_neighbors, numbers.Integral) and max_neighbors < 0:
         raise ValueError(f"max_neighbors must be >= 0, got {max_neighbors}")
-    queries = _points(queries, "queries")
-    supports = _points(supports, "supports")
-    q_lengths = _lengths(q_lengths, "q_lengths", queries, "queries")
-    s_lengths = _lengths(s_lengths, "s_lengths", supports, "supports")
-    radius = _positive_scalar(radius, "radius")
-    max_neighbors = tf.cast(max_neighbors, tf.int32)
+    return _neighbors(
+        _points(queries, "queries"),
+        _points(supports, "supports"),
+        _lengths(q_lengths, "q_lengths"),
+        _lengths(s_lengths, "s_lengths"),
+        _positive_scalar(radius, "radius"),
+        tf.cast(max_neighbors, tf.int32),
+    )
+
+
+# Powers of two up to 2**31: the bucket level of a count n is the smallest l with 2**l >= n.
+_POWERS = [2**i for i in range(32)]
+
+
+@tf.function(
+    input_signature=[_POINTS, _POINTS, _LENGTHS, _LENGTHS, _SCALAR, tf.TensorSpec([], tf.int32)],
+    autograph=False,
+)
+def _neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors):
+    queries = _checked_points(queries, "queries")
+    supports = _checked_points(supports, "supports")
+    q_lengths = _checked_lengths(q_lengths, "q_lengths", queries, "queries")
+    s_lengths = _checked_lengths(s_lengths, "s_lengths", supports, "supports")
+    radius = _checked_scalar(radius, "radius")
     check = tf.debugging.assert_equal(
         tf.shape(q_lengths),
         tf.shape(s_lengths),
@@ -196,80 +259,187 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     extent = tf.reduce_max(hi - lo, axis=1)
     cell = tf.maximum(radius * (1.0 + 2.0**-20), extent / tf.cast(side - 1, tf.float64))
 
-    def cell_coords(points, cloud):
+    def cell_keys(points, cloud):
+        """int64 [N, 3] cell coordinates and [N] keys (cloud, k, j, i) of the points."""
         x = (tf.cast(points, tf.float64) - tf.gather(lo, cloud)) / tf.gather(cell, cloud)[:, None]
         # Clamping keeps a neighbour within one cell: both points move towards the border together.
-        x = tf.minimum(tf.maximum(tf.floor(x), 0.0), tf.cast(side - 1, tf.float64))
-        return tf.cast(x, tf.int64)
+        x = tf.cast(tf.minimum(tf.maximum(tf.floor(x), 0.0), tf.cast(side - 1, tf.float64)), tf.int64)
+        return x, ((tf.cast(cloud, tf.int64) * side + x[:, 2]) * side + x[:, 1]) * side + x[:, 0]
 
-    s = cell_coords(supports, s_cloud)
-    s_key = ((tf.cast(s_cloud, tf.int64) * side + s[:, 2]) * side + s[:, 1]) * side + s[:, 0]
+    _, s_key = cell_keys(supports, s_cloud)
     s_order = tf.argsort(s_key, stable=True)
     sorted_keys = tf.gather(s_key, s_order)
+    q, q_key = cell_keys(queries, q_cloud)
+    q_order = tf.argsort(q_key, stable=True)
+    sorted_q_key = tf.gather(q_key, q_order)
 
-    q = cell_coords(queries, q_cloud)
+    # Occupied query cells: their first sorted query, query count, coordinates and cloud.
+    first = tf.cast(
+        tf.where((sorted_q_key != tf.roll(sorted_q_key, 1, 0)) | (tf.range(nq) == 0))[:, 0], tf.int32
+    )
+    q_count = tf.concat([first[1:], [nq]], 0) - first
+    representative = tf.gather(q_order, first)
+    qc, qc_cloud = tf.gather(q, representative), tf.gather(q_cloud, representative)
+    u = tf.size(first)
+
+    # The 9 runs of 3 cells around each query cell, as ranges of sorted supports.
     offsets = tf.constant([-1, 0, 1], tf.int64)
-    j = q[:, 1:2, None] + offsets[None, :, None]  # [Nq, 3, 1]
-    k = q[:, 2:3, None] + offsets[None, None, :]  # [Nq, 1, 3]
-    valid = tf.reshape((j >= 0) & (j < side) & (k >= 0) & (k < side), [nq, 9])
-    row_key = tf.reshape((tf.cast(q_cloud, tf.int64)[:, None, None] * side + k) * side + j, [nq, 9]) * side
-    first_key = row_key + tf.maximum(q[:, :1] - 1, 0)
-    last_key = row_key + tf.minimum(q[:, :1] + 1, side - 1)
-    begin = tf.searchsorted(sorted_keys, tf.reshape(first_key, [-1]), side="left")
-    end = tf.searchsorted(sorted_keys, tf.reshape(last_key, [-1]), side="right")
-    run_size = tf.where(tf.reshape(valid, [-1]), end - begin, 0)
+    j = qc[:, 1:2, None] + offsets[None, :, None]  # [U, 3, 1]
+    k = qc[:, 2:3, None] + offsets[None, None, :]  # [U, 1, 3]
+    valid = tf.reshape((j >= 0) & (j < side) & (k >= 0) & (k < side), [u, 9])
+    row_key = tf.reshape((tf.cast(qc_cloud, tf.int64)[:, None, None] * side + k) * side + j, [u, 9]) * side
+    first_key = row_key + tf.maximum(qc[:, :1] - 1, 0)
+    last_key = row_key + tf.minimum(qc[:, :1] + 1, side - 1)
+    begin = tf.reshape(tf.searchsorted(sorted_keys, tf.reshape(first_key, [-1]), side="left"), [u, 9])
+    end = tf.reshape(tf.searchsorted(sorted_keys, tf.reshape(last_key, [-1]), side="right"), [u, 9])
+    run_size = tf.where(valid, end - begin, 0)
+    s_count = tf.reduce_sum(run_size, 1)
+    run_start = tf.cumsum(run_size, axis=1, exclusive=True)  # candidate column of each run's first
+    run_shift = begin - run_start  # sorted support position = candidate column + shift of its run
 
-    # Candidates: every (query, support) pair of the runs, query-major, as (query, sorted position).
-    run_start = tf.cumsum(run_size, exclusive=True)
-    total = tf.reduce_sum(run_size)
-    first_run = tf.range(tf.size(run_size)) > 0
+    powers = tf.constant(_POWERS, tf.int32)
+    level = tf.searchsorted(powers, q_count) * 64 + tf.searchsorted(powers, s_count)
+    levels, bucket_of_cell = tf.unique(level)
 
-    def per_candidate(value):
-        """The value of the run holding each candidate: cumulative sums of per-run steps placed at
-        the run starts (empty runs add steps that the next run cancels), cheaper than tf.repeat."""
-        steps = value - tf.where(first_run, tf.roll(value, 1, 0), 0)
-        return tf.cumsum(tf.math.unsorted_segment_sum(steps, run_start, total + 1)[:total])
+    # Row padding gathers the extra last point: a valid index that the masks then exclude.
+    sorted_queries = tf.concat([tf.gather(queries, q_order), tf.zeros([1, 3])], 0)
+    sorted_supports = tf.concat([tf.gather(supports, s_order), tf.zeros([1, 3])], 0)
+    support_id = tf.concat([s_order, [ns]], 0)  # stacked index of each sorted support, then shadow
+    r2 = radius * radius
+    # The float32 pre-test keeps a superset of the hits: `loose` rounds r2 up (the 1e-30 covers
+    # float32 underflow) and the test below subtracts more than its rounding error.
+    loose = tf.cast(r2 * (1.0 + 1e-5) + 1e-30, tf.float32)
+    inf = tf.constant(float("inf"), tf.float64)
 
-    position = tf.range(total) + per_candidate(begin - run_start)
-    query = per_candidate(tf.range(tf.size(run_size)) // 9)
-    # A float32 pass keeps a superset of the hits (its relative error on d2 is below 1e-6; the
-    # absolute 1e-30 covers float32 underflow), then the exact float64 test of the C++ op decides.
-    sorted_supports = tf.gather(supports, s_order)
-    delta = tf.gather(sorted_supports, position) - tf.gather(queries, query)
-    loose = tf.cast(radius * radius * (1.0 + 1e-5) + 1e-30, tf.float32)
-    near = tf.where(tf.reduce_sum(delta * delta, 1) <= loose)
-    position, query = tf.gather(position, near[:, 0]), tf.gather(query, near[:, 0])
-    delta = tf.cast(tf.gather(sorted_supports, position), tf.float64) - tf.cast(
-        tf.gather(queries, query), tf.float64
+    def bucket(i, rows, counts, ids, dists):
+        """The near candidates of the query cells of bucket i: their rows (sorted query positions,
+        in (cell, query) order), candidates per row, then row by row the candidates' support
+        indices and negated d2 (Ns and -inf for the few that fail the exact test)."""
+        cells = tf.where(bucket_of_cell == i)[:, 0]
+        cell_q, cell_s = tf.gather(q_count, cells), tf.gather(s_count, cells)
+        n, mq, ms = tf.size(cells), tf.reduce_max(cell_q), tf.reduce_max(cell_s)
+        q_valid = tf.range(mq)[None, :] < cell_q[:, None]
+        q_pos = tf.where(q_valid, tf.gather(first, cells)[:, None] + tf.range(mq)[None, :], nq)
+        column = tf.broadcast_to(tf.range(ms)[None, :], [n, ms])
+        # The run of each candidate column: the last run starting at or before it (empty runs
+        # start where the next one does, so they are skipped).
+        run = tf.searchsorted(tf.gather(run_start, cells)[:, 1:], column, side="right")
+        s_valid = column < cell_s[:, None]
+        s_pos = tf.where(s_valid, column + tf.gather(tf.gather(run_shift, cells), run, batch_dims=1), ns)
+        qx, sx = tf.gather(sorted_queries, q_pos), tf.gather(sorted_supports, s_pos)  # [n, mq | ms, 3]
+
+        # Pre-test as one batched matmul: with coordinates relative to the cell's first query,
+        # [q, a|q|^2, 1] . [-2s, 1, a|s|^2] = |q - s|^2 - (1 - a)(|q|^2 + |s|^2), a = 1 - 1e-5;
+        # its float32 error is below 2e-6 (|q|^2 + |s|^2), so every hit passes. NaN norms make the
+        # padding rows and columns fail it.
+        def augmented(x, valid):
+            x = x - qx[:, :1]
+            norm = tf.reduce_sum(x * x, 2, keepdims=True) * (1.0 - 1e-5)
+            return x, tf.where(valid[:, :, None], norm, float("nan")), tf.ones_like(norm)
+
+        q_rel, q_norm, q_one = augmented(qx, q_valid)
+        s_rel, s_norm, s_one = augmented(sx, s_valid)
+        test = tf.matmul(
+            tf.concat([q_rel, q_norm, q_one], 2),
+            tf.concat([-2.0 * s_rel, s_one, s_norm], 2),
+            transpose_b=True,
+        )
+        # [K, 2]: (cell * mq + query, candidate) in row-major order, so grouped by row.
+        near = tf.cast(tf.where(tf.reshape(test <= loose, [n * mq, ms])), tf.int32)
+        row, candidate = near[:, 0], (near[:, 0] // mq) * ms + near[:, 1]
+        # The C++ op's float64 test: d2 = (dx*dx + dy*dy) + dz*dz from the float32 coordinates.
+        # The few near candidates that fail it stay, as padding (d2 = inf, index Ns).
+        delta = tf.gather(tf.reshape(tf.cast(sx, tf.float64), [-1, 3]), candidate) - tf.gather(
+            tf.reshape(tf.cast(qx, tf.float64), [-1, 3]), row
+        )
+        square = delta * delta
+        d2 = (square[:, 0] + square[:, 1]) + square[:, 2]
+        hit = d2 <= r2
+        support = tf.gather(tf.reshape(tf.gather(support_id, s_pos), [-1]), candidate)
+        # Negated, so that top_k (stable: ties keep the lower column) sorts by increasing d2.
+        neg_d2 = tf.where(hit, -d2, -inf)
+        count = tf.math.bincount(row, minlength=n * mq, maxlength=n * mq)
+        kept = tf.where(tf.reshape(q_valid, [-1]))[:, 0]
+        return (
+            i + 1,
+            rows.write(i, tf.gather(tf.reshape(q_pos, [-1]), kept)),
+            counts.write(i, tf.gather(count, kept)),
+            ids.write(i, tf.where(hit, support, ns)),
+            dists.write(i, neg_d2),
+        )
+
+    def array(dtype, num, shape=(None,)):
+        return tf.TensorArray(dtype, size=num, infer_shape=False, element_shape=shape)
+
+    num_buckets = tf.size(levels)
+    _, rows, counts, ids, dists = tf.while_loop(
+        lambda i, *_: i < num_buckets,
+        bucket,
+        (
+            0,
+            array(tf.int32, num_buckets),
+            array(tf.int32, num_buckets),
+            array(tf.int32, num_buckets),
+            array(tf.float64, num_buckets),
+        ),
     )
-    square = delta * delta
-    d2 = (square[:, 0] + square[:, 1]) + square[:, 2]
-    hit = tf.where(d2 <= radius * radius)[:, 0]
-    hit_query = tf.gather(query, hit)
-    hit_id = tf.gather(s_order, tf.gather(position, hit))
-    hit_d2 = tf.gather(d2, hit)
+    row_query, count = rows.concat(), counts.concat()  # [Nq]: every query is one bucket's row
+    num_near = tf.reduce_sum(count)
+    ids = tf.concat([ids.concat(), [ns]], 0)
+    neg_d2 = tf.concat([dists.concat(), [-inf]], 0)
+    start = tf.cumsum(count, exclusive=True)
 
-    # Rows: the hits (query-major) gathered into a padded [Nq, W] matrix and ordered by d2; only when
-    # some row holds equal distances (duplicates, lattices) are the rows sorted again by (d2, index).
-    count = tf.math.bincount(hit_query, minlength=nq, maxlength=nq)
-    width = tf.reduce_max(tf.concat([count, [0]], 0))
-    column = tf.range(width)
-    source = tf.where(
-        column[None, :] < count[:, None],
-        tf.cumsum(count, exclusive=True)[:, None] + column[None, :],
-        tf.size(hit_query),
+    # Rows sorted in groups of similar length (counts up to the same power of two), each a
+    # [rows, W_i] matrix ordered by d2 with top_k; only when a row holds equal distances
+    # (duplicates, lattices) are the group's rows sorted again by (d2, index). With a limit, top_k
+    # keeps one more than it, to see a tie at the cut.
+    length_levels, level_of_row = tf.unique(tf.searchsorted(powers, count))
+    num_groups = tf.size(length_levels)
+
+    def group(i, width, members, blocks):
+        """Group i's rows (indices into the bucket rows) and their sorted neighbours [rows, W_i];
+        `width` becomes the largest hit count so far."""
+        member = tf.cast(tf.where(level_of_row == i)[:, 0], tf.int32)
+        member_count = tf.gather(count, member)[:, None]
+        member_start = tf.gather(start, member)[:, None]
+
+        def position(slot):
+            """Index in the candidate arrays of the given slots of each row (padding: the last)."""
+            return tf.where(slot < member_count, member_start + slot, num_near)
+
+        slots = tf.range(tf.reduce_max(member_count))[None, :]
+        dist = tf.gather(neg_d2, position(slots))
+        depth = tf.size(slots)
+        depth = tf.where(max_neighbors > 0, tf.minimum(depth, max_neighbors + 1), depth)
+        sorted_dist, by_distance = tf.math.top_k(dist, depth)
+        ties = tf.reduce_any((sorted_dist[:, 1:] == sorted_dist[:, :-1]) & (sorted_dist[:, 1:] > -inf))
+
+        def by_distance_then_index():
+            row_ids = tf.gather(ids, position(slots))
+            by_index = tf.argsort(row_ids, axis=1, stable=True)
+            order = tf.argsort(
+                tf.gather(dist, by_index, batch_dims=1), axis=1, direction="DESCENDING", stable=True
+            )
+            return tf.gather(tf.gather(row_ids, by_index, batch_dims=1), order, batch_dims=1)
+
+        block = tf.cond(ties, by_distance_then_index, lambda: tf.gather(ids, position(by_distance)))
+        hits = tf.reduce_max(tf.concat([tf.reduce_sum(tf.cast(sorted_dist > -inf, tf.int32), 1), [0]], 0))
+        return i + 1, tf.maximum(width, hits), members.write(i, member), blocks.write(i, block)
+
+    _, width, members, blocks = tf.while_loop(
+        lambda i, *_: i < num_groups,
+        group,
+        (0, 0, array(tf.int32, num_groups), array(tf.int32, num_groups, (None, None))),
     )
-    ids = tf.gather(tf.concat([hit_id, [ns]], 0), source)
-    dist = tf.gather(tf.concat([hit_d2, tf.constant([float("inf")], tf.float64)], 0), source)
-    by_distance = tf.argsort(dist, axis=1, stable=True)
-    sorted_dist = tf.gather(dist, by_distance, batch_dims=1)
-    ties = tf.reduce_any((sorted_dist[:, 1:] == sorted_dist[:, :-1]) & (sorted_dist[:, 1:] < float("inf")))
+    width = tf.where(max_neighbors > 0, tf.minimum(width, max_neighbors), width)
 
-    def by_distance_then_index():
-        by_index = tf.argsort(ids, axis=1, stable=True)
-        order = tf.argsort(tf.gather(dist, by_index, batch_dims=1), axis=1, stable=True)
-        return tf.gather(tf.gather(ids, by_index, batch_dims=1), order, batch_dims=1)
+    def fit(i, flat):
+        """Group i's rows cropped or padded to the common width, flattened."""
+        block = blocks.read(i)[:, :width]
+        block = tf.pad(block, [[0, 0], [0, width - tf.shape(block)[1]]], constant_values=ns)
+        return i + 1, flat.write(i, tf.reshape(block, [-1]))
 
-    ids = tf.cond(ties, by_distance_then_index, lambda: tf.gather(ids, by_distance, batch_dims=1))
-    keep = tf.where(max_neighbors > 0, tf.minimum(width, max_neighbors), width)
-    return ids[:, :keep]
+    _, flat = tf.while_loop(lambda i, *_: i < num_groups, fit, (0, array(tf.int32, num_groups)))
+    # The groups' rows are a permutation of the queries: its inverse puts them in query order.
+    query = tf.gather(q_order, tf.gather(row_query, members.concat()))
+    return tf.gather(tf.reshape(flat.concat(), [nq, width]), tf.math.invert_permutation(query))
