@@ -106,6 +106,25 @@ class StandardOpsTest(tf.test.TestCase):
             self.assertNeighborsEqual(points, points, lengths, lengths, radius)
         self.assertSubsamplingEqual(points, lengths, 0.1)
 
+    def test_crowded_cells_and_clouds_of_very_different_densities(self):
+        # One cloud with a tight cluster (a single cell holding thousands of points, thousands of
+        # candidates per query) next to sparse points, one uniform sparse cloud, one lattice cloud
+        # with many equal distances: query cells fall in many (queries, candidates) buckets and
+        # rows in many length groups, and ties cross the neighbour limits.
+        rng = np.random.default_rng(9)
+        cluster = rng.random((3000, 3)) * 0.01 + 0.5
+        sparse = rng.random((300, 3))
+        lattice = np.stack(np.meshgrid(*[np.arange(5)] * 3, indexing="ij"), -1).reshape(-1, 3) * 0.05
+        clouds = [np.concatenate([cluster, sparse[:150]]), sparse[150:], np.repeat(lattice, 2, axis=0)]
+        points = np.concatenate(clouds).astype(np.float32)
+        lengths = np.array([len(c) for c in clouds], np.int32)
+        sub, sub_lengths = self.assertSubsamplingEqual(points, lengths, 0.04)
+        for radius in (0.012, 0.05, 0.3):
+            for max_n in (0, 3, 40):
+                self.assertNeighborsEqual(points, points, lengths, lengths, radius, max_n)
+                self.assertNeighborsEqual(sub, points, sub_lengths, lengths, radius, max_n)
+                self.assertNeighborsEqual(points, sub, lengths, sub_lengths, radius, max_n)
+
     def test_no_points_and_no_clouds(self):
         empty = np.zeros((0, 3), np.float32)
         for lengths in (np.zeros([0], np.int32), np.zeros([3], np.int32)):
