@@ -4,7 +4,13 @@ The same results as the compiled ``tf_custom_ops.batch_grid_subsampling`` / ``ba
 (same cells, same barycentres and their order, same neighbour rows, widths and padding) on CPU or
 GPU (they need float64, which TPUs lack), without loading a custom op library: what a portable
 SavedModel or a GPU input pipeline needs. Both run eagerly and inside ``tf.function`` with unknown
-shapes.
+shapes; called eagerly, each runs as one graph traced once (input signatures of unknown shapes), as
+eager dispatch of their small ops would cost more than the work on small clouds.
+
+Cost (``batch_neighbors``, CPU): per call a few sorts and searches over the points and cells, a
+float32 pre-test over every (query, candidate) pair of each occupied query cell (27 cells of one
+radius, padded to the bucket's largest cell), then per hit a float64 distance, gathers and the row
+sort (``tf.math.top_k``), which dominates on dense layers.
 
 XLA (``jit_compile=True``): ``batch_grid_subsampling`` compiles (its sorts and segment sums are
 sized by the input; only the final slice to the number of cells is data dependent, which XLA
