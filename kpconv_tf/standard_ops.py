@@ -231,8 +231,9 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     )
 
 
-# Powers of two up to 2**31: the bucket level of a count n is the smallest l with 2**l >= n.
-_POWERS = [2**i for i in range(32)]
+# Powers of two that fit int32: the bucket level of a count n is the smallest l with 2**l >= n
+# (31 above 2**30).
+_POWERS = [2**i for i in range(31)]
 
 
 @tf.function(
@@ -397,8 +398,7 @@ def _neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors):
 
     # Rows sorted in groups of similar length (counts up to the same power of two), each a
     # [rows, W_i] matrix ordered by d2 with top_k; only when a row holds equal distances
-    # (duplicates, lattices) are the group's rows sorted again by (d2, index). With a limit, top_k
-    # keeps one more than it, to see a tie at the cut.
+    # (duplicates, lattices) are the group's rows sorted again by (d2, index).
     length_levels, level_of_row = tf.unique(tf.searchsorted(powers, count))
     num_groups = tf.size(length_levels)
 
@@ -415,9 +415,8 @@ def _neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors):
 
         slots = tf.range(tf.reduce_max(member_count))[None, :]
         dist = tf.gather(neg_d2, position(slots))
-        depth = tf.size(slots)
-        depth = tf.where(max_neighbors > 0, tf.minimum(depth, max_neighbors + 1), depth)
-        sorted_dist, by_distance = tf.math.top_k(dist, depth)
+        # Whole rows even with a limit: on CPU, top_k with k below the row length is no faster.
+        sorted_dist, by_distance = tf.math.top_k(dist, tf.size(slots))
         ties = tf.reduce_any((sorted_dist[:, 1:] == sorted_dist[:, :-1]) & (sorted_dist[:, 1:] > -inf))
 
         def by_distance_then_index():
