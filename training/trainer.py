@@ -25,12 +25,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kpconv_tf.config import ORIGINAL_OPTIMIZER
+from kpconv_tf.config import ORIGINAL_OPTIMIZER, SEMANTICS
 from kpconv_tf.metrics import ConfusionMeanIoU
 from kpconv_tf.models import deformable_keys
 
 OFFSET_GRADIENT_SCALE = 0.1
-SEMANTICS = ("original", "paper")
 
 
 def is_offset_variable(variable):
