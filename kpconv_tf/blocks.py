@@ -63,9 +63,13 @@ class BiasOffset(keras.layers.Layer):
         return features + self.offset
 
 
-def normalization(use_batch_norm, momentum, name):
+def normalization(use_batch_norm, momentum, name, synchronized=False):
+    """Batch norm (epsilon 1e-6; ``synchronized``: statistics over every replica of a
+    ``tf.distribute`` strategy), or ``BiasOffset`` when ``use_batch_norm`` is off."""
     if use_batch_norm:
-        return keras.layers.BatchNormalization(momentum=momentum, epsilon=1e-6, name=name)
+        return keras.layers.BatchNormalization(
+            momentum=momentum, epsilon=1e-6, synchronized=synchronized, name=name
+        )
     return BiasOffset(name=name)
 
 
@@ -127,6 +131,7 @@ class Block(keras.layers.Layer):
         ``KPConv``'s kernel_size, influence, aggregation, fixed, modulated, offset_bound.
       kernel_seed: the model's seed; each KPConv's is derived from it and the layer names.
       use_batch_norm, batch_norm_momentum: batch norm (epsilon 1e-6), or a learned offset when off.
+      sync_batch_norm: batch statistics over all replicas of a ``tf.distribute`` strategy.
       offset_loss, offset_loss_weight, repulse_extent: passed to the deformable KPConvs.
     """
 
@@ -146,6 +151,7 @@ class Block(keras.layers.Layer):
         kernel_seed=None,
         use_batch_norm=True,
         batch_norm_momentum=0.99,
+        sync_batch_norm=False,
         offset_loss=None,
         offset_loss_weight=1.0,
         repulse_extent=1.2,
@@ -166,6 +172,7 @@ class Block(keras.layers.Layer):
         self.kernel_seed = kernel_seed
         self.use_batch_norm = bool(use_batch_norm)
         self.batch_norm_momentum = float(batch_norm_momentum)
+        self.sync_batch_norm = bool(sync_batch_norm)
         self.offset_loss = offset_loss
         self.offset_loss_weight = float(offset_loss_weight)
         self.repulse_extent = float(repulse_extent)
@@ -187,13 +194,14 @@ class Block(keras.layers.Layer):
             "kernel_seed": self.kernel_seed,
             "use_batch_norm": self.use_batch_norm,
             "batch_norm_momentum": self.batch_norm_momentum,
+            "sync_batch_norm": self.sync_batch_norm,
             "offset_loss": self.offset_loss,
             "offset_loss_weight": self.offset_loss_weight,
             "repulse_extent": self.repulse_extent,
         }
 
     def norm(self, name):
-        return normalization(self.use_batch_norm, self.batch_norm_momentum, name)
+        return normalization(self.use_batch_norm, self.batch_norm_momentum, name, self.sync_batch_norm)
 
     def kpconv(self, filters, deformable=False, name="conv", offset_mode="kpconv"):
         seed = (
@@ -530,6 +538,7 @@ def make_block(spec: BlockSpec, config: Config, network: str):
         kernel_seed=m.kernel_seed,
         use_batch_norm=m.use_batch_norm,
         batch_norm_momentum=m.batch_norm_momentum,
+        sync_batch_norm=m.sync_batch_norm,
         offset_loss=offset_loss_variant(t.offsets_loss, network),
         offset_loss_weight=t.offsets_decay,
         repulse_extent=t.repulse_extent,

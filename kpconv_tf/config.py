@@ -40,6 +40,9 @@ FIXED_MODES = ("center", "verticals", "none")  # kernel point constraints
 NETWORK_MODELS = ("classification", "segmentation", "cloud_segmentation", "multi_segmentation")
 SEMANTICS = ("original", "paper")  # offset-gradient handling and optimizer form (README)
 ROTATIONS = ("vertical", "all", "none")
+# tf.distribute strategies of training.distribute: one device, the GPUs (or logical CPUs) of this
+# machine, or the workers of TF_CONFIG / a SLURM allocation.
+STRATEGIES = ("default", "mirrored", "multiworker")
 
 
 class ConfigError(ValueError):
@@ -77,6 +80,9 @@ class ModelConfig:
     first_features_dim: int = 64
     use_batch_norm: bool = True
     batch_norm_momentum: float = 0.99
+    # Batch statistics over all replicas of a tf.distribute strategy (train.strategy); off: per
+    # replica, as the original on one GPU.
+    sync_batch_norm: bool = False
     segmentation_ratio: float = 1.0
     first_subsampling_dl: float = 0.02
     first_kernel_radius: float = 0.1  # deprecated in the original, kept for parameters.txt round trips
@@ -144,9 +150,11 @@ class TrainConfig:
     max_epoch: int = 1000
     epoch_steps: int | None = 1000  # None: one pass over the training split
     snapshot_gap: int = 50
+    save_freq: int = 0  # steps between the commits inside an epoch (0: at the end of epochs only)
     saving: bool = True
     saving_path: str | None = None
     semantics: str = "paper"  # original | paper (see README: offset-gradient handling and optimizer form)
+    strategy: str = "default"  # default | mirrored | multiworker (training.distribute)
     seed: int = 0
     votes: int = 100  # test-time augmented passes for objects
 
@@ -248,6 +256,7 @@ class Config:
         for i, name in enumerate(m.architecture):
             _choice(f"model.architecture[{i}]", name, BLOCK_TYPES)
         _choice("train.semantics", t.semantics, SEMANTICS)
+        _choice("train.strategy", t.strategy, STRATEGIES)
         _choice("train.offsets_loss", t.offsets_loss, OFFSETS_LOSSES)
         _choice("augment.rotation", a.rotation, ROTATIONS)
         for key, value in (

@@ -282,7 +282,11 @@ class ConfusionMeanIoU(ConfusionMatrixMetric):
         super().__init__(num_classes, ignore_label=ignore_label, name=name, dtype=dtype)
 
     def result(self):
-        conf = tf.cast(self.confusion, tf.float64)
+        return self.of(self.confusion)
+
+    def of(self, confusion):
+        """The mean IoU of a [C, C] confusion matrix (e.g. one summed over replicas), as ``dtype``."""
+        conf = tf.cast(confusion, tf.float64)
         true_positives = tf.linalg.diag_part(conf)
         support = tf.reduce_sum(conf, axis=1)
         union = support + tf.reduce_sum(conf, axis=0) - true_positives

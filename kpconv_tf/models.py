@@ -123,7 +123,7 @@ class KPCNN(_ConfiguredNetwork):
         self._build_blocks("kpcnn")
         m = config.model
         self.fc = UnaryConv(1024, name="fc")
-        self.fc_norm = normalization(m.use_batch_norm, m.batch_norm_momentum, "fc_norm")
+        self.fc_norm = normalization(m.use_batch_norm, m.batch_norm_momentum, "fc_norm", m.sync_batch_norm)
         self.dropout_rate = config.model.dropout
         self.classifier = UnaryConv(num_classes, name="softmax")
         self.classifier_bias = None
@@ -198,7 +198,9 @@ class KPFCNN(_ConfiguredNetwork):
         # category a linear map to max(num_classes) part logits; each point uses its cloud's head.
         heads = len(num_classes) if self.multi_head else 1
         self.head = UnaryConv(heads * m.first_features_dim, name="head_unary_conv")
-        self.head_norm = normalization(m.use_batch_norm, m.batch_norm_momentum, "head_norm")
+        self.head_norm = normalization(
+            m.use_batch_norm, m.batch_norm_momentum, "head_norm", m.sync_batch_norm
+        )
         self.classifier = None if self.multi_head else UnaryConv(num_classes, name="softmax")
         self.num_outputs = max(num_classes) if self.multi_head else num_classes
         self.classifier_bias = None
