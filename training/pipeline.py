@@ -73,6 +73,16 @@ def _stack(items, number, point_labels):
     )
 
 
+BATCH_ARRAYS = ("points", "extra", "lengths", "labels", "object_labels", "cloud_indices", "point_indices")
+
+
+def join_batches(batches) -> Batch:
+    """One stacked batch of the clouds of ``batches`` in order (numbered as the first): what one
+    device sees of a step whose replicas hold ``batches``."""
+    arrays = {name: np.concatenate([getattr(b, name) for b in batches]) for name in BATCH_ARRAYS}
+    return Batch(**arrays, number=batches[0].number)
+
+
 def _pack(items: Iterator, batch_limit: float, point_labels: bool) -> Iterator[Batch]:
     """Greedy stacking as the original: add items until the next one would pass ``batch_limit``
     points (a batch always holds at least one item)."""
@@ -446,15 +456,33 @@ class Pipeline:
         }
         return inputs, batch["labels"], meta
 
+    def inputs_of(self, batch: Batch, augment: bool = False):
+        """``(inputs, labels)`` of one stream batch (``map_batch`` called eagerly)."""
+        tensors = {k: tf.convert_to_tensor(v) for k, v in batch.__dict__.items()}
+        tensors["number"] = tf.constant(batch.number, tf.int64)
+        seed = self.config.train.seed
+        return self.map_batch(tensors, self.neighbor_limits, seed, with_meta=False, augment=augment)
+
     def tf_dataset(
-        self, stream, neighbor_limits, with_meta, seed, start_batch=0, augment=True, parallel_calls=None
+        self,
+        stream,
+        neighbor_limits,
+        with_meta,
+        seed,
+        start_batch=0,
+        augment=True,
+        parallel_calls=None,
+        shard=(1, 0),
     ):
-        """tf.data.Dataset over the batches of ``stream`` (an ObjectStream or SceneStream)."""
+        """tf.data.Dataset over the batches of ``stream`` (an ObjectStream or SceneStream);
+        ``shard`` ``(count, index)`` keeps batches ``index, index + count, ...`` only."""
         signature = self._signature()
+        count, index = shard
 
         def generate():
-            for batch in stream.batches(start_batch):
-                yield batch.__dict__
+            for number, batch in enumerate(stream.batches(start_batch)):
+                if number % count == index:
+                    yield batch.__dict__
 
         dataset = tf.data.Dataset.from_generator(generate, output_signature=signature.__dict__)
         calls = parallel_calls or tf.data.AUTOTUNE
@@ -477,6 +505,7 @@ class Pipeline:
         mode: str | None = None,
         count: int | None = None,
         start_pass: int = 0,
+        shard=(1, 0),
     ):
         """A tf.data.Dataset of ``(inputs, labels)`` (plus ``meta`` when ``with_meta``).
 
@@ -489,7 +518,7 @@ class Pipeline:
         seed = self.config.train.seed if seed is None else int(seed)
         stream = self._split_stream(split, seed, mode, count, start_pass)
         return self.tf_dataset(
-            stream, self.neighbor_limits, with_meta, seed, start_batch, augment, parallel_calls
+            stream, self.neighbor_limits, with_meta, seed, start_batch, augment, parallel_calls, shard
         )
 
     def _split_stream(self, split, seed, mode=None, count=None, start_pass=0):
@@ -510,21 +539,38 @@ class Pipeline:
         """Validation pass ``index`` alone (``dataset("validation", start_pass=index)`` iterated
         once), with its number of batches known to tf.data (Keras then reads no more than it holds).
         Scenes: ``validation_size`` batches; objects: the pass's objects packed, counted here."""
-        if self.is_scene:
-            length = self.config.dataset.validation_size  # a scene pass stops at that many batches
-        else:
-            stream = self._split_stream("validation", self.config.train.seed, start_pass=index)
-            length = sum(1 for _ in stream.batches())
         dataset = self.dataset("validation", start_pass=index)
-        return dataset.apply(tf.data.experimental.assert_cardinality(length))
+        return dataset.apply(tf.data.experimental.assert_cardinality(self._pass_length(index)))
 
-    def distributed_dataset(self, strategy, split: str = "train", **kwargs):
-        """The split for ``strategy`` (``tf.distribute``): every input pipeline builds its own stream,
-        seeded apart, and each replica receives whole stacked batches of its own."""
+    def _pass_length(self, index: int) -> int:
+        """Batches of validation pass ``index``."""
+        if self.is_scene:
+            return self.config.dataset.validation_size  # a scene pass stops at that many batches
+        stream = self._split_stream("validation", self.config.train.seed, start_pass=index)
+        return sum(1 for _ in stream.batches())
+
+    def distributed_dataset(self, strategy, split: str = "train", start_step: int = 0, **kwargs):
+        """The split for ``strategy`` (``tf.distribute``): each replica receives whole stacked
+        batches of its own, taken in turn from its worker's input pipeline.
+
+        "train": every pipeline builds its own stream, seeded apart (pipeline 0 with the seed of a
+        single-device run); ``start_step`` skips the batches of that many steps (exact resume).
+        Other splits: the pipelines share the split's batches (pipeline i takes every i-th).
+        """
         base_seed = self.config.train.seed if kwargs.get("seed") is None else int(kwargs["seed"])
         kwargs = {k: v for k, v in kwargs.items() if k != "seed"}
 
         def make(context: tf.distribute.InputContext):
-            return self.dataset(split, seed=base_seed + 100003 * context.input_pipeline_id, **kwargs)
+            replicas = context.num_replicas_in_sync // context.num_input_pipelines
+            if split == "train":
+                seed = base_seed + 100003 * context.input_pipeline_id
+                return self.dataset(split, seed=seed, start_batch=start_step * replicas, **kwargs)
+            shard = (context.num_input_pipelines, context.input_pipeline_id)
+            return self.dataset(split, seed=base_seed, shard=shard, **kwargs)
 
         return strategy.distribute_datasets_from_function(make)
+
+    def validation_steps(self, index: int, replicas: int = 1) -> int:
+        """Steps of validation pass ``index`` on ``replicas`` replicas: its batch count // replicas
+        (a pass of L batches runs ``replicas * (L // replicas)`` of them, at least one step)."""
+        return max(1, self._pass_length(index) // replicas)

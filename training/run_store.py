@@ -205,11 +205,12 @@ class RunStore:
             path.unlink(missing_ok=True)
 
     # -- resume ----------------------------------------------------------------------------------
-    def restore(self, checkpoint: tf.train.Checkpoint, log=print) -> dict:
+    def restore(self, checkpoint: tf.train.Checkpoint, log=print, writable: bool = True) -> dict:
         """Restores the newest commit that verifies and loads into ``checkpoint``; returns its record.
 
         Damaged or uncommitted newer saves are reported through ``log`` and removed; the logs are cut
         back to the record's sizes. CheckpointError (listing every save tried) when none loads.
+        ``writable`` False (a worker that does not write the run): nothing is removed or cut.
         """
         tried = []
         for name, record, problem in self.records():
@@ -221,10 +222,11 @@ class RunStore:
                 except CheckpointError as err:
                     problem = str(err)
             if problem is None:
-                for skipped, _ in tried:
-                    self._remove_save(skipped)
-                self.truncate_logs(record)
-                self.prune()
+                if writable:
+                    for skipped, _ in tried:
+                        self._remove_save(skipped)
+                    self.truncate_logs(record)
+                    self.prune()
                 state = record["state"]
                 log(f"resuming from {self.directory / name} (epoch {state['epochs']}, step {state['steps']})")
                 return record
@@ -235,7 +237,8 @@ class RunStore:
             return self._restore_legacy(checkpoint, legacy, log)
         if not tried:
             # Killed before its first commit: the run starts again from its (seeded) beginning.
-            self.truncate_logs({"logs": {"training_log.csv": 0, "training.txt": 0}})
+            if writable:
+                self.truncate_logs({"logs": {"training_log.csv": 0, "training.txt": 0}})
             log(f"{self.directory} holds no committed save yet: starting from the beginning")
             return {
                 "state": {"epochs": 0, "steps": 0},

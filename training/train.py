@@ -2,6 +2,7 @@
 
     python -m training.train --config FILE [--set k=v ...] [--run-dir DIR] [--max-minutes M]
                              [--resume DIR] [--finetune RUN_DIR_OR_CHECKPOINT]
+                             [--strategy default|mirrored|multiworker]
 
 A run directory holds ``config.yaml`` (the full tree used), ``training_log.csv`` (one row per epoch),
 ``training.txt`` (the original's per-step columns), ``tensorboard/`` scalars, ``checkpoints/`` (one
@@ -11,6 +12,10 @@ count, best score and log positions; ``last``, ``best`` and the ``epoch_NNNN`` s
 ``--resume`` continues from the newest save that loads, with the same data stream (the pipeline
 rebuilds the batches from the step count) and the logs cut back to that save, so a run killed at any
 moment ends with the weights and logs an uninterrupted run would have.
+
+``train.strategy`` (``--strategy``) trains on several GPUs or machines (``training.distribute``):
+every worker runs the same command with the same run directory (a shared file system); the chief
+writes it, the others only read it (``--resume``).
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kpconv_tf.config import Config
+from kpconv_tf.config import STRATEGIES, Config
 from kpconv_tf.models import build_network
 from training.config import add_override_argument, load_config
 from training.datasets import configure, load_dataset
+from training.distribute import any_worker, is_chief, make_strategy
 from training.pipeline import Pipeline
 from training.run_store import (
     CheckpointError,
@@ -138,15 +144,17 @@ class StepLog(keras.callbacks.Callback):
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops training after the step during which ``deadline`` (``time.time()`` seconds) passed."""
+    """Stops training after the step during which ``deadline`` (``time.time()`` seconds) passed
+    (on any worker of ``strategy``: all stop at the same step)."""
 
-    def __init__(self, deadline: float):
+    def __init__(self, deadline: float, strategy=None):
         super().__init__()
         self.deadline = deadline
+        self.strategy = strategy or tf.distribute.get_strategy()
         self.reached = False
 
     def on_train_batch_end(self, batch, logs=None):
-        if time.time() > self.deadline:
+        if any_worker(self.strategy, time.time() > self.deadline):
             self.reached = True
             self.model.stop_training = True
 
@@ -160,9 +168,13 @@ class ContinueEpoch(keras.callbacks.Callback):
         self.values = values
 
     def on_epoch_begin(self, epoch, logs=None):
+        strategy = self.model.distribute_strategy
         for metric, values in zip(self.model.metrics, self.values, strict=True):
             for variable, value in zip(metric.variables, values, strict=True):
-                variable.assign(value)
+                # metric sums are per replica (summed when read): the first replica holds them
+                parts = strategy.experimental_local_results(variable.value)
+                for index, part in enumerate(parts):
+                    part.assign(value if index == 0 else tf.zeros_like(part))
 
 
 class RunProgbar(keras.callbacks.ProgbarLogger):
@@ -202,7 +214,13 @@ class EpochValidation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not (_finite_loss(logs) and _whole_epoch(self.model, epoch, self.steps_per_epoch)):
             return
-        results = self.model.evaluate(self.pipeline.validation_pass(epoch), verbose=0, return_dict=True)
+        strategy = self.model.distribute_strategy
+        if strategy.num_replicas_in_sync == 1:
+            data, steps = self.pipeline.validation_pass(epoch), None
+        else:  # replicas validate on whole batches of the pass, R at a time
+            data = self.pipeline.distributed_dataset(strategy, "validation", start_pass=epoch)
+            steps = self.pipeline.validation_steps(epoch, strategy.num_replicas_in_sync)
+        results = self.model.evaluate(data, steps=steps, verbose=0, return_dict=True)
         logs.update({f"val_{name}": value for name, value in results.items()})
 
 
@@ -210,9 +228,11 @@ class RunCommit(keras.callbacks.Callback):
     """Commits the run (``RunStore``) at the end of every epoch.
 
     A whole epoch: its CSV row, then a commit with the state (epochs, steps, best score), the best
-    save and the ``epoch_NNNN`` snapshots. A stop inside an epoch (time budget): a commit of the step
-    reached, without a row, its state holding the metrics' running sums (``epoch_metrics``, for
-    ``ContinueEpoch``). After a non-finite loss nothing is written: the last good commit stays.
+    save and the ``epoch_NNNN`` snapshots. A stop inside an epoch (time budget), and every
+    ``train.save_freq`` steps inside one: a commit of the step reached, without a row, its state
+    holding the metrics' running sums (``epoch_metrics``, for ``ContinueEpoch``). After a non-finite
+    loss nothing is written: the last good commit stays.
+    ``step_log`` None (a worker other than the chief): the state is kept, nothing is written.
     """
 
     def __init__(self, store, state, config, steps_per_epoch, step_log):
@@ -222,6 +242,8 @@ class RunCommit(keras.callbacks.Callback):
         self.config = config
         self.steps_per_epoch = steps_per_epoch
         self.step_log = step_log
+        self.write = step_log is not None
+        self.committed_step = None
         segmentation = config.model.network_model == "segmentation"
         self.validation_key = "val_mean_iou" if segmentation else "val_accuracy"
         self.logs_of_run = [store.run_dir / "training_log.csv", store.run_dir / "training.txt"]
@@ -230,18 +252,36 @@ class RunCommit(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.time()
 
+    def on_train_batch_end(self, batch, logs=None):
+        frequency = self.config.train.save_freq
+        steps = int(self.model.optimizer.iterations.numpy())
+        if frequency and steps % frequency == 0 and steps % self.steps_per_epoch and _finite_loss(logs):
+            self._commit_inside_epoch(steps)
+
+    def _commit_inside_epoch(self, steps):
+        state, model = self.state, self.model
+        state["steps"] = steps
+        # read on every worker: reading a metric of a multi-worker strategy is a collective
+        state["epoch_metrics"] = [[v.numpy().tolist() for v in m.variables] for m in model.metrics]
+        self.committed_step = steps
+        if self.write:
+            self.step_log.steps_text.flush()
+            self.store.commit(checkpoint_for(model), state, self.logs_of_run)
+
     def on_epoch_end(self, epoch, logs=None):
         if not _finite_loss(logs):
             return
         state, model = self.state, self.model
         state["steps"] = int(model.optimizer.iterations.numpy())
-        self.step_log.steps_text.flush()
         if not _whole_epoch(model, epoch, self.steps_per_epoch):
-            state["epoch_metrics"] = [[v.numpy().tolist() for v in m.variables] for m in model.metrics]
-            self.store.commit(checkpoint_for(model), state, self.logs_of_run)
+            if self.committed_step != state["steps"]:  # not just committed by save_freq
+                self._commit_inside_epoch(state["steps"])
             return
         state.pop("epoch_metrics", None)
         state["epochs"] = epoch + 1
+        if not self.write:
+            return
+        self.step_log.steps_text.flush()
         row = {"epoch": epoch + 1, "steps": state["steps"], **logs}
         row["seconds"] = round(time.time() - self.epoch_start, 2)
         row["learning_rate"] = float(model.optimizer.learning_rate)
@@ -299,7 +339,8 @@ def finetune_from(network, source, skip_head=True):
     return copied
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """The command line; ``callbacks`` as ``train``'s."""
     parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML file or name in training/configs (not needed with --resume)")
     add_override_argument(parser)
@@ -309,18 +350,26 @@ def main(argv=None):
     parser.add_argument("--finetune", help="run directory or checkpoint prefix to start from (head skipped)")
     parser.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs in total")
     parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="tf.distribute strategy (train.strategy): one device, this machine's GPUs, or the "
+        "workers of TF_CONFIG / SLURM (README, 'Several GPUs or machines')",
+    )
+    parser.add_argument(
         "--verbose", type=int, default=1, help="Keras progress: 0 silent, 1 bar, 2 line/epoch"
     )
     args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.strategy={args.strategy}"] if args.strategy else [])
     run_dir = train(
         args.config,
-        args.overrides,
+        overrides,
         args.run_dir,
         args.max_minutes,
         args.resume,
         args.finetune,
         args.max_epochs,
         args.verbose,
+        callbacks,
     )
     print(f"run directory: {run_dir}")
     return 0
@@ -335,8 +384,12 @@ def train(
     finetune=None,
     max_epochs=None,
     verbose=1,
+    callbacks=(),
 ) -> Path:
     """Runs (or resumes) a training; returns the run directory.
+
+    ``callbacks``: Keras callbacks of the caller's, run after the run's own (which have written the
+    epoch's commit when theirs see its end).
 
     Everything that can fail before training (config, architecture, data, calibration, the run
     directory being writable) is checked before anything is written; a new run directory made for a
@@ -356,20 +409,25 @@ def train(
         config = load_config(config_path, list(overrides))
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         run_dir = Path(run_dir or Path("results") / f"{config.dataset.name}_{stamp}")
+    strategy = make_strategy(config.train.strategy)  # before any other TF work (multi-worker)
+    chief = is_chief(strategy)
+    if chief and not resume:
         check_new_run_dir(run_dir)
     run_dir = Path(run_dir)
     keras.utils.set_random_seed(config.train.seed)
     dataset = load_dataset(config)
     configure(config, dataset)
-    network = build_network(config)
     pipeline = Pipeline(dataset, config)
     calibration = {"batch_limit": pipeline.batch_limit, "neighbor_limits": pipeline.neighbor_limits}
-    model = TrainingModel(network, config)
-    model.compile(optimizer=make_optimizer(config, config.train.epoch_steps or _steps_per_pass(pipeline)))
+    with strategy.scope():
+        network = build_network(config)
+        model = TrainingModel(network, config)
+        steps = config.train.epoch_steps or _steps_per_pass(pipeline)
+        model.compile(optimizer=make_optimizer(config, steps))
     store = RunStore(run_dir)
     state = {"epochs": 0, "steps": 0, "best": None, "best_epoch": None, "finished": False}
     if resume:
-        state.update(store.restore(checkpoint_for(model))["state"])
+        state.update(store.restore(checkpoint_for(model), writable=chief)["state"])
         if int(model.optimizer.iterations.numpy()) != state["steps"]:
             raise CheckpointError(
                 f"{run_dir}: checkpoint step {int(model.optimizer.iterations.numpy())} "
@@ -379,44 +437,65 @@ def train(
         if finetune:
             copied = finetune_from(network, finetune)
             print(f"fine-tuning: {len(copied)} variables copied from {finetune}")
-        cleanup = _create_run_dir(run_dir, config, calibration)
+        cleanup = _create_run_dir(run_dir, config, calibration) if chief else (lambda: None)
     try:
-        if (
-            finetune and not resume
-        ):  # a resume before the first epoch's save must start from these weights too
+        if finetune and not resume and chief:
+            # a resume before the first epoch's save must start from these weights too
             store.commit(checkpoint_for(model), state)
-        _fit(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose)
+        _fit(
+            model,
+            pipeline,
+            config,
+            store,
+            state,
+            start_time,
+            max_minutes,
+            max_epochs,
+            verbose,
+            chief,
+            callbacks,
+        )
     except TrainingInterrupted:
         raise  # the run directory keeps its logs for diagnosis
     except (Exception, KeyboardInterrupt):
-        if not resume and store.newest() is None:
+        if chief and not resume and store.newest() is None:
             cleanup()  # nothing was committed: the start failed
         raise
     return run_dir
 
 
-def _fit(model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose):
+def _fit(
+    model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose, chief=True, extra=()
+):
     """One ``fit`` over the remaining epochs (after one over the rest of an epoch a resume falls in);
-    the bookkeeping is in the callbacks."""
+    the bookkeeping is in the callbacks, whose writes only the chief makes."""
     run_dir = store.run_dir
+    strategy = model.distribute_strategy
     total_epochs = min(config.train.max_epoch, max_epochs) if max_epochs else config.train.max_epoch
     epoch_steps = config.train.epoch_steps or _steps_per_pass(pipeline)
-    step_log = StepLog(run_dir, start_time)
-    budget = TimeBudget(start_time + 60 * max_minutes) if max_minutes else None
+    step_log = StepLog(run_dir, start_time) if chief else None
+    budget = TimeBudget(start_time + 60 * max_minutes, strategy) if max_minutes else None
+    board = keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
-        step_log,
+        *([step_log] if chief else []),
         *([budget] if budget else []),
-        EpochValidation(pipeline, epoch_steps),
+        EpochValidation(pipeline, epoch_steps),  # before the writers: it adds the val_* logs
         RunCommit(store, state, config, epoch_steps, step_log),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        *([board] if chief else []),
+        *extra,
         *([RunProgbar(total_epochs)] if verbose else []),  # last: it prints the val_* logs too
     ]
+
+    def train_data():
+        if config.train.strategy == "default":
+            return pipeline.dataset("train", start_batch=state["steps"])
+        return pipeline.distributed_dataset(strategy, "train", start_step=state["steps"])
 
     def fit(epochs, steps_per_epoch, first=()):
         # shuffle=False: the stream is already shuffled (Keras would warn that it ignores the flag).
         history = model.fit(
-            pipeline.dataset("train", start_batch=state["steps"]),
+            train_data(),
             epochs=epochs,
             initial_epoch=state["epochs"],
             steps_per_epoch=steps_per_epoch,
@@ -440,7 +519,8 @@ def _fit(model, pipeline, config, store, state, start_time, max_minutes, max_epo
         if not (budget and budget.reached) and state["epochs"] < total_epochs:
             fit(total_epochs, epoch_steps)
     finally:
-        step_log.close()
+        if step_log is not None:
+            step_log.close()
     if budget and budget.reached:
         if state["steps"] > state["epochs"] * epoch_steps:
             print(
@@ -451,7 +531,8 @@ def _fit(model, pipeline, config, store, state, start_time, max_minutes, max_epo
             print(f"time budget of {max_minutes} min reached after epoch {state['epochs']}")
     if state["epochs"] >= total_epochs:
         state["finished"] = True
-        store.write_state(state, (store.newest() or {}).get("save"))
+        if chief:
+            store.write_state(state, (store.newest() or {}).get("save"))
 
 
 def check_new_run_dir(run_dir: Path):

@@ -17,6 +17,23 @@ Both use the same loss: ``total = ((offsets + gaussian) + l2) + output`` in floa
 of the original graph, where ``l2 = weights_decay * sum(l2_loss(v))`` over the variables whose name
 contains ``weights``. Batch-norm moving statistics are updated by the forward pass (Keras does it in
 training mode) from the batch statistics, hence before any weight update, as in the original.
+
+Under a ``tf.distribute`` strategy with R > 1 replicas (``training.distribute``) each replica holds
+whole stacked batches of its own and the step is the one of the global batch (their union):
+
+* the output loss is the mean over all labelled rows of all replicas (clouds for classification,
+  points for segmentation): replica r contributes ``mean_r * n_r / sum(n)`` (its row count n_r,
+  all-reduced), so replicas of very different sizes weigh as their rows;
+* the L2 term is the same on every replica and each contributes ``l2 / R``: it counts once;
+* the offsets loss (a mean over each deformable layer's queries) contributes ``offsets_r / R``: the
+  mean of the replicas' terms, equal to the one of the union when the replicas hold equally many
+  queries per layer, else weighted by replica rather than by query;
+* the gradients are summed over the replicas (all-reduce), then scaled and clipped as on one device
+  (``original``: per entry, by ``OriginalMomentum``; ``paper``: ``paper_gradients``), so clipping
+  sees the global gradient. Batch statistics are per replica unless ``model.sync_batch_norm``.
+
+Every replica logs the values of the global batch (all-reduced in the step: the offsets loss and
+the deformation diagnostics as means over replicas), and Keras reports those of the first replica.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ import tensorflow as tf
 from kpconv_tf.config import ORIGINAL_OPTIMIZER, SEMANTICS
 from kpconv_tf.metrics import ConfusionMeanIoU
 from kpconv_tf.models import deformable_keys
+from training.distribute import num_workers
 
 OFFSET_GRADIENT_SCALE = 0.1
 
@@ -300,24 +318,44 @@ class TrainStep:
         return self.optimizer.learning_rate
 
     def losses(self, inputs, labels, logits):
-        """Loss terms of one forward pass, ``total_loss`` in the original's float32 grouping."""
+        """Loss terms of one forward pass, ``total_loss`` in the original's float32 grouping.
+
+        Under R > 1 replicas (module docstring) ``replica_loss`` is this replica's share of the
+        global loss (its gradients summed over replicas are the global loss's) and the other terms
+        are logged forms whose mean over replicas is the global value.
+        """
         train = self.config.train
         output_loss = self.network.output_loss(labels, logits, inputs)
         regularization_loss = l2_regularization(self.network.variables, train.weights_decay)
         offsets_loss = _offsets_loss(self.network)
         gaussian_loss = tf.constant(0.0, tf.float32)  # the original has no 'kernel_extents' variables
-        total_loss = ((offsets_loss + gaussian_loss) + regularization_loss) + output_loss
-        result = {
-            "output_loss": output_loss,
-            "regularization_loss": regularization_loss,
-            "offsets_loss": offsets_loss,
-            "gaussian_loss": gaussian_loss,
-            "total_loss": total_loss,
-        }
         statistics = getattr(self.network, "deformation_statistics", dict)()  # optional in the protocol
+        diagnostics = {}
         for key, (offset_norm, lost_share) in statistics.items():
-            result[f"offset_norm_{key}"] = offset_norm
-            result[f"lost_share_{key}"] = lost_share
+            diagnostics[f"offset_norm_{key}"] = offset_norm
+            diagnostics[f"lost_share_{key}"] = lost_share
+        context = replica_context()
+        result = {}
+        if context is not None:
+            replicas = float(context.num_replicas_in_sync)
+            output_part = output_loss * global_share(context, labels)
+            local = (offsets_loss + gaussian_loss) + regularization_loss
+            result["replica_loss"] = local / replicas + output_part
+            # the logged values: those of the global batch, on every replica
+            names = ["output_loss", "offsets_loss", *diagnostics]
+            parts = [output_part, offsets_loss / replicas]
+            parts += [value / replicas for value in diagnostics.values()]
+            output_loss, offsets_loss, *means = all_reduce(context, tf.distribute.ReduceOp.SUM, parts)
+            diagnostics = dict(zip(names[2:], means))
+        total_loss = ((offsets_loss + gaussian_loss) + regularization_loss) + output_loss
+        result.update(
+            output_loss=output_loss,
+            regularization_loss=regularization_loss,
+            offsets_loss=offsets_loss,
+            gaussian_loss=gaussian_loss,
+            total_loss=total_loss,
+            **diagnostics,
+        )
         return result
 
     def forward(self, inputs, training, dropout_uniform=None):
@@ -330,12 +368,20 @@ class TrainStep:
         with tf.GradientTape() as tape:
             logits = self.forward(inputs, True, dropout_uniform)
             result = self.losses(inputs, labels, logits)
-        gradients = tape.gradient(result["total_loss"], self.variables)
+        gradients = tape.gradient(result.pop("replica_loss", result["total_loss"]), self.variables)
+        context = replica_context()
+        if context is not None:
+            gradients = _all_reduce_sum(context, gradients)
         updates = gradients
         if self.semantics == "paper":
             updates = paper_gradients(
                 gradients, self.variables, self._paper_clip, self.config.train.offset_lr_factor
             )
+        if context is not None:
+            # Keras's apply_gradients sums over the replicas again: hand it each replica's share of
+            # the (identical) reduced updates (exact for a power-of-two replica count).
+            share = 1.0 / context.num_replicas_in_sync
+            updates = [None if u is None else u * share for u in updates]
         result["learning_rate"] = tf.identity(self.learning_rate)
         self.optimizer.apply_gradients([(u, v) for u, v in zip(updates, self.variables) if u is not None])
         result["accuracy"] = accuracy(labels, logits)
@@ -360,14 +406,49 @@ class TrainStep:
 
 
 def accuracy(labels, logits):
-    """Fraction of labels equal to ``argmax(logits)`` (float32); labels < 0 (ignored) are left out."""
+    """Fraction of labels equal to ``argmax(logits)`` (float32); labels < 0 (ignored) are left out.
+
+    Under R > 1 replicas: that of the global batch (all replicas' rows)."""
     labels = tf.cast(labels, tf.int32)
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
     valid = labels >= 0
-    correct = tf.logical_and(valid, tf.equal(predictions, labels))
-    return tf.math.divide_no_nan(
-        tf.reduce_sum(tf.cast(correct, tf.float32)), tf.reduce_sum(tf.cast(valid, tf.float32))
-    )
+    correct = tf.reduce_sum(tf.cast(tf.logical_and(valid, tf.equal(predictions, labels)), tf.float32))
+    rows = tf.reduce_sum(tf.cast(valid, tf.float32))
+    context = replica_context()
+    if context is not None:
+        correct, rows = all_reduce(context, tf.distribute.ReduceOp.SUM, [correct, rows])
+    return tf.math.divide_no_nan(correct, rows)
+
+
+def replica_context():
+    """The replica context of a ``tf.distribute`` step with more than one replica, else None."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def all_reduce(context, operation, values):
+    """``context.all_reduce`` of a list of tensors or variables (read first: the strategy takes a
+    variable for its own destination, and one holding zeros for none)."""
+    return context.all_reduce(operation, [tf.identity(v) for v in values])
+
+
+def global_share(context, labels):
+    """This replica's labelled rows / all replicas' (0 when no replica has any)."""
+    rows = tf.reduce_sum(tf.cast(tf.cast(labels, tf.int32) >= 0, tf.float32))
+    return tf.math.divide_no_nan(rows, all_reduce(context, tf.distribute.ReduceOp.SUM, [rows])[0])
+
+
+def _all_reduce_sum(context, gradients):
+    """The gradients summed over the replicas (``None`` entries kept)."""
+    present = [i for i, g in enumerate(gradients) if g is not None]
+    dense = [tf.convert_to_tensor(gradients[i]) for i in present]
+    reduced = all_reduce(context, tf.distribute.ReduceOp.SUM, dense) if dense else []
+    out = list(gradients)
+    for i, value in zip(present, reduced):
+        out[i] = value
+    return out
 
 
 def deformation_metric_names(network):
@@ -405,6 +486,8 @@ class TrainingModel(keras.Model):
         super().__init__(**kwargs)
         self.network = network
         self.config = config
+        # the step logs the global batch's values on every replica (module docstring)
+        self.distribute_reduction_method = "first"
         names = ["loss", "output_loss", "regularization_loss", "offsets_loss", "accuracy"]
         names += deformation_metric_names(network)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in names}
@@ -428,15 +511,28 @@ class TrainingModel(keras.Model):
         kwargs.setdefault("jit_compile", False)  # the custom ops and raw momentum ops have no XLA kernels
         super().compile(optimizer=keras.optimizers.get(optimizer), **kwargs)
         self.step = TrainStep(self.network, self.config, self.optimizer)
+        self.built = True  # the network is (TrainStep checks it); this wrapper has no weights of its own
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
 
-    def _log(self, result):
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy Keras builds the model from the mean of one batch over the replicas,
+        # which fails for stacked batches (replicas hold different numbers of points). Everything
+        # is built by compile (network, optimizer; no compiled loss or metrics), so skip it.
+        if not (self.built and self.optimizer is not None and self.optimizer.built):
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _log(self, result, extra=None):
         for name, tracker in self._trackers.items():
             tracker.update_state(result["total_loss" if name == "loss" else name])
         logs = {name: tracker.result() for name, tracker in self._trackers.items()}
         logs["learning_rate"] = tf.identity(self.optimizer.learning_rate)
+        logs.update(extra or {})
+        if num_workers(self.distribute_strategy) > 1:
+            # Keras reduces the logs of multi-worker steps with a mean over axis 0, which scalars
+            # lack (tensorflow#72388); every worker's value is the global one, so any mean is it.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
 
     def _dropout_uniform(self, labels):
@@ -446,20 +542,47 @@ class TrainingModel(keras.Model):
         if fc is None or not getattr(self.network, "dropout_rate", 0):
             return None
         iterations = tf.cast(self.optimizer.iterations, tf.int64)  # a Keras variable: tf.stack refuses it
-        seed = tf.stack([tf.constant(self.config.train.seed, tf.int64), iterations])
+        base = tf.constant(self.config.train.seed, tf.int64)
+        context = replica_context()
+        if context is not None:  # replicas draw apart; replica 0 draws as a single device does
+            base += 1_000_003 * tf.cast(context.replica_id_in_sync_group, tf.int64)
+        seed = tf.stack([base, iterations])
         return tf.random.stateless_uniform([tf.shape(labels)[0], fc.filters], seed)
 
     def train_step(self, data):
         inputs, labels = data[0], data[1]
-        return self._log(self.step.run(inputs, labels, self._dropout_uniform(labels)))
+        result = self.step.run(inputs, labels, self._dropout_uniform(labels))
+        self._average_moving_statistics()
+        return self._log(result)
+
+    def _average_moving_statistics(self):
+        """Per-replica batch norm (R > 1 replicas, ``model.sync_batch_norm`` off): each replica
+        updated the moving statistics from its own batch; all take their mean, so that every
+        replica (and the checkpoint) holds the same. Synchronized batch norm needs nothing."""
+        context = replica_context()
+        if context is None or self.config.model.sync_batch_norm:
+            return
+        statistics = [
+            v
+            for v in self.network.non_trainable_variables
+            if v.path.endswith(("moving_mean", "moving_variance"))
+        ]
+        if statistics:
+            means = all_reduce(context, tf.distribute.ReduceOp.MEAN, [v.value for v in statistics])
+            for variable, mean in zip(statistics, means):
+                variable.assign(mean)
 
     def test_step(self, data):
         inputs, labels = data[0], data[1]
         logits = self.network(inputs, training=False)
         result = self.step.losses(inputs, labels, logits)
         result["accuracy"] = accuracy(labels, logits)
-        logs = self._log(result)
+        extra = {}
         if self._miou is not None:
             self._miou.update_state(labels, logits)
-            logs["mean_iou"] = self._miou.result()
-        return logs
+            confusion = tf.cast(self._miou.confusion, tf.float64)
+            context = replica_context()
+            if context is not None:  # the replicas' matrices summed
+                confusion = all_reduce(context, tf.distribute.ReduceOp.SUM, [confusion])[0]
+            extra["mean_iou"] = self._miou.of(confusion)
+        return self._log(result, extra)
