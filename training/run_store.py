@@ -150,7 +150,7 @@ class RunStore:
         try:
             return self._commit(name, checkpoint, state, logs, best, snapshot)
         except (OSError, tf.errors.OpError) as err:
-            cause = getattr(err, "message", None) or str(err)
+            cause = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", getattr(err, "message", None) or str(err))
             committed = (self.directory / f"{name}.json").is_file()
             if not committed:
                 self._remove_partial_save(name)
