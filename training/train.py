@@ -326,7 +326,8 @@ def main(argv=None):
         "--resume",
         metavar="DIR",
         help="run directory to continue with its config.yaml; --config / --set may then change only "
-        + ", ".join(RUN_TIME_KEYS),
+        + ", ".join(RUN_TIME_KEYS)
+        + " (any other difference is refused)",
     )
     parser.add_argument("--finetune", help="run directory or checkpoint prefix to start from (head skipped)")
     parser.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs in total")
