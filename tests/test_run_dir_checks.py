@@ -112,6 +112,7 @@ def test_resume_takes_run_time_keys_from_the_config_and_overrides(run_dir):
             ),
             "the config builds 34 network variables, the checkpoint holds 71",
         ),
+        (("optimizer: original_momentum", "optimizer: adam"), "optimizer variables, the checkpoint holds 42"),
     ],
 )
 def test_resume_refuses_checkpoints_of_another_network(run_dir, edit, problem):
@@ -141,6 +142,7 @@ def _without_write_permission(command):
     return [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--", *command]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("locked", [".", "checkpoints"])
 def test_resume_refuses_a_run_dir_it_cannot_write(run_dir, locked):
     folder = run_dir / locked  # the run directory itself for "."
@@ -235,6 +237,7 @@ def _fail_second(real, exception, counted=lambda *args: True):
     return failing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["checkpoint data", "record"])
 def test_a_commit_that_fails_stops_the_run_and_resume_continues(tmp_path, monkeypatch, where):
     run_dir = tmp_path / "run"

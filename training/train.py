@@ -601,8 +601,8 @@ def check_resume_dir_writable(run_dir: Path):
 
 
 def check_checkpoints_match(store: RunStore, model):
-    """CheckpointError when the newest save whose index reads holds other network variables (count or
-    shapes) than the network built from the run's ``config.yaml``, e.g. after that file was edited.
+    """CheckpointError when the newest save whose index reads holds other variables (count or shapes)
+    than the network and optimizer built from the run's ``config.yaml``, e.g. after it was edited.
     Only the checkpoint index is read; a run without a readable save passes (``RunStore.restore``
     then reports the damage)."""
     prefixes = [store.directory / name for name, record, _ in store.records() if record is not None]
@@ -615,24 +615,30 @@ def check_checkpoints_match(store: RunStore, model):
         break
     else:
         return
-    network = model.network.variables
-    keys = {f"network_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE": v for i, v in enumerate(network)}
-    held = sum(1 for k in stored if k.startswith("network_variables/"))
     problems = []
-    if held != len(network):
-        problems.append(f"the config builds {len(network)} network variables, the checkpoint holds {held}")
-    for key, variable in keys.items():
-        if key in stored and list(stored[key]) != list(variable.shape):
-            shapes = f"{list(variable.shape)} in the config, {list(stored[key])} in the checkpoint"
-            problems.append(f"{variable.path} is {shapes}")
+    # the names checkpoint_for gives: network variables, then the optimizer's (slots, rate, step)
+    for group, variables in (
+        ("network", model.network.variables),
+        ("optimizer", model.optimizer.variables),
+    ):
+        held = sum(1 for k in stored if k.startswith(f"{group}_variables/"))
+        if held != len(variables):
+            problems.append(
+                f"the config builds {len(variables)} {group} variables, the checkpoint holds {held}"
+            )
+        for i, variable in enumerate(variables):
+            shape = stored.get(f"{group}_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+            if shape is not None and list(shape) != list(variable.shape):
+                shapes = f"{list(variable.shape)} in the config, {list(shape)} in the checkpoint"
+                problems.append(f"{variable.path} is {shapes}")
     if not problems:
         return
     files = ", ".join(p.name for p in sorted(prefix.parent.glob(f"{prefix.name}.*")))
     raise CheckpointError(
         f"--resume {store.run_dir}: the config and the checkpoints differ: {store.run_dir / 'config.yaml'} "
-        f"does not build the network saved in {prefix} ({files}): {_listed(problems)}. Was config.yaml "
-        "changed after the run started? Put back the config it was trained with; nothing was changed in "
-        f"{store.run_dir}"
+        f"does not build the network and optimizer saved in {prefix} ({files}): {_listed(problems)}. "
+        "Was config.yaml changed after the run started? Put back the config it was trained with; nothing "
+        f"was changed in {store.run_dir}"
     )
 
 
