@@ -131,6 +131,20 @@ def test_resume_refuses_checkpoints_of_another_network(run_dir, edit, problem):
     assert contents(run_dir) == before  # no log cut back, no save removed, nothing new
 
 
+def test_resume_refuses_data_that_now_give_other_classes(run_dir):
+    """What the data determine (the classes) against what the run recorded; here config.yaml says 4
+    classes while the data still give 3 (as if a class had been removed from dataset.path)."""
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(config_path.read_text().replace("num_classes: 3", "num_classes: 4"))
+    before = contents(run_dir)
+    with pytest.raises(ConfigError) as error:
+        train(resume=run_dir, verbose=0)
+    message = str(error.value)
+    assert f"--resume {run_dir}: the data at dataset.path" in message and str(config_path) in message
+    assert "dataset.num_classes = 3 now, 4 in the run" in message, message
+    assert contents(run_dir) == before
+
+
 def _without_write_permission(command):
     """``command`` run so that the permission bits bind: as root, without CAP_DAC_OVERRIDE (setpriv
     takes it out of the bounding set, so the program runs without it)."""
