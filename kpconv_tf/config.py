@@ -45,6 +45,25 @@ ROTATIONS = ("vertical", "all", "none")
 STRATEGIES = ("default", "mirrored", "multiworker")
 
 
+# Keys that a resumed run may take from the command line (``training.train --resume``): they change
+# how long it runs, which saves it keeps, test-time votes, or nothing (parameters kept for
+# parameters.txt only; ``model.pyramid`` builds the same inputs either way), never what a step
+# computes. Every other key is the run's: a resume with another value is refused.
+RUN_TIME_KEYS = (
+    "train.max_epoch",
+    "train.snapshot_gap",
+    "train.votes",
+    "train.strategy",  # a run may move to more or fewer devices (its data stream then differs)
+    "train.save_freq",
+    "train.saving",
+    "train.saving_path",
+    "dataset.input_threads",
+    "model.pyramid",
+)
+# Keys that ``training.datasets.configure`` writes from the data (a config file leaves them unset).
+DERIVED_KEYS = ("dataset.num_classes", "model.network_model")
+
+
 class ConfigError(ValueError):
     """A configuration key is unknown, has the wrong type or an invalid value."""
 
@@ -295,6 +314,20 @@ class Config:
             raise ConfigError(f"augment.symmetries must have 3 entries, got {a.symmetries}")
         if a.scale_min > a.scale_max:
             raise ConfigError("augment.scale_min must be <= augment.scale_max")
+
+
+def config_differences(a: Config, b: Config, ignore=()) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every key whose values differ, in tree order;
+    keys in ``ignore`` are skipped."""
+    found = []
+    for section_field in dataclasses.fields(Config):
+        section_a, section_b = getattr(a, section_field.name), getattr(b, section_field.name)
+        for key_field in dataclasses.fields(section_a):
+            dotted = f"{section_field.name}.{key_field.name}"
+            value_a, value_b = getattr(section_a, key_field.name), getattr(section_b, key_field.name)
+            if dotted not in ignore and value_a != value_b:
+                found.append((dotted, value_a, value_b))
+    return found
 
 
 def _choice(key: str, value: str, allowed) -> None:

@@ -8,6 +8,7 @@ rigid kernels on these objects, near 1 once the original's unbounded offsets hav
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kpconv_tf.models import build_network
 from training.config import load_config
@@ -64,7 +65,14 @@ def _train(overrides, epochs):
     ).history
     lost_keys = [k for k in history if k.startswith("lost_share_")]  # none for a rigid network
     lost = [np.mean([history[k][e] for k in lost_keys]) for e in range(epochs)] if lost_keys else []
-    test = model.evaluate(pipeline.dataset("test", augment=False), verbose=0, return_dict=True)
+    # The test pass with its length known, as EpochValidation's passes: evaluate on a dataset of unknown
+    # length reads until it ends and Keras then warns "Your input ran out of data" (the fit is not the
+    # cause: its stream is endless and steps_per_epoch bounds it).
+    batches = sum(1 for _ in pipeline.stream("test", "sequential", config.train.seed).batches())
+    test_pass = pipeline.dataset("test", augment=False).apply(
+        tf.data.experimental.assert_cardinality(batches)
+    )
+    test = model.evaluate(test_pass, verbose=0, return_dict=True)
     return lost, history, float(test["accuracy"])
 
 

@@ -224,3 +224,42 @@ def test_prefix_resolves_runs_written_before_records(tmp_path):
 def test_write_json_atomically_leaves_no_temporary(tmp_path):
     run_store.write_json_atomically(tmp_path / "a.json", {"x": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        # what SaveV2 raises on a full disk
+        tf.errors.ResourceExhaustedError(
+            None,
+            None,
+            "{{function_node __wrapped__SaveV2_dtypes_3_device_/job:localhost/replica:0/task:0/device:CPU:0}}"
+            " save_00000020_temp/part-00000-of-00001.data-00000-of-00001.tempstate1; No space left on"
+            " device [Op:SaveV2]",
+        ),
+    ],
+)
+def test_a_failed_commit_names_the_save_and_keeps_the_previous_one(run, monkeypatch, failure):
+    """The checkpoint write fails half way (TF raises its own error, an OSError comes from the
+    fsyncs and renames): CommitError naming the save and the cause; the files of the failed save are
+    removed and the previous commit is the one that restores."""
+    store, logs = run
+    commit_state(store, 1, logs)
+    real_write = tf.train.Checkpoint.write
+
+    def write(self, prefix, *args, **kwargs):
+        real_write(self, prefix, *args, **kwargs)  # files written, then the disk is full
+        raise failure
+
+    monkeypatch.setattr(tf.train.Checkpoint, "write", write)
+    with pytest.raises(run_store.CommitError) as error:
+        commit_state(store, 2, logs)
+    monkeypatch.undo()
+    message = str(error.value)
+    assert f"could not commit the save {store.directory / 'save_00000020'}: " in message
+    assert "No space left on device" in message and "function_node" not in message
+    assert f"the last good checkpoint is {store.directory / 'save_00000010'}" in message
+    assert f"--resume {store.run_dir}" in message
+    assert not list(store.directory.glob("save_00000020*"))
+    assert restored_value(store)[0] == 1

@@ -35,6 +35,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint or run record that cannot be read; the message names the files and what to do."""
 
 
+class CommitError(RuntimeError):
+    """A save could not be committed (disk full, I/O error); the previous commit is intact and loads."""
+
+
 def read_checkpoint(checkpoint: tf.train.Checkpoint, prefix, exact: bool = True):
     """Restores ``checkpoint`` from ``prefix``; CheckpointError naming the files on any failure.
 
@@ -138,10 +142,41 @@ class RunStore:
 
         logs: files whose current sizes are recorded (a resume truncates them back);
         best: these are the best weights so far; snapshot: a name such as ``epoch_0010`` kept for good.
-        Returns the checkpoint prefix.
+        Returns the checkpoint prefix. CommitError naming the save and the cause when a file operation
+        fails (OSError, or TF's error from the checkpoint write): the files of the save are removed
+        when it was not committed yet, and the previous commit is what a resume continues from.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
         name = f"save_{int(state['steps']):08d}"
+        try:
+            return self._commit(name, checkpoint, state, logs, best, snapshot)
+        except (OSError, tf.errors.OpError) as err:
+            cause = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", getattr(err, "message", None) or str(err))
+            committed = (self.directory / f"{name}.json").is_file()
+            if not committed:
+                self._remove_partial_save(name)
+            stage = (
+                f"{name} was committed, but what follows the commit failed"
+                if committed
+                else f"nothing of {name} was committed; {latest_description(self.run_dir)}"
+            )
+            raise CommitError(
+                f"could not commit the save {self.directory / name}: {cause.strip().splitlines()[0][:300]}; "
+                f"{stage}. Free space or fix the disk, then continue with --resume {self.run_dir}"
+            ) from err
+
+    def _remove_partial_save(self, name: str):
+        """Removes what an uncommitted save left (its files, TF's staging folder, the record's
+        temporary), as far as the disk allows: ``prune`` retries later."""
+        try:
+            self._remove_save(name)
+            shutil.rmtree(self.directory / f"{name}_temp", ignore_errors=True)
+            for path in self.directory.glob(f".{name}.json.*.tmp"):
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _commit(self, name, checkpoint, state, logs, best, snapshot) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
         prefix = self.directory / name
         previous = self.newest() or {}
         # A save of the same step (a resume from an older commit) is replaced: its record goes first,

@@ -13,9 +13,20 @@ count, best score and log positions; ``last``, ``best`` and the ``epoch_NNNN`` s
 rebuilds the batches from the step count) and the logs cut back to that save, so a run killed at any
 moment ends with the weights and logs an uninterrupted run would have.
 
+``--resume`` continues the run its ``config.yaml`` describes. ``--config FILE`` and ``--set`` may be
+given with it, but may change only the run-time keys (``kpconv_tf.config.RUN_TIME_KEYS``:
+``train.max_epoch``, ``train.snapshot_gap``, ``train.votes``, ``train.strategy``,
+``train.save_freq``, ``model.pyramid`` and keys no code reads); any other difference from
+``config.yaml`` is refused, naming the keys. Before anything is trained or written, a resume also
+checks that the checkpoints hold the variables of the network ``config.yaml`` builds and that the
+run directory can be written; every run checks that the disk of its run directory has room for its
+saves (``KEPT_COMMITS`` commits, the best, one being written, the ``epoch_NNNN`` snapshots to come)
+and logs. A save that cannot be committed (disk full, I/O error) stops the run with the previous
+commit intact: free space, then ``--resume``.
+
 ``train.strategy`` (``--strategy``) trains on several GPUs or machines (``training.distribute``):
 every worker runs the same command with the same run directory (a shared file system); the chief
-writes it, the others only read it (``--resume``).
+writes it (and checks it can), the others only read it (``--resume``).
 """
 
 from __future__ import annotations
@@ -32,15 +43,24 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from kpconv_tf.config import STRATEGIES, Config
+from kpconv_tf.config import (
+    DERIVED_KEYS,
+    RUN_TIME_KEYS,
+    STRATEGIES,
+    Config,
+    ConfigError,
+    config_differences,
+)
 from kpconv_tf.models import build_network
 from training.config import add_override_argument, load_config
 from training.datasets import configure, load_dataset
 from training.distribute import any_worker, is_chief, make_strategy
 from training.pipeline import Pipeline
 from training.run_store import (
+    KEPT_COMMITS,
     CheckpointError,
     RunStore,
     latest_description,
@@ -71,6 +91,11 @@ OFFSETS_GROWTH, OFFSETS_GROWTH_STEPS = 10.0, 50
 
 class TrainingInterrupted(RuntimeError):
     """Training stopped on a non-finite loss; the last good checkpoint is kept."""
+
+
+class RunDirError(ValueError):
+    """The run directory cannot take the run: not a directory, not empty, not writable, or too little
+    free space on its disk. Raised before anything is written; the message names the path."""
 
 
 def checkpoint_for(training_model):
@@ -346,7 +371,13 @@ def main(argv=None, callbacks=()):
     add_override_argument(parser)
     parser.add_argument("--run-dir", help="output directory (default results/<dataset>_<time>)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this wall time")
-    parser.add_argument("--resume", help="run directory to continue")
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="run directory to continue with its config.yaml; --config / --set may then change only "
+        + ", ".join(RUN_TIME_KEYS)
+        + " (any other difference is refused)",
+    )
     parser.add_argument("--finetune", help="run directory or checkpoint prefix to start from (head skipped)")
     parser.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs in total")
     parser.add_argument(
@@ -392,8 +423,9 @@ def train(
     epoch's commit when theirs see its end).
 
     Everything that can fail before training (config, architecture, data, calibration, the run
-    directory being writable) is checked before anything is written; a new run directory made for a
-    start that fails anyway is removed.
+    directory being writable and having room for the saves; with ``resume``, a config or overrides
+    changing more than ``RUN_TIME_KEYS``, checkpoints of another network) is checked before anything
+    is written; a new run directory made for a start that fails anyway is removed.
     """
     start_time = time.time()
     if os.environ.get("KPCONV_TF_DETERMINISTIC") == "1":
@@ -402,7 +434,7 @@ def train(
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise FileNotFoundError(f"--resume: {run_dir}/config.yaml not found (not a run directory)")
-        config = Config.from_yaml(run_dir / "config.yaml", list(overrides))
+        config = resume_config(run_dir, config_path, overrides)
     else:
         if not config_path:
             raise ValueError("--config is required unless --resume is given")
@@ -411,22 +443,31 @@ def train(
         run_dir = Path(run_dir or Path("results") / f"{config.dataset.name}_{stamp}")
     strategy = make_strategy(config.train.strategy)  # before any other TF work (multi-worker)
     chief = is_chief(strategy)
-    if chief and not resume:
+    if chief and resume:
+        check_resume_dir_writable(run_dir)
+    elif chief:
         check_new_run_dir(run_dir)
     run_dir = Path(run_dir)
     keras.utils.set_random_seed(config.train.seed)
     dataset = load_dataset(config)
     configure(config, dataset)
+    if resume:
+        check_data_match(run_dir, config)
     pipeline = Pipeline(dataset, config)
     calibration = {"batch_limit": pipeline.batch_limit, "neighbor_limits": pipeline.neighbor_limits}
+    epoch_steps = config.train.epoch_steps or _steps_per_pass(pipeline)
     with strategy.scope():
         network = build_network(config)
         model = TrainingModel(network, config)
-        steps = config.train.epoch_steps or _steps_per_pass(pipeline)
-        model.compile(optimizer=make_optimizer(config, steps))
+        model.compile(optimizer=make_optimizer(config, epoch_steps))
     store = RunStore(run_dir)
     state = {"epochs": 0, "steps": 0, "best": None, "best_epoch": None, "finished": False}
+    total_epochs = min(config.train.max_epoch, max_epochs) if max_epochs else config.train.max_epoch
     if resume:
+        check_checkpoints_match(store, model)
+        if chief:
+            done = {**state, **((store.newest() or {}).get("state") or {})}
+            check_free_space(run_dir, model, config, done, total_epochs, epoch_steps, store)
         state.update(store.restore(checkpoint_for(model), writable=chief)["state"])
         if int(model.optimizer.iterations.numpy()) != state["steps"]:
             raise CheckpointError(
@@ -434,6 +475,8 @@ def train(
                 f"differs from its record's steps {state['steps']}"
             )
     else:
+        if chief:
+            check_free_space(run_dir, model, config, state, total_epochs, epoch_steps)
         if finetune:
             copied = finetune_from(network, finetune)
             print(f"fine-tuning: {len(copied)} variables copied from {finetune}")
@@ -536,22 +579,21 @@ def _fit(
 
 
 def check_new_run_dir(run_dir: Path):
-    """ValueError unless ``run_dir`` can become a new run directory: absent or empty, and writable."""
+    """RunDirError unless ``run_dir`` can become a new run directory: absent or empty, and writable."""
     run_dir = Path(run_dir)
     if run_dir.exists():
         if not run_dir.is_dir():
-            raise ValueError(f"--run-dir {run_dir} is a file, not a directory")
+            raise RunDirError(f"--run-dir {run_dir} is a file, not a directory")
         if any(run_dir.iterdir()):
             hint = (
                 " (it holds a run: continue it with --resume)" if (run_dir / "config.yaml").exists() else ""
             )
-            raise ValueError(f"--run-dir {run_dir} is not empty{hint}; give a new or empty directory")
+            raise RunDirError(f"--run-dir {run_dir} is not empty{hint}; give a new or empty directory")
     parent = run_dir if run_dir.exists() else _existing_ancestor(run_dir)
     try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
+        _probe_directory(parent)
     except OSError as err:
-        raise ValueError(f"--run-dir {run_dir}: cannot write in {parent} ({err.strerror or err})") from err
+        raise RunDirError(f"--run-dir {run_dir}: cannot write in {parent} ({err.strerror or err})") from err
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -559,8 +601,136 @@ def _existing_ancestor(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     if not path.is_dir():
-        raise ValueError(f"--run-dir: {path} is a file, not a directory")
+        raise RunDirError(f"--run-dir: {path} is a file, not a directory")
     return path
+
+
+def _probe_directory(directory: Path):
+    """OSError unless a file can be made in ``directory`` (an unnamed temporary one: nothing stays)."""
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+
+
+def _shorten(value, width=60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _listed(items, most=3) -> str:
+    items = list(items)
+    more = f" (and {len(items) - most} more)" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
+
+
+def resume_config(run_dir: Path, config_path=None, overrides=()) -> Config:
+    """The config of a resume: ``run_dir/config.yaml``, with the run-time keys (``RUN_TIME_KEYS``) of
+    ``config_path`` (when given) and ``overrides``. ConfigError naming both files and the first keys
+    when they differ from the run's in any other key (what the checkpoints and the data stream were
+    made with); keys that the data determine (``DERIVED_KEYS``) are compared after loading the data."""
+    run_config_path = Path(run_dir) / "config.yaml"
+    run_config = Config.from_yaml(run_config_path)
+    if config_path:
+        asked = load_config(config_path, list(overrides))
+        source = f"--config {config_path}" + (" with its --set overrides" if overrides else "")
+    else:
+        asked = Config.from_yaml(run_config_path, list(overrides))
+        source = "--set " + " ".join(overrides)
+    differences = config_differences(asked, run_config, ignore=RUN_TIME_KEYS + DERIVED_KEYS)
+    if differences:
+        listed = _listed(
+            f"{key} = {_shorten(a)} asked, {_shorten(b)} in the run" for key, a, b in differences
+        )
+        raise ConfigError(
+            f"--resume {run_dir}: {source} differs from {run_config_path} (the config its checkpoints and "
+            f"data stream were made with) in {listed}. A resume may change only {', '.join(RUN_TIME_KEYS)}; "
+            "continue without these changes, or start a new run (--run-dir; --finetune "
+            f"{run_dir} copies its weights)"
+        )
+    return asked
+
+
+def check_data_match(run_dir: Path, config: Config):
+    """ConfigError when the data now determine other ``DERIVED_KEYS`` (classes) than the run's."""
+    run_config_path = Path(run_dir) / "config.yaml"
+    run_config = Config.from_yaml(run_config_path)
+    differences = [d for d in config_differences(config, run_config) if d[0] in DERIVED_KEYS]
+    if differences:
+        listed = _listed(f"{key} = {_shorten(a)} now, {_shorten(b)} in the run" for key, a, b in differences)
+        raise ConfigError(
+            f"--resume {run_dir}: the data at dataset.path {config.dataset.path!r} no longer give what "
+            f"{run_config_path} records: {listed}"
+        )
+
+
+def check_resume_dir_writable(run_dir: Path):
+    """RunDirError unless the folders a resume writes in (the run directory, ``checkpoints``,
+    ``tensorboard/*``) take new files and the logs it appends to open for writing. Nothing is
+    changed: the probe files are unnamed temporaries and the logs are opened without writing."""
+    run_dir = Path(run_dir)
+    folders = [run_dir, run_dir / "checkpoints", run_dir / "tensorboard"]
+    folders += sorted((run_dir / "tensorboard").glob("*"))
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        try:
+            _probe_directory(folder)
+        except OSError as err:
+            raise RunDirError(
+                f"--resume {run_dir}: cannot write in {folder} ({err.strerror or err}); a resume commits "
+                "its saves and appends to its logs there: make it writable, or resume a copy of the run"
+            ) from err
+    for name in ("training.txt", "training_log.csv"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except OSError as err:
+            raise RunDirError(
+                f"--resume {run_dir}: cannot write {path} ({err.strerror or err}); a resume appends to it"
+            ) from err
+
+
+def check_checkpoints_match(store: RunStore, model):
+    """CheckpointError when the newest save whose index reads holds other variables (count or shapes)
+    than the network and optimizer built from the run's ``config.yaml``, e.g. after it was edited.
+    Only the checkpoint index is read; a run without a readable save passes (``RunStore.restore``
+    then reports the damage)."""
+    prefixes = [store.directory / name for name, record, _ in store.records() if record is not None]
+    prefixes.append(store.directory / "last")  # runs written before records
+    for prefix in prefixes:
+        try:
+            stored = tf.train.load_checkpoint(str(prefix)).get_variable_to_shape_map()
+        except (tf.errors.OpError, ValueError):
+            continue  # absent or damaged: restore skips it and says why
+        break
+    else:
+        return
+    problems = []
+    # the names checkpoint_for gives: network variables, then the optimizer's (slots, rate, step)
+    for group, variables in (
+        ("network", model.network.variables),
+        ("optimizer", model.optimizer.variables),
+    ):
+        held = sum(1 for k in stored if k.startswith(f"{group}_variables/"))
+        if held != len(variables):
+            problems.append(
+                f"the config builds {len(variables)} {group} variables, the checkpoint holds {held}"
+            )
+        for i, variable in enumerate(variables):
+            shape = stored.get(f"{group}_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+            if shape is not None and list(shape) != list(variable.shape):
+                shapes = f"{list(variable.shape)} in the config, {list(shape)} in the checkpoint"
+                problems.append(f"{variable.path} is {shapes}")
+    if not problems:
+        return
+    files = ", ".join(p.name for p in sorted(prefix.parent.glob(f"{prefix.name}.*")))
+    raise CheckpointError(
+        f"--resume {store.run_dir}: the config and the checkpoints differ: {store.run_dir / 'config.yaml'} "
+        f"does not build the network and optimizer saved in {prefix} ({files}): {_listed(problems)}. "
+        "Was config.yaml changed after the run started? Put back the config it was trained with; nothing "
+        f"was changed in {store.run_dir}"
+    )
 
 
 def _create_run_dir(run_dir: Path, config: Config, calibration: dict):
@@ -588,6 +758,59 @@ def _create_run_dir(run_dir: Path, config: Config, calibration: dict):
             shutil.rmtree(run_dir, ignore_errors=True)
 
     return cleanup
+
+
+# Room for the logs besides the saves (training.txt lines, CSV rows, TensorBoard events), generously.
+LOG_BYTES, LOG_BYTES_PER_STEP, LOG_BYTES_PER_EPOCH = 1 << 20, 128, 32 << 10
+
+
+def save_bytes(model) -> int:
+    """About the bytes of one committed save of ``model``: its network and optimizer variables (the
+    checkpoint data), plus the index entries and the record."""
+    variables = [*model.network.variables, *model.optimizer.variables]
+    data = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    return data + 256 * len(variables) + 4096
+
+
+def space_needed(model, config, state, total_epochs, epoch_steps, store=None) -> tuple[int, str]:
+    """(bytes the run still needs on its disk, how they are counted). The saves it may hold at once
+    (``KEPT_COMMITS`` commits, the best, the one being written, the ``epoch_NNNN`` snapshots still to
+    come) and its logs, less the saves of ``store`` on disk that later commits replace."""
+    epochs_left = max(0, total_epochs - state["epochs"])
+    gap = config.train.snapshot_gap
+    snapshots = total_epochs // gap - state["epochs"] // gap if gap and epochs_left else 0
+    saves = KEPT_COMMITS + 2 + snapshots if epochs_left else 0
+    one = save_bytes(model)
+    logs = LOG_BYTES + epochs_left * (LOG_BYTES_PER_EPOCH + epoch_steps * LOG_BYTES_PER_STEP)
+    reclaimed = 0
+    if store is not None and saves and store.directory.is_dir():
+        kept = set(((store.newest() or {}).get("snapshots") or {}).values())
+        reclaimed = sum(
+            p.stat().st_size
+            for p in store.directory.glob("save_*")
+            if p.is_file() and p.name.split(".", 1)[0] not in kept
+        )
+    detail = (
+        f"{saves} saves of ~{one} bytes (the {KEPT_COMMITS} newest commits, the best, one being written, "
+        f"{snapshots} epoch snapshots to come at train.snapshot_gap={gap}) and {logs} bytes of logs"
+        + (f", less {reclaimed} bytes of saves on disk that later commits replace" if reclaimed else "")
+    )
+    return max(0, saves * one + logs - reclaimed), detail
+
+
+def check_free_space(run_dir, model, config, state, total_epochs, epoch_steps, store=None):
+    """RunDirError naming the path, the free and the needed bytes when the disk of ``run_dir`` (its
+    nearest existing folder for a new run) has less free space than ``space_needed``."""
+    run_dir = Path(run_dir)
+    where = run_dir if run_dir.is_dir() else _existing_ancestor(run_dir)
+    needed, detail = space_needed(model, config, state, total_epochs, epoch_steps, store)
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise RunDirError(
+            f"{run_dir}: not enough free space: {free} bytes ({free / 2**20:.1f} MiB) free on the disk of "
+            f"{where}, the run needs about {needed} bytes ({needed / 2**20:.1f} MiB): {detail}. Free space "
+            "or give a run directory on another disk (a larger train.snapshot_gap keeps fewer snapshots)"
+        )
 
 
 def _steps_per_pass(pipeline):
