@@ -377,12 +377,14 @@ def _radius_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neigh
     )
     s_rows = tf.concat([tf.gather(s_rows, s_order), [[0.0, 0.0, 0.0, 1.0, float("nan")]]], 0)
 
-    # The exact test's inputs: the float64 coordinates of the sorted points, then a padding row.
+    # The exact test's inputs: the float64 coordinates of the sorted points, then a padding row;
+    # for supports a 4th column holds the stacked index (then the shadow Ns), gathered with them.
     def exact(points, order):
         return tf.concat([tf.cast(tf.gather(points, order), tf.float64), tf.zeros([1, 3], tf.float64)], 0)
 
-    sorted_q64, sorted_s64 = exact(queries, q_order), exact(supports, s_order)
-    support_id = tf.concat([s_order, [ns]], 0)  # stacked index of each sorted support, then shadow
+    sorted_q64 = tf.pad(exact(queries, q_order), [[0, 0], [0, 1]])
+    support_id = tf.cast(tf.concat([s_order, [ns]], 0), tf.float64)[:, None]
+    sorted_s64 = tf.concat([exact(supports, s_order), support_id], 1)
     inf = tf.constant(float("inf"), tf.float64)
 
     def bucket(i, rows, counts, ids, dists):
@@ -408,9 +410,10 @@ def _radius_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neigh
         # The few near candidates that fail it stay, as padding (d2 = inf, index Ns).
         flat_q = tf.reshape(q_pos, [-1])
         support = tf.gather(tf.reshape(s_pos, [-1]), (row // mq) * ms + column)
+        # Column 3: the support's stacked index (minus 0).
         delta = tf.gather(sorted_s64, support) - tf.gather(tf.gather(sorted_q64, flat_q), row)
-        square = tf.unstack(delta * delta, axis=1)
-        d2 = (square[0] + square[1]) + square[2]
+        dx, dy, dz, support = tf.unstack(delta, axis=1)
+        d2 = (dx * dx + dy * dy) + dz * dz
         hit = d2 <= r2
         # Negated, so that top_k (stable: ties keep the lower column) sorts by increasing d2.
         neg_d2 = tf.where(hit, -d2, -inf)
@@ -422,7 +425,7 @@ def _radius_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neigh
             i + 1,
             rows.write(i, tf.gather(flat_q, kept)),
             counts.write(i, tf.gather(count, kept)),
-            ids.write(i, tf.where(hit, tf.gather(support_id, support), ns)),
+            ids.write(i, tf.where(hit, tf.cast(support, tf.int32), ns)),
             dists.write(i, neg_d2),
         )
 
