@@ -11,10 +11,11 @@ Cost (``batch_neighbors``, CPU): per call a few sorts and searches over the poin
 (one cell sort when queries and supports are the same tensors, as for the convolutions), a float32
 pre-test over every (query, candidate) pair of each occupied query cell (27 cells of one radius,
 padded to the bucket's largest cell) as one batched matmul of rows packed once per point, then per
-near pair a float64 distance from [K, 3] gathers, and the row sort (``tf.math.top_k`` on rows
-grouped by quarter powers of two of their length; only rows with equal distances sorted again by
-index). On W1 / W2 the time splits roughly into gathers (a third), the pre-test and its
-``tf.where``, the row sort, and the per-call sorts and searches.
+near pair a float64 distance from two [K, 4] gathers, and the row sort (``tf.math.top_k`` on rows
+grouped by quarter powers of two of their length; only the rows holding equal distances are sorted
+again by index). On W2's first convolution (one thread) about a third of the op time is gathers,
+a fifth the row sort, a fifth the per-call sorts, searches and packing, a tenth the pre-test and
+its ``tf.where``; a call costs ~3 ms even on tiny clouds (graph and loop overhead).
 
 XLA (``jit_compile=True``): ``batch_grid_subsampling`` compiles (its sorts and segment sums are
 sized by the input; only the final slice to the number of cells is data dependent, which XLA
