@@ -329,8 +329,6 @@ def _radius_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neigh
     end = tf.reshape(tf.searchsorted(sorted_keys, tf.reshape(last_key, [-1]), side="right"), [u, 9])
     run_size = tf.where(valid, end - begin, 0)
     s_count = tf.reduce_sum(run_size, 1)
-    run_start = tf.cumsum(run_size, axis=1, exclusive=True)  # candidate column of each run's first
-    run_shift = begin - run_start  # sorted support position = candidate column + shift of its run
     powers = tf.constant(_POWERS, tf.int32)
     level = tf.searchsorted(powers, q_count) * 64 + tf.searchsorted(powers, s_count)
     levels, bucket_of_cell = tf.unique(level)
@@ -397,12 +395,11 @@ def _radius_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neigh
         n, mq, ms = tf.size(cells), tf.reduce_max(cell_q), tf.reduce_max(cell_s)
         q_valid = tf.range(mq)[None, :] < cell_q[:, None]
         q_pos = tf.where(q_valid, tf.gather(first, cells)[:, None] + tf.range(mq)[None, :], nq)
-        column = tf.broadcast_to(tf.range(ms)[None, :], [n, ms])
-        # The run of each candidate column: the last run starting at or before it (empty runs
-        # start where the next one does, so they are skipped).
-        run = tf.searchsorted(tf.gather(run_start, cells)[:, 1:], column, side="right")
-        s_valid = column < cell_s[:, None]
-        s_pos = tf.where(s_valid, column + tf.gather(tf.gather(run_shift, cells), run, batch_dims=1), ns)
+        # Each cell's candidates: its runs of sorted supports one after the other, padded with Ns.
+        run_begin = tf.reshape(tf.gather(begin, cells), [-1])
+        run_end = run_begin + tf.reshape(tf.gather(run_size, cells), [-1])
+        s_pos = tf.RaggedTensor.from_row_lengths(tf.ragged.range(run_begin, run_end).flat_values, cell_s)
+        s_pos = s_pos.to_tensor(default_value=ns, shape=[n, ms])
         test = tf.matmul(tf.gather(q_rows, q_pos), tf.gather(s_rows, s_pos), transpose_b=True)
         # [K, 2]: (cell * mq + query, candidate) in row-major order, so grouped by row.
         near = tf.cast(tf.where(tf.reshape(test <= 0.0, [n * mq, ms])), tf.int32)
