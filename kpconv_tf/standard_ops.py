@@ -7,10 +7,15 @@ SavedModel or a GPU input pipeline needs. Both run eagerly and inside ``tf.funct
 shapes; called eagerly, each runs as one graph traced once (input signatures of unknown shapes), as
 eager dispatch of their small ops would cost more than the work on small clouds.
 
-Cost (``batch_neighbors``, CPU): per call a few sorts and searches over the points and cells, a
-float32 pre-test over every (query, candidate) pair of each occupied query cell (27 cells of one
-radius, padded to the bucket's largest cell), then per hit a float64 distance, gathers and the row
-sort (``tf.math.top_k``), which dominates on dense layers.
+Cost (``batch_neighbors``, CPU): per call a few sorts and searches over the points and cells
+(one cell sort when queries and supports are the same tensors, as for the convolutions), a float32
+pre-test over every (query, candidate) pair of each occupied query cell (27 cells of one radius,
+padded to the bucket's largest cell) as one batched matmul of rows packed once per point, then per
+near pair a float64 distance from two [K, 4] gathers, and the row sort (``tf.math.top_k`` on rows
+grouped by quarter powers of two of their length; only the rows holding equal distances are sorted
+again by index). On W2's first convolution (one thread) about a third of the op time is gathers,
+a fifth the row sort, a fifth the per-call sorts, searches and packing, a tenth the pre-test and
+its ``tf.where``; a call costs ~3 ms even on tiny clouds (graph and loop overhead).
 
 XLA (``jit_compile=True``): ``batch_grid_subsampling`` compiles (its sorts and segment sums are
 sized by the input; only the final slice to the number of cells is data dependent, which XLA
@@ -221,6 +226,14 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
     """
     if isinstance(max_neighbors, numbers.Integral) and max_neighbors < 0:
         raise ValueError(f"max_neighbors must be >= 0, got {max_neighbors}")
+    if queries is supports and q_lengths is s_lengths:
+        # A convolution's neighbours: one cell sort serves both sides.
+        return _self_neighbors(
+            _points(queries, "queries"),
+            _lengths(q_lengths, "q_lengths"),
+            _positive_scalar(radius, "radius"),
+            tf.cast(max_neighbors, tf.int32),
+        )
     return _neighbors(
         _points(queries, "queries"),
         _points(supports, "supports"),
@@ -234,6 +247,8 @@ def batch_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbo
 # Powers of two that fit int32: the bucket level of a count n is the smallest l with 2**l >= n
 # (31 above 2**30).
 _POWERS = [2**i for i in range(31)]
+# Row-length groups: counts up to the same quarter power of two (int32).
+_WIDTHS = sorted({math.ceil(2 ** (i / 4)) for i in range(124)})
 
 
 @tf.function(
@@ -241,6 +256,16 @@ _POWERS = [2**i for i in range(31)]
     autograph=False,
 )
 def _neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors):
+    return _radius_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors, False)
+
+
+@tf.function(input_signature=[_POINTS, _LENGTHS, _SCALAR, tf.TensorSpec([], tf.int32)], autograph=False)
+def _self_neighbors(points, lengths, radius, max_neighbors):
+    return _radius_neighbors(points, points, lengths, lengths, radius, max_neighbors, True)
+
+
+def _radius_neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors, same):
+    """batch_neighbors' graph; `same`: queries and supports are the same points and lengths."""
     queries = _checked_points(queries, "queries")
     supports = _checked_points(supports, "supports")
     q_lengths = _checked_lengths(q_lengths, "q_lengths", queries, "queries")
@@ -276,9 +301,12 @@ def _neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors):
     _, s_key = cell_keys(supports, s_cloud)
     s_order = tf.argsort(s_key, stable=True)
     sorted_keys = tf.gather(s_key, s_order)
-    q, q_key = cell_keys(queries, q_cloud)
-    q_order = tf.argsort(q_key, stable=True)
-    sorted_q_key = tf.gather(q_key, q_order)
+    if same:
+        q, q_order, sorted_q_key = cell_keys(queries, q_cloud)[0], s_order, sorted_keys
+    else:
+        q, q_key = cell_keys(queries, q_cloud)
+        q_order = tf.argsort(q_key, stable=True)
+        sorted_q_key = tf.gather(q_key, q_order)
 
     # Occupied query cells: their first sorted query, query count, coordinates and cloud.
     first = tf.cast(
@@ -301,77 +329,101 @@ def _neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors):
     end = tf.reshape(tf.searchsorted(sorted_keys, tf.reshape(last_key, [-1]), side="right"), [u, 9])
     run_size = tf.where(valid, end - begin, 0)
     s_count = tf.reduce_sum(run_size, 1)
-    run_start = tf.cumsum(run_size, axis=1, exclusive=True)  # candidate column of each run's first
-    run_shift = begin - run_start  # sorted support position = candidate column + shift of its run
-
     powers = tf.constant(_POWERS, tf.int32)
     level = tf.searchsorted(powers, q_count) * 64 + tf.searchsorted(powers, s_count)
     levels, bucket_of_cell = tf.unique(level)
+    # Cells sorted by bucket: bucket i's cells are a slice.
+    cell_by_bucket = tf.argsort(bucket_of_cell, stable=True)
+    bucket_size = tf.math.unsorted_segment_sum(tf.ones_like(bucket_of_cell), bucket_of_cell, tf.size(levels))
+    bucket_end = tf.cumsum(bucket_size)
 
-    # Row padding gathers the extra last point: a valid index that the masks then exclude.
-    sorted_queries = tf.concat([tf.gather(queries, q_order), tf.zeros([1, 3])], 0)
-    sorted_supports = tf.concat([tf.gather(supports, s_order), tf.zeros([1, 3])], 0)
-    support_id = tf.concat([s_order, [ns]], 0)  # stacked index of each sorted support, then shadow
+    # The float32 pre-test keeps a superset of the hits. Per cloud, coordinates are taken relative
+    # to the supports' box centre and scaled by a power of two near 1 / max(extent, radius), so
+    # that the neighbours of a support lie within a few units of the origin (no overflow, whatever
+    # the coordinates and radius). A query row [y, a|y|^2, 1] times a support row
+    # [-2y', 1, a|y'|^2 - loose] is |y - y'|^2 - (1 - a)(|y|^2 + |y'|^2) - loose, a = 1 - 1e-5, with
+    # loose = r2 (1 + 1e-5) + 1e-30 in scaled units (the 1e-30 covers float32 underflow): its
+    # float32 error, rounding of y included, stays below the slack, so every hit has a value <= 0.
+    # The padding row's NaN makes the padding rows and columns fail it.
     r2 = radius * radius
-    # The float32 pre-test keeps a superset of the hits: `loose` rounds r2 up (the 1e-30 covers
-    # float32 underflow) and the test below subtracts more than its rounding error.
-    loose = tf.cast(r2 * (1.0 + 1e-5) + 1e-30, tf.float32)
+    scale = tf.pow(
+        tf.constant(2.0, tf.float64),
+        -tf.math.ceil(tf.math.log(tf.maximum(extent, radius)) / math.log(2.0)),
+    )
+    centre = (lo + hi) * 0.5
+    loose = r2 * scale * scale * (1.0 + 1e-5) + 1e-30
+    a = 1.0 - 1e-5
+
+    def scaled(points, cloud):
+        y = tf.cast(
+            (tf.cast(points, tf.float64) - tf.gather(centre, cloud)) * tf.gather(scale, cloud)[:, None],
+            tf.float32,
+        )
+        y64 = tf.cast(y, tf.float64)
+        return y, a * tf.reduce_sum(y64 * y64, 1, keepdims=True)
+
+    y, norm = scaled(queries, q_cloud)
+    q_rows = tf.concat([y, tf.cast(norm, tf.float32), tf.ones_like(norm, tf.float32)], 1)
+    q_rows = tf.concat([tf.gather(q_rows, q_order), [[0.0, 0.0, 0.0, float("nan"), 1.0]]], 0)
+    y, norm = scaled(supports, s_cloud)
+    s_rows = tf.concat(
+        [
+            -2.0 * y,
+            tf.ones_like(norm, tf.float32),
+            tf.cast(norm - tf.gather(loose, s_cloud)[:, None], tf.float32),
+        ],
+        1,
+    )
+    s_rows = tf.concat([tf.gather(s_rows, s_order), [[0.0, 0.0, 0.0, 1.0, float("nan")]]], 0)
+
+    # The exact test's inputs: the float64 coordinates of the sorted points, then a padding row;
+    # for supports a 4th column holds the stacked index (then the shadow Ns), gathered with them.
+    def exact(points, order):
+        return tf.concat([tf.cast(tf.gather(points, order), tf.float64), tf.zeros([1, 3], tf.float64)], 0)
+
+    sorted_q64 = tf.pad(exact(queries, q_order), [[0, 0], [0, 1]])
+    support_id = tf.cast(tf.concat([s_order, [ns]], 0), tf.float64)[:, None]
+    sorted_s64 = tf.concat([exact(supports, s_order), support_id], 1)
     inf = tf.constant(float("inf"), tf.float64)
 
     def bucket(i, rows, counts, ids, dists):
         """The near candidates of the query cells of bucket i: their rows (sorted query positions,
         in (cell, query) order), candidates per row, then row by row the candidates' support
         indices and negated d2 (Ns and -inf for the few that fail the exact test)."""
-        cells = tf.where(bucket_of_cell == i)[:, 0]
+        cells = cell_by_bucket[bucket_end[i] - bucket_size[i] : bucket_end[i]]
         cell_q, cell_s = tf.gather(q_count, cells), tf.gather(s_count, cells)
         n, mq, ms = tf.size(cells), tf.reduce_max(cell_q), tf.reduce_max(cell_s)
         q_valid = tf.range(mq)[None, :] < cell_q[:, None]
         q_pos = tf.where(q_valid, tf.gather(first, cells)[:, None] + tf.range(mq)[None, :], nq)
-        column = tf.broadcast_to(tf.range(ms)[None, :], [n, ms])
-        # The run of each candidate column: the last run starting at or before it (empty runs
-        # start where the next one does, so they are skipped).
-        run = tf.searchsorted(tf.gather(run_start, cells)[:, 1:], column, side="right")
-        s_valid = column < cell_s[:, None]
-        s_pos = tf.where(s_valid, column + tf.gather(tf.gather(run_shift, cells), run, batch_dims=1), ns)
-        qx, sx = tf.gather(sorted_queries, q_pos), tf.gather(sorted_supports, s_pos)  # [n, mq | ms, 3]
-
-        # Pre-test as one batched matmul: with coordinates relative to the cell's first query,
-        # [q, a|q|^2, 1] . [-2s, 1, a|s|^2] = |q - s|^2 - (1 - a)(|q|^2 + |s|^2), a = 1 - 1e-5;
-        # its float32 error is below 2e-6 (|q|^2 + |s|^2), so every hit passes. NaN norms make the
-        # padding rows and columns fail it.
-        def augmented(x, valid):
-            x = x - qx[:, :1]
-            norm = tf.reduce_sum(x * x, 2, keepdims=True) * (1.0 - 1e-5)
-            return x, tf.where(valid[:, :, None], norm, float("nan")), tf.ones_like(norm)
-
-        q_rel, q_norm, q_one = augmented(qx, q_valid)
-        s_rel, s_norm, s_one = augmented(sx, s_valid)
-        test = tf.matmul(
-            tf.concat([q_rel, q_norm, q_one], 2),
-            tf.concat([-2.0 * s_rel, s_one, s_norm], 2),
-            transpose_b=True,
-        )
+        # Each cell's candidates: its runs of sorted supports one after the other, padded with Ns.
+        run_begin = tf.reshape(tf.gather(begin, cells), [-1])
+        run_end = run_begin + tf.reshape(tf.gather(run_size, cells), [-1])
+        s_pos = tf.RaggedTensor.from_row_lengths(tf.ragged.range(run_begin, run_end).flat_values, cell_s)
+        s_pos = s_pos.to_tensor(default_value=ns, shape=[n, ms])
+        test = tf.matmul(tf.gather(q_rows, q_pos), tf.gather(s_rows, s_pos), transpose_b=True)
         # [K, 2]: (cell * mq + query, candidate) in row-major order, so grouped by row.
-        near = tf.cast(tf.where(tf.reshape(test <= loose, [n * mq, ms])), tf.int32)
-        row, candidate = near[:, 0], (near[:, 0] // mq) * ms + near[:, 1]
+        near = tf.cast(tf.where(tf.reshape(test <= 0.0, [n * mq, ms])), tf.int32)
+        row, column = tf.unstack(near, axis=1)
         # The C++ op's float64 test: d2 = (dx*dx + dy*dy) + dz*dz from the float32 coordinates.
         # The few near candidates that fail it stay, as padding (d2 = inf, index Ns).
-        delta = tf.gather(tf.reshape(tf.cast(sx, tf.float64), [-1, 3]), candidate) - tf.gather(
-            tf.reshape(tf.cast(qx, tf.float64), [-1, 3]), row
-        )
-        square = delta * delta
-        d2 = (square[:, 0] + square[:, 1]) + square[:, 2]
+        flat_q = tf.reshape(q_pos, [-1])
+        support = tf.gather(tf.reshape(s_pos, [-1]), (row // mq) * ms + column)
+        # Column 3: the support's stacked index (minus 0).
+        delta = tf.gather(sorted_s64, support) - tf.gather(tf.gather(sorted_q64, flat_q), row)
+        dx, dy, dz, support = tf.unstack(delta, axis=1)
+        d2 = (dx * dx + dy * dy) + dz * dz
         hit = d2 <= r2
-        support = tf.gather(tf.reshape(tf.gather(support_id, s_pos), [-1]), candidate)
         # Negated, so that top_k (stable: ties keep the lower column) sorts by increasing d2.
         neg_d2 = tf.where(hit, -d2, -inf)
-        count = tf.math.bincount(row, minlength=n * mq, maxlength=n * mq)
+        # Rows are sorted: sorted segment sums count them.
+        count = tf.math.segment_sum(tf.ones_like(row), row)
+        count = tf.pad(count, [[0, n * mq - tf.size(count)]])
         kept = tf.where(tf.reshape(q_valid, [-1]))[:, 0]
         return (
             i + 1,
-            rows.write(i, tf.gather(tf.reshape(q_pos, [-1]), kept)),
+            rows.write(i, tf.gather(flat_q, kept)),
             counts.write(i, tf.gather(count, kept)),
-            ids.write(i, tf.where(hit, support, ns)),
+            ids.write(i, tf.where(hit, tf.cast(support, tf.int32), ns)),
             dists.write(i, neg_d2),
         )
 
@@ -396,16 +448,19 @@ def _neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors):
     neg_d2 = tf.concat([dists.concat(), [-inf]], 0)
     start = tf.cumsum(count, exclusive=True)
 
-    # Rows sorted in groups of similar length (counts up to the same power of two), each a
-    # [rows, W_i] matrix ordered by d2 with top_k; only when a row holds equal distances
-    # (duplicates, lattices) are the group's rows sorted again by (d2, index).
-    length_levels, level_of_row = tf.unique(tf.searchsorted(powers, count))
+    # Rows sorted in groups of similar length (counts up to the same quarter power of two), each a
+    # [rows, W_i] matrix ordered by d2 with top_k; only the rows that hold equal distances
+    # (duplicates, lattices) are sorted again by (d2, index).
+    length_levels, level_of_row = tf.unique(tf.searchsorted(tf.constant(_WIDTHS, tf.int32), count))
     num_groups = tf.size(length_levels)
+    row_by_group = tf.cast(tf.argsort(level_of_row, stable=True), tf.int32)
+    group_size = tf.math.unsorted_segment_sum(tf.ones_like(level_of_row), level_of_row, num_groups)
+    group_end = tf.cumsum(group_size)
 
     def group(i, width, members, blocks):
         """Group i's rows (indices into the bucket rows) and their sorted neighbours [rows, W_i];
         `width` becomes the largest hit count so far."""
-        member = tf.cast(tf.where(level_of_row == i)[:, 0], tf.int32)
+        member = row_by_group[group_end[i] - group_size[i] : group_end[i]]
         member_count = tf.gather(count, member)[:, None]
         member_start = tf.gather(start, member)[:, None]
 
@@ -417,17 +472,24 @@ def _neighbors(queries, supports, q_lengths, s_lengths, radius, max_neighbors):
         dist = tf.gather(neg_d2, position(slots))
         # Whole rows even with a limit: on CPU, top_k with k below the row length is no faster.
         sorted_dist, by_distance = tf.math.top_k(dist, tf.size(slots))
-        ties = tf.reduce_any((sorted_dist[:, 1:] == sorted_dist[:, :-1]) & (sorted_dist[:, 1:] > -inf))
+        block = tf.gather(ids, position(by_distance))
+        row_ties = tf.reduce_any((sorted_dist[:, 1:] == sorted_dist[:, :-1]) & (sorted_dist[:, 1:] > -inf), 1)
 
         def by_distance_then_index():
-            row_ids = tf.gather(ids, position(slots))
-            by_index = tf.argsort(row_ids, axis=1, stable=True)
+            """The block with its rows of equal distances sorted by (d2, index)."""
+            tied = tf.where(row_ties)
+            tied_ids = tf.gather_nd(block, tied)
+            by_index = tf.argsort(tied_ids, axis=1, stable=True)
             order = tf.argsort(
-                tf.gather(dist, by_index, batch_dims=1), axis=1, direction="DESCENDING", stable=True
+                tf.gather(tf.gather_nd(sorted_dist, tied), by_index, batch_dims=1),
+                axis=1,
+                direction="DESCENDING",
+                stable=True,
             )
-            return tf.gather(tf.gather(row_ids, by_index, batch_dims=1), order, batch_dims=1)
+            tied_block = tf.gather(tf.gather(tied_ids, by_index, batch_dims=1), order, batch_dims=1)
+            return tf.tensor_scatter_nd_update(block, tied, tied_block)
 
-        block = tf.cond(ties, by_distance_then_index, lambda: tf.gather(ids, position(by_distance)))
+        block = tf.cond(tf.reduce_any(row_ties), by_distance_then_index, lambda: block)
         hits = tf.reduce_max(tf.concat([tf.reduce_sum(tf.cast(sorted_dist > -inf, tf.int32), 1), [0]], 0))
         return i + 1, tf.maximum(width, hits), members.write(i, member), blocks.write(i, block)
 

@@ -125,6 +125,59 @@ class StandardOpsTest(tf.test.TestCase):
                 self.assertNeighborsEqual(sub, points, sub_lengths, lengths, radius, max_n)
                 self.assertNeighborsEqual(points, sub, lengths, sub_lengths, radius, max_n)
 
+    def test_convolution_path_equals_the_general_one(self):
+        # The same points and lengths objects as queries and supports take the path that sorts the
+        # cells once; copies take the general one. Both match the compiled op.
+        rng = np.random.default_rng(10)
+        for sizes in ([0, 400, 1, 0, 250, 0], [1], [0, 0], [3000]):
+            points, lengths = random_batch(rng, sizes, duplicates=True)
+            for radius, max_n in ((0.06, 0), (0.15, 7), (1e-7, 0), (1e30, 3)):
+                want = compiled.batch_neighbors(points, points, lengths, lengths, radius, max_n)
+                same = standard.batch_neighbors(points, points, lengths, lengths, radius, max_n)
+                general = standard.batch_neighbors(
+                    points, points.copy(), lengths, lengths.copy(), radius, max_n
+                )
+                self.assertAllEqual(same, want)
+                self.assertAllEqual(general, want)
+        empty = np.zeros((0, 3), np.float32)
+        self.assertNeighborsEqual(empty, empty, np.zeros([2], np.int32), np.zeros([2], np.int32), 0.1)
+
+    def test_pre_test_frames_of_very_different_clouds(self):
+        # The pre-test works per cloud relative to the supports' box centre, scaled to the larger
+        # of extent and radius: a collapsed cloud (zero extent), a tiny and a huge cloud far from
+        # the origin, queries outside the supports' box (some at exactly the radius from a
+        # support) and neighbours that need the full radius of a huge cloud.
+        rng = np.random.default_rng(11)
+        collapsed = np.repeat(rng.random((1, 3)), 40, axis=0)
+        tiny = rng.random((200, 3)) * 1e-3 + [5e3, -2e3, 7.0]
+        huge = rng.random((300, 3)) * 1e5 - 4e4
+        supports = np.concatenate([collapsed, tiny, huge]).astype(np.float32)
+        s_lengths = np.array([40, 200, 300], np.int32)
+        offset = np.float32(0.25)
+        outside = [collapsed[:5] + [0, 0, offset], tiny[:30] + [0, offset, 0], huge[:50] + [offset, 0, 0]]
+        queries = np.concatenate(outside).astype(np.float32)
+        # Exactly at the radius from the displaced point's support (in float32 coordinates).
+        queries[:5, 2] = supports[:5, 2] + offset
+        q_lengths = np.array([5, 30, 50], np.int32)
+        for radius in (offset, 1e-4, 3e3, 1e30):
+            for max_n in (0, 4):
+                self.assertNeighborsEqual(queries, supports, q_lengths, s_lengths, radius, max_n)
+                self.assertNeighborsEqual(supports, queries, s_lengths, q_lengths, radius, max_n)
+                self.assertNeighborsEqual(supports, supports, s_lengths, s_lengths, radius, max_n)
+
+    def test_equal_distances_in_a_few_rows_only(self):
+        # Rows of one length group where only some rows hold equal distances (a few duplicated
+        # points among random ones): those rows are sorted again by index, the others not.
+        rng = np.random.default_rng(12)
+        points = rng.random((2000, 3))
+        points = np.concatenate([points, points[:20], points[5:8], points[5:6]])
+        points = rng.permutation(points).astype(np.float32)
+        lengths = np.array([len(points)], np.int32)
+        for radius in (0.05, 0.1):
+            for max_n in (0, 1, 2, 5):
+                self.assertNeighborsEqual(points, points, lengths, lengths, radius, max_n)
+                self.assertNeighborsEqual(points[:300], points, [300], lengths, radius, max_n)
+
     def test_no_points_and_no_clouds(self):
         empty = np.zeros((0, 3), np.float32)
         for lengths in (np.zeros([0], np.int32), np.zeros([3], np.int32)):
