@@ -50,6 +50,16 @@ class BatchNeighborsTest(tf.test.TestCase):
                     want = brute_force(qpoints, points, qlengths, lengths, radius, max_n)
                     self.assertAllEqual(got, want)
 
+    def test_radius_below_the_coordinates_precision(self):
+        # Cells of a radius far below float32 precision: the grid origin can round past the
+        # points (this aborted the process once); duplicates stay each other's neighbours.
+        points = np.array([[0.3, 0.7, 12.1]] * 4 + [[0.3, 0.7, 12.2], [5.0, -3.0, 0.1]], np.float32)
+        clouds = [(points[:4], [4]), (points[:1], [1]), (points, [6]), (points[[0, 0]], [2])]
+        for cloud, lengths in clouds:
+            for radius in (1e-30, 1e-12, 1e-7):
+                got = ops.batch_neighbors(cloud, cloud, lengths, lengths, radius, 0)
+                self.assertAllEqual(got, brute_force(cloud, cloud, lengths, lengths, radius))
+
     def test_thousands_of_points_and_near_ties(self):
         # Coordinates on a coarse lattice plus tiny offsets: many distances are equal, or equal
         # once rounded to float32, so the exact-distance / index tie-breaking is exercised.

@@ -62,6 +62,18 @@ class GridSubsamplingTest(tf.test.TestCase):
                 start += n
                 sub_start += m
 
+    def test_cell_below_the_coordinates_precision(self):
+        # dl far below float32 precision: identical points are one cell (the grid origin can round
+        # past them); distinct points stay apart.
+        same = np.array([[0.3, 0.7, 12.1]] * 3, np.float32)
+        for dl in (1e-30, 1e-20):
+            sp, sl = ops.batch_grid_subsampling(same, [3], dl)
+            self.assertAllEqual(sl, [1])
+            self.assertAllClose(sp, same[:1])
+            apart = np.array([[0.3, 0.7, 12.1], [0.3, 0.7, 12.2]], np.float32)
+            sp, sl = ops.batch_grid_subsampling(apart, [2], 1e-5)
+            self.assertAllEqual(sl, [2])
+
     def test_label_vote_ties_go_to_the_smaller_label(self):
         points = np.array([[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [0.3, 0.1, 0.2], [0.2, 0.3, 0.1]], np.float32)
         _, labels = ops.grid_subsampling(points, 1.0, labels=np.array([7, 3, 7, 3], np.int32))

@@ -470,7 +470,9 @@ Grid SearchGrid(const float* pts, int64_t n, double radius) {
     bool ok = true;
     for (int a = 0; a < 3; ++a) {
       g.origin[a] = std::floor(lo[a] / cell) * cell;
-      const double span = std::floor((hi[a] - g.origin[a]) / cell) + 1.0;
+      // A cell below the coordinates' precision can round the origin past every point: one cell
+      // (Coord clamps into it).
+      const double span = std::max(1.0, std::floor((hi[a] - g.origin[a]) / cell) + 1.0);
       ok = ok && span < 1e6;
       g.dims[a] = ok ? static_cast<int64_t>(span) : 1;
     }

@@ -2,6 +2,7 @@
 #ifndef KPCONV_TF_CLOUD_CHECKS_H_
 #define KPCONV_TF_CLOUD_CHECKS_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -117,7 +118,9 @@ inline bool MakeGrid(OpKernelContext* ctx, const float* points, int64_t n, doubl
   double cells = 1.0;
   for (int a = 0; a < 3; ++a) {
     grid->origin[a] = std::floor(lo[a] / cell) * cell;
-    const double span = std::floor((hi[a] - grid->origin[a]) / cell) + 1.0;
+    // A cell below the coordinates' precision can round the origin past every point (which then
+    // differ by less than that precision): one cell, which Coord clamps them into.
+    const double span = std::max(1.0, std::floor((hi[a] - grid->origin[a]) / cell) + 1.0);
     cells *= span;
     if (!(span < 2e6) || !(cells < 4e18)) {
       ctx->CtxFailure(errors::InvalidArgument(dl_name, " = ", cell,
