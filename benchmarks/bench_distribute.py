@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -30,12 +28,13 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.machine import machine_facts  # noqa: E402
 from kpconv_tf.models import build_network  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.datasets import configure, load_dataset  # noqa: E402
 from training.distribute import make_strategy  # noqa: E402
 from training.pipeline import Pipeline, join_batches  # noqa: E402
-from training.trainer import TrainingModel, make_optimizer  # noqa: E402
+from training.trainer import TrainingModel, batch_free_spec, make_optimizer  # noqa: E402
 
 CONFIGS = ("embedded_shapes", "embedded_rooms")
 
@@ -53,11 +52,7 @@ class StepTimes(keras.callbacks.Callback):
 
 
 def _dataset(elements):
-    def spec(t):
-        shape = [None, t.shape[1]] if t.shape.rank == 2 and t.dtype.is_floating else [None] * t.shape.rank
-        return tf.TensorSpec(shape, t.dtype)
-
-    specs = tf.nest.map_structure(spec, elements[0])
+    specs = tf.nest.map_structure(batch_free_spec, elements[0])
     return tf.data.Dataset.from_generator(lambda: iter(elements), output_signature=specs).repeat()
 
 
@@ -129,11 +124,7 @@ def main(argv=None):
         statistic="median step after one warm-up epoch",
         replicas=2,
         devices="2 logical CPU devices of one process",
-        cpu_count=os.cpu_count(),
-        machine=platform.machine(),
-        processor=platform.processor(),
-        tensorflow=tf.__version__,
-        onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        **machine_facts(),
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import machine_facts
 from kpconv_tf.architecture import block_type
 
 ROWS = ("W1-rigid", "W1-deformable", "W2-rigid", "W2-deformable")
@@ -310,18 +310,7 @@ def main(argv=None):
         print(
             f"target {r['row']} step <= 2.5x FLOPs/ceiling: {r['ratio']:.1f}x {'met' if met else 'NOT met'}"
         )
-    import tensorflow as tf
-
-    meta = dict(
-        repeats=repeats,
-        quick=args.quick,
-        statistic="median after one warm-up",
-        cpu_count=os.cpu_count(),
-        machine=platform.machine(),
-        processor=platform.processor(),
-        tensorflow=tf.__version__,
-        onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
-    )
+    meta = dict(repeats=repeats, quick=args.quick, statistic="median after one warm-up", **machine_facts())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)

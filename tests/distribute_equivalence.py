@@ -26,7 +26,7 @@ from training.config import load_config  # noqa: E402
 from training.datasets import configure, load_dataset  # noqa: E402
 from training.distribute import make_strategy  # noqa: E402
 from training.pipeline import Pipeline, join_batches  # noqa: E402
-from training.trainer import TrainingModel, make_optimizer  # noqa: E402
+from training.trainer import TrainingModel, batch_free_spec, make_optimizer  # noqa: E402
 
 STEPS = 3
 CASES = {
@@ -56,12 +56,7 @@ def first_clouds(batch, count):
 
 
 def dataset_of(elements):
-    specs = tf.nest.map_structure(
-        lambda t: tf.TensorSpec(
-            [None] * t.shape.rank if t.shape.rank != 2 or t.dtype.is_integer else [None, t.shape[1]], t.dtype
-        ),
-        elements[0],
-    )
+    specs = tf.nest.map_structure(batch_free_spec, elements[0])
     return tf.data.Dataset.from_generator(lambda: iter(elements), output_signature=specs)
 
 

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import tensorflow as tf
@@ -73,7 +73,7 @@ def _stack(items, number, point_labels):
     )
 
 
-BATCH_ARRAYS = ("points", "extra", "lengths", "labels", "object_labels", "cloud_indices", "point_indices")
+BATCH_ARRAYS = tuple(f.name for f in fields(Batch) if f.name != "number")
 
 
 def join_batches(batches) -> Batch:

@@ -493,7 +493,8 @@ def train(
             state,
             start_time,
             max_minutes,
-            max_epochs,
+            total_epochs,
+            epoch_steps,
             verbose,
             chief,
             callbacks,
@@ -508,14 +509,24 @@ def train(
 
 
 def _fit(
-    model, pipeline, config, store, state, start_time, max_minutes, max_epochs, verbose, chief=True, extra=()
+    model,
+    pipeline,
+    config,
+    store,
+    state,
+    start_time,
+    max_minutes,
+    total_epochs,
+    epoch_steps,
+    verbose,
+    chief=True,
+    extra=(),
 ):
-    """One ``fit`` over the remaining epochs (after one over the rest of an epoch a resume falls in);
-    the bookkeeping is in the callbacks, whose writes only the chief makes."""
+    """One ``fit`` up to epoch ``total_epochs`` of ``epoch_steps`` steps (after one over the rest of
+    an epoch a resume falls in); the bookkeeping is in the callbacks, whose writes only the chief
+    makes."""
     run_dir = store.run_dir
     strategy = model.distribute_strategy
-    total_epochs = min(config.train.max_epoch, max_epochs) if max_epochs else config.train.max_epoch
-    epoch_steps = config.train.epoch_steps or _steps_per_pass(pipeline)
     step_log = StepLog(run_dir, start_time) if chief else None
     budget = TimeBudget(start_time + 60 * max_minutes, strategy) if max_minutes else None
     board = keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0)

@@ -270,7 +270,7 @@ def l2_regularization(variables, weights_decay):
     return tf.constant(weights_decay, tf.float32) * tf.add_n(terms)
 
 
-def _input_spec(value):
+def batch_free_spec(value):
     """Batch-size-free TensorSpec: the leading (and neighbour-width) dims vary between batches."""
     value = tf.convert_to_tensor(value)
     if value.dtype.is_floating and value.shape.rank == 2:
@@ -322,7 +322,7 @@ class TrainStep:
 
         Under R > 1 replicas (module docstring) ``replica_loss`` is this replica's share of the
         global loss (its gradients summed over replicas are the global loss's) and the other terms
-        are logged forms whose mean over replicas is the global value.
+        are the global batch's, the same on every replica.
         """
         train = self.config.train
         output_loss = self.network.output_loss(labels, logits, inputs)
@@ -395,7 +395,7 @@ class TrainStep:
         """Runs one step (compiled once per input structure); returns a dict of tensors."""
         key = (tuple(sorted(inputs)), dropout_uniform is None)
         if key not in self._compiled:
-            specs = ({k: _input_spec(v) for k, v in inputs.items()}, _input_spec(labels))
+            specs = ({k: batch_free_spec(v) for k, v in inputs.items()}, batch_free_spec(labels))
             if dropout_uniform is None:
                 self._compiled[key] = tf.function(lambda x, y: self.run(x, y), input_signature=specs)
             else:
@@ -413,7 +413,7 @@ def accuracy(labels, logits):
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
     valid = labels >= 0
     correct = tf.reduce_sum(tf.cast(tf.logical_and(valid, tf.equal(predictions, labels)), tf.float32))
-    rows = tf.reduce_sum(tf.cast(valid, tf.float32))
+    rows = labelled_rows(labels)
     context = replica_context()
     if context is not None:
         correct, rows = all_reduce(context, tf.distribute.ReduceOp.SUM, [correct, rows])
@@ -434,9 +434,14 @@ def all_reduce(context, operation, values):
     return context.all_reduce(operation, [tf.identity(v) for v in values])
 
 
+def labelled_rows(labels):
+    """Rows with a label (>= 0; ignored rows are < 0), float32: what the output loss averages."""
+    return tf.reduce_sum(tf.cast(tf.cast(labels, tf.int32) >= 0, tf.float32))
+
+
 def global_share(context, labels):
     """This replica's labelled rows / all replicas' (0 when no replica has any)."""
-    rows = tf.reduce_sum(tf.cast(tf.cast(labels, tf.int32) >= 0, tf.float32))
+    rows = labelled_rows(labels)
     return tf.math.divide_no_nan(rows, all_reduce(context, tf.distribute.ReduceOp.SUM, [rows])[0])
 
 
