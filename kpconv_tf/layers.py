@@ -58,7 +58,8 @@ class KPConv(keras.layers.Layer):
         'standard' (standard TF ops only: any device, XLA).
 
     Variables carry the original's names: ``weights`` [K, Din, Dout], non-trainable
-    ``kernel_points`` [K, 3] (saved with the weights, never regenerated on load).
+    ``kernel_points`` [K, 3] (saved with the weights, never regenerated on load). Gradients reach
+    the features and the weights, never the point coordinates (data, as in the original).
     """
 
     def __init__(
@@ -196,6 +197,7 @@ class KPConv(keras.layers.Layer):
                 self.influence,
                 self.aggregation,
                 self.implementation,
+                geometry_gradients=False,
             )
             + self.offset_conv_bias
         )
@@ -224,6 +226,7 @@ class KPConv(keras.layers.Layer):
                 self.influence,
                 self.aggregation,
                 implementation=self.implementation,
+                geometry_gradients=False,
             )
         _, offsets, modulations = self.offsets(query_points, support_points, neighbors, features)
         out = ops.kpconv_deformable(

@@ -137,15 +137,29 @@ def _kernel_sums(
     influence,
     aggregation,
     implementation,
+    geometry_gradients=True,
 ):
     """sum_h w[n,h,k] f[neighbors[n,h],:] -> [Nq, K, Din].
 
     ``kernel_points`` [K, 3] is the rigid form; [Nq, K, 3] (kernel points plus offsets) the
-    deformable one, which drops neighbours outside every influence sphere.
+    deformable one, which drops neighbours outside every influence sphere. Without
+    ``geometry_gradients`` only the features get a gradient.
     """
     if resolve_implementation(implementation, features.dtype) == "fused":
         return _fused_ops().kernel_aggregate(
-            query_points, support_points, neighbors, features, kernel_points, extent, influence, aggregation
+            query_points,
+            support_points,
+            neighbors,
+            features,
+            kernel_points,
+            extent,
+            influence,
+            aggregation,
+            geometry_gradients=geometry_gradients,
+        )
+    if not geometry_gradients:
+        query_points, support_points, kernel_points = (
+            tf.stop_gradient(x) for x in (query_points, support_points, kernel_points)
         )
     deformable = kernel_points.shape.rank == 3
     centred = centred_neighbors(
@@ -191,6 +205,7 @@ def kpconv(
     influence="linear",
     aggregation="sum",
     implementation="standard",
+    geometry_gradients=True,
 ):
     """Rigid KPConv.
 
@@ -200,6 +215,8 @@ def kpconv(
       features: float32 [Ns, Din]. kernel_points: float32 [K, 3] (already scaled, ~1.5 * extent).
       weights: float32 [K, Din, Dout]. extent: influence distance (points' units).
       implementation: "standard", "fused" or "auto" (see the module docstring).
+      geometry_gradients: False stops the gradient to the points and kernel points, which
+        halves the fused backward pass (the layers' rigid convolutions need none).
     Returns:
       float32 [Nq, Dout].
     """
@@ -209,7 +226,9 @@ def kpconv(
     )
     neighbors = tf.convert_to_tensor(neighbors, tf.int32)
     geometry = (query_points, support_points, neighbors)
-    sums = _kernel_sums(*geometry, features, kernel_points, extent, influence, aggregation, implementation)
+    sums = _kernel_sums(
+        *geometry, features, kernel_points, extent, influence, aggregation, implementation, geometry_gradients
+    )
     return _project(sums, weights)
 
 

@@ -114,6 +114,26 @@ def test_gradients_match_finite_differences(influence):
             np.testing.assert_allclose(t, nmr, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_geometry_gradients_off_keeps_feature_and_weight_gradients(implementation):
+    rng = np.random.default_rng(12)
+    q, s, n, f, kp, w = (tf.constant(a) for a in random_problem(rng))
+    results = []
+    for geometry in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch([q, s, f, kp, w])
+            out = ops.kpconv(
+                q, s, n, f, kp, w, 0.3, implementation=implementation, geometry_gradients=geometry
+            )
+            loss = tf.reduce_sum(tf.square(out))
+        results.append(tape.gradient(loss, [q, s, kp, f, w]))
+    with_geometry, without = results
+    assert all(g is not None for g in with_geometry)
+    assert without[:3] == [None, None, None]
+    for a, b in zip(with_geometry[3:], without[3:]):
+        np.testing.assert_allclose(tf.convert_to_tensor(b), tf.convert_to_tensor(a), rtol=1e-5, atol=1e-6)
+
+
 def test_dynamic_shapes_and_xla():
     rng = np.random.default_rng(5)
     spec = [

@@ -99,6 +99,48 @@ class KernelAggregateTest(tf.test.TestCase):
                         msg=f"{name}: {infl}/{agg} deformable={deformable}",
                     )
 
+    def test_feature_gradient_alone_and_across_shards(self):
+        # 1200 queries: the backward pass splits them into shards (one per thread, >= 256 queries
+        # each) that scatter into buffers of their own; neighbours of nearby queries fall in
+        # different shards, so their sum is exercised. geometry_gradients=False must change
+        # nothing but drop the geometric gradients.
+        rng = np.random.default_rng(21)
+        for deformable in (False, True):
+            for infl, agg in MODES:
+                q, s, n, f, kp = _problem(22, deformable, nq=1200, ns=1200, h=16, d_in=3)
+                k = kp.shape[-2]
+                r = rng.normal(size=(q.shape[0], k, f.shape[1]))
+                # float64 reference: d loss / d features[j] = sum over (i, h, k) with n[i, h] = j.
+                s_pad = np.concatenate([s, np.full((1, 3), 1e6)], 0).astype(np.float64)
+                kpts = kp if deformable else kp[None]
+                y = s_pad[n] - q[:, None, :].astype(np.float64)
+                d2 = np.sum((y[:, :, None, :] - np.asarray(kpts, np.float64)[:, None]) ** 2, axis=-1)
+                w = reference_influence(d2, 0.3, infl, agg, deformable)
+                if deformable:
+                    w = w * np.any(d2 < 0.3**2, axis=-1, keepdims=True)
+                w = w * (n < s.shape[0])[:, :, None]
+                reference = np.zeros((s.shape[0] + 1, f.shape[1]))
+                np.add.at(reference, n.ravel(), np.einsum("nhk,nkd->nhd", w, r).reshape(-1, f.shape[1]))
+                reference = reference[:-1]
+                for geometry in (True, False):
+                    qt, ft, kt = (tf.constant(a) for a in (q, f, kp))
+                    with tf.GradientTape() as tape:
+                        tape.watch([qt, ft, kt])
+                        sums = tf_custom_ops.kernel_aggregate(
+                            qt, s, n, ft, kt, 0.3, infl, agg, geometry_gradients=geometry
+                        )
+                        loss = tf.reduce_sum(sums * tf.constant(r, tf.float32))
+                    grad_q, grad_f, grad_k = tape.gradient(loss, [qt, ft, kt])
+                    msg = f"{infl}/{agg} deformable={deformable} geometry={geometry}"
+                    self.assertAllClose(
+                        grad_f, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max(), msg=msg
+                    )
+                    if not geometry:
+                        self.assertIsNone(grad_q, msg=msg)
+                        self.assertIsNone(grad_k, msg=msg)
+                    elif infl != "constant":
+                        self.assertGreater(np.abs(grad_k.numpy()).max(), 0.0, msg=msg)
+
     def test_edge_cases(self):
         rng = np.random.default_rng(3)
         kp = rng.normal(size=(5, 3)).astype(np.float32) * 0.1

@@ -164,6 +164,7 @@ def kernel_aggregate(
     extent,
     influence="linear",
     aggregation="sum",
+    geometry_gradients=True,
 ):
     """Fused neighbour sums of a kernel point convolution (CPU), with a registered gradient.
 
@@ -179,8 +180,12 @@ def kernel_aggregate(
       kernel_points: float32 [K, 3] (rigid) or [Nq, K, 3] (deformable: kernel points plus offsets;
         a neighbour outside every influence sphere (d >= extent) is dropped).
       extent: float > 0, the influence distance in the points' units.
+      geometry_gradients: False when no gradient is wanted for the points and kernel points (the
+        rigid layers': their kernel points are fixed and points are data); the backward pass then
+        only computes the features' gradient, about half its work.
     Returns:
-      float32 [Nq, K, Din]. Gradients flow to all float inputs but ``extent``.
+      float32 [Nq, K, Din]. Gradients flow to all float inputs but ``extent`` (to ``features``
+      only when ``geometry_gradients`` is False).
     """
     if influence not in ("constant", "linear", "gaussian"):
         raise ValueError(f"influence must be 'constant', 'linear' or 'gaussian', got {influence!r}")
@@ -207,17 +212,21 @@ def kernel_aggregate(
         influence=influence,
         aggregation=aggregation,
         deformable=kernel_points.shape.rank == 3,
+        geometry_gradients=bool(geometry_gradients),
     )
 
 
 @tf.RegisterGradient("KpconvKernelAggregate")
 def _kernel_aggregate_grad(op, grad):
-    attrs = {name: op.get_attr(name) for name in ("influence", "aggregation", "deformable")}
+    names = ("influence", "aggregation", "deformable", "geometry_gradients")
+    attrs = {name: op.get_attr(name) for name in names}
     attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
     support_points, neighbors = op.inputs[1], op.inputs[2]
     grad_features, grad_kernel_points, grad_centred = _ops.kpconv_kernel_aggregate_grad(
         *op.inputs, grad, **attrs
     )
+    if not attrs["geometry_gradients"]:
+        return [None, None, None, grad_features, None, None]
     # Centred neighbours are support - query: fold their gradient back onto both point sets.
     num_supports = tf.shape(support_points)[0]
     grad_supports = tf.math.unsorted_segment_sum(grad_centred, neighbors, num_supports + 1)[:num_supports]

@@ -11,7 +11,8 @@
 // contracts them with [Nq, H, K] influences in a batched matmul of tiny matrices (and the same
 // twice more in the backward pass). Here each neighbour is read once and only its non-zero
 // influences are accumulated: a linear influence reaches ~1-2 of the K kernel points, so most of
-// that work disappears and no [Nq, H, *] tensor is ever stored.
+// that work disappears and no [Nq, H, *] tensor is ever stored. With geometry_gradients = false
+// (fixed kernel points, points as data) the gradient op computes the features' gradient only.
 
 #include <algorithm>
 #include <cmath>
@@ -64,7 +65,8 @@ absl::Status AggregateShapes(InferenceContext* c, DimensionHandle* nq, Dimension
       .Input("extent: float")                                           \
       .Attr("influence: {'constant', 'linear', 'gaussian'} = 'linear'") \
       .Attr("aggregation: {'sum', 'closest'} = 'sum'")                  \
-      .Attr("deformable: bool = false")
+      .Attr("deformable: bool = false")                                 \
+      .Attr("geometry_gradients: bool = true")
 
 REGISTER_OP("KpconvKernelAggregate")
     .KPCONV_AGGREGATE_INPUTS_AND_ATTRS.Output("aggregates: float")
@@ -87,9 +89,11 @@ REGISTER_OP("KpconvKernelAggregateGrad")
       ShapeHandle grad, nb;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(6), 3, &grad));
       TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &nb));
+      bool geometry;
+      TF_RETURN_IF_ERROR(c->GetAttr("geometry_gradients", &geometry));
       c->set_output(0, c->input(3));
-      c->set_output(1, c->input(4));
-      c->set_output(2, c->MakeShape({nq, c->Dim(nb, 1), 3}));
+      c->set_output(1, geometry ? c->input(4) : c->MakeShape({0}));
+      c->set_output(2, geometry ? c->MakeShape({nq, c->Dim(nb, 1), 3}) : c->MakeShape({0}));
       return absl::OkStatus();
     })
     .Doc(
@@ -129,8 +133,16 @@ struct Inputs {
 struct Kernel {
   const Inputs& in;
   std::vector<float> x, y, z, d2, w, dw;
+  std::vector<int32_t> active;  // the kernel points with a non-zero influence (or gradient)
   explicit Kernel(const Inputs& inputs)
-      : in(inputs), x(in.p.k), y(in.p.k), z(in.p.k), d2(in.p.k), w(in.p.k), dw(in.p.k) {
+      : in(inputs),
+        x(in.p.k),
+        y(in.p.k),
+        z(in.p.k),
+        d2(in.p.k),
+        w(in.p.k),
+        dw(in.p.k),
+        active(in.p.k) {
     if (!in.p.deformable) Load(in.kp);
   }
   void Query(int64_t n) {
@@ -148,28 +160,31 @@ struct Kernel {
 };
 
 // Influences w[k] of every kernel point on the centred neighbour c (and dw/d(d2) when
-// `with_grad`). Returns false when the neighbour is unused (deformable and outside every
-// influence sphere). Matches kpconv_tf.ops.influence_weights.
-inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* kn) {
+// `with_grad`), matching kpconv_tf.ops.influence_weights. Returns how many kernel points have a
+// non-zero influence (or gradient), listed in kn->active; 0 also when the neighbour is unused
+// (deformable and outside every influence sphere). The loops have no data-dependent branch: a
+// linear influence reaches one or two of the K kernel points in an unpredictable pattern.
+inline int64_t Influences(const float* c, const Params& p, bool with_grad, Kernel* kn) {
   const int64_t num = p.k;
-  float* d2 = kn->d2.data();
-  float* w = kn->w.data();
-  float* dw = kn->dw.data();
+  float* __restrict d2 = kn->d2.data();
+  float* __restrict w = kn->w.data();
+  float* __restrict dw = kn->dw.data();
+  const float* __restrict x = kn->x.data();
+  const float* __restrict y = kn->y.data();
+  const float* __restrict z = kn->z.data();
   for (int64_t k = 0; k < num; ++k) {
-    const float dx = c[0] - kn->x[k], dy = c[1] - kn->y[k], dz = c[2] - kn->z[k];
+    const float dx = c[0] - x[k], dy = c[1] - y[k], dz = c[2] - z[k];
     d2[k] = dx * dx + dy * dy + dz * dz;
   }
   if (p.deformable) {
-    bool in_range = false;
+    int in_range = 0;
     for (int64_t k = 0; k < num; ++k) in_range |= d2[k] < p.extent2;
-    if (!in_range) return false;
+    if (!in_range) return 0;
   }
   int64_t first = 0, last = num;
   if (p.closest) {  // only the nearest kernel point (first on ties) keeps its influence
     for (int64_t k = 1; k < num; ++k)
       if (d2[k] < d2[first]) first = k;
-    std::fill(w, w + num, 0.0f);
-    std::fill(dw, dw + num, 0.0f);
     last = first + 1;
   }
   switch (p.influence) {
@@ -180,15 +195,12 @@ inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* 
       }
       break;
     case Influence::kLinear:
+      // Beyond the extent v < 0: no influence and no gradient.
       for (int64_t k = first; k < last; ++k) {
-        if (d2[k] > p.linear_cut) {  // surely beyond the extent: no influence, no gradient
-          w[k] = dw[k] = 0.0f;
-          continue;
-        }
         const float r = std::sqrt(std::max(d2[k], 1e-30f));
         const float v = 1.0f - r / p.extent;
         w[k] = std::max(v, 0.0f);
-        if (with_grad) dw[k] = (v >= 0.0f && d2[k] >= 1e-30f) ? -0.5f / (r * p.extent) : 0.0f;
+        dw[k] = (with_grad && v >= 0.0f && d2[k] >= 1e-30f) ? -0.5f / (r * p.extent) : 0.0f;
       }
       break;
     case Influence::kGaussian:
@@ -198,7 +210,13 @@ inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* 
       }
       break;
   }
-  return true;
+  int32_t* active = kn->active.data();
+  int64_t count = 0;
+  for (int64_t k = first; k < last; ++k) {
+    active[count] = static_cast<int32_t>(k);
+    count += (w[k] != 0.0f) | (dw[k] != 0.0f);
+  }
+  return count;
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void Axpy(float a,
@@ -223,6 +241,7 @@ class AggregateBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("influence", &influence));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("aggregation", &aggregation));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("deformable", &deformable_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("geometry_gradients", &geometry_gradients_));
     influence_ = influence == "constant" ? Influence::kConstant
                  : influence == "linear" ? Influence::kLinear
                                          : Influence::kGaussian;
@@ -300,6 +319,7 @@ class AggregateBase : public OpKernel {
   Influence influence_;
   bool closest_;
   bool deformable_;
+  bool geometry_gradients_;
 };
 
 class KernelAggregateOp : public AggregateBase {
@@ -317,6 +337,7 @@ class KernelAggregateOp : public AggregateBase {
     ParallelFor(ctx, in.nq, cost, [&](int64_t begin, int64_t end) {
       Kernel kernel(in);
       const float* w = kernel.w.data();
+      const int32_t* active = kernel.active.data();
       for (int64_t n = begin; n < end; ++n) {
         float* agg = out + n * kn * in.d;
         std::fill(agg, agg + kn * in.d, 0.0f);
@@ -326,9 +347,11 @@ class KernelAggregateOp : public AggregateBase {
           if (s == in.ns) continue;
           float c[3];
           in.Centre(n, s, c);
-          if (!Influences(c, in.p, false, &kernel)) continue;
-          for (int64_t k = 0; k < kn; ++k)
-            if (w[k] != 0.0f) Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
+          const int64_t count = Influences(c, in.p, false, &kernel);
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t k = active[i];
+            Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
+          }
         }
       }
     });
@@ -350,41 +373,59 @@ class KernelAggregateGradOp : public AggregateBase {
                 errors::InvalidArgument("grad must have shape [", in.nq, ", ", kn, ", ", in.d,
                                         "], got ", grad_t.shape().DebugString()));
     const float* grad = grad_t.flat<float>().data();
+    const bool geometry = geometry_gradients_;
     Tensor *gf_t = nullptr, *gk_t = nullptr, *gc_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(3).shape(), &gf_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(4).shape(), &gk_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({in.nq, in.h, 3}), &gc_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, geometry ? ctx->input(4).shape() : TensorShape({0}),
+                                             &gk_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            2, geometry ? TensorShape({in.nq, in.h, 3}) : TensorShape({0}), &gc_t));
     float* gf = gf_t->flat<float>().data();
     float* gk = gk_t->flat<float>().data();
     float* gc = gc_t->flat<float>().data();
 
-    // 1. Per query: gradients w.r.t. the centred neighbours and the kernel points. Shared (rigid)
-    // kernel points are summed per block of queries, in double, then over blocks.
-    const int64_t num_blocks = std::min<int64_t>(in.nq, 256);
-    const int64_t block = num_blocks ? (in.nq + num_blocks - 1) / num_blocks : 0;
-    std::vector<double> kp_partial(in.p.deformable ? 0 : num_blocks * kn * 3, 0.0);
-    const int64_t cost = block * in.h * (kn * 16 + 2 * in.d);
-    ParallelFor(ctx, num_blocks, cost, [&](int64_t b0, int64_t b1) {
+    // One pass over the queries, split into contiguous shards. Each shard scatters its feature
+    // gradients into a buffer of its own (shard 0 into the output), so no row is written by two
+    // threads and no support-major index is needed; the buffers are then added in shard order.
+    // Their number is capped by the threads and so that together they are no larger than `grad`.
+    const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+    const int64_t shards = std::max<int64_t>(
+        1, std::min({threads, in.nq * kn / std::max<int64_t>(in.ns, 1), (in.nq + 255) / 256}));
+    const int64_t span = (in.nq + shards - 1) / shards;
+    const int64_t row_floats = in.ns * in.d;
+    std::vector<float> extra((shards - 1) * row_floats, 0.0f);
+    std::fill(gf, gf + row_floats, 0.0f);
+    // Shared (rigid) kernel point gradients are summed per shard in double, then over shards.
+    std::vector<double> kp_partial(geometry && !in.p.deformable ? shards * kn * 3 : 0, 0.0);
+    const int64_t cost = span * in.h * (kn * 16 + 4 * in.d);
+    ParallelFor(ctx, shards, cost, [&](int64_t b0, int64_t b1) {
       Kernel kernel(in);
+      const float* w = kernel.w.data();
       const float* dw = kernel.dw.data();
+      const int32_t* active = kernel.active.data();
       for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t n = b * block; n < std::min(in.nq, (b + 1) * block); ++n) {
+        float* acc = b == 0 ? gf : extra.data() + (b - 1) * row_floats;
+        double* gshared = kp_partial.empty() ? nullptr : kp_partial.data() + b * kn * 3;
+        for (int64_t n = b * span; n < std::min(in.nq, (b + 1) * span); ++n) {
           const float* kp = in.KernelPoints(n);
           kernel.Query(n);
-          float* gkp = in.p.deformable ? gk + n * kn * 3 : nullptr;
+          float* gkp = geometry && in.p.deformable ? gk + n * kn * 3 : nullptr;
           if (gkp) std::fill(gkp, gkp + kn * 3, 0.0f);
-          double* gshared = in.p.deformable ? nullptr : kp_partial.data() + b * kn * 3;
           for (int64_t j = 0; j < in.h; ++j) {
-            float* gy = gc + (n * in.h + j) * 3;
-            gy[0] = gy[1] = gy[2] = 0.0f;
+            float* gy = geometry ? gc + (n * in.h + j) * 3 : nullptr;
+            if (gy) gy[0] = gy[1] = gy[2] = 0.0f;
             const int64_t s = in.nb[n * in.h + j];
             if (s == in.ns) continue;
             float c[3];
             in.Centre(n, s, c);
-            if (!Influences(c, in.p, true, &kernel)) continue;
-            for (int64_t k = 0; k < kn; ++k) {
-              if (dw[k] == 0.0f) continue;
-              const float g_d2 = Dot(grad + (n * kn + k) * in.d, in.f + s * in.d, in.d) * dw[k];
+            const int64_t count = Influences(c, in.p, geometry, &kernel);
+            const float* fs = in.f + s * in.d;
+            for (int64_t i = 0; i < count; ++i) {
+              const int64_t k = active[i];
+              const float* g_row = grad + (n * kn + k) * in.d;
+              if (w[k] != 0.0f) Axpy(w[k], g_row, acc + s * in.d, in.d);
+              if (!geometry || dw[k] == 0.0f) continue;
+              const float g_d2 = Dot(g_row, fs, in.d) * dw[k];
               for (int a = 0; a < 3; ++a) {
                 const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
                 gy[a] += g;
@@ -398,41 +439,21 @@ class KernelAggregateGradOp : public AggregateBase {
         }
       }
     });
-    if (!in.p.deformable) {
+    if (shards > 1) {
+      ParallelFor(ctx, in.ns, shards * in.d, [&](int64_t s0, int64_t s1) {
+        for (int64_t b = 1; b < shards; ++b) {
+          const float* part = extra.data() + (b - 1) * row_floats;
+          for (int64_t i = s0 * in.d; i < s1 * in.d; ++i) gf[i] += part[i];
+        }
+      });
+    }
+    if (!kp_partial.empty()) {
       for (int64_t i = 0; i < kn * 3; ++i) {
         double total = 0.0;
-        for (int64_t b = 0; b < num_blocks; ++b) total += kp_partial[b * kn * 3 + i];
+        for (int64_t b = 0; b < shards; ++b) total += kp_partial[b * kn * 3 + i];
         gk[i] = static_cast<float>(total);
       }
     }
-
-    // 2. Per support: its feature gradient, summed over the (query, column) pairs that read it,
-    // found through a support-major index of `neighbors` so no two threads write the same row.
-    std::vector<int64_t> start(in.ns + 2, 0);
-    const int64_t total = in.nq * in.h;
-    for (int64_t i = 0; i < total; ++i) ++start[in.nb[i] + 1];
-    for (int64_t s = 0; s <= in.ns; ++s) start[s + 1] += start[s];
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    std::vector<int64_t> entries(total);
-    for (int64_t i = 0; i < total; ++i) entries[fill[in.nb[i]]++] = i;
-    const int64_t per_support = in.ns ? total / in.ns + 1 : 1;
-    ParallelFor(ctx, in.ns, per_support * (kn * 12 + 2 * in.d), [&](int64_t s0, int64_t s1) {
-      Kernel kernel(in);
-      const float* w = kernel.w.data();
-      for (int64_t s = s0; s < s1; ++s) {
-        float* row = gf + s * in.d;
-        std::fill(row, row + in.d, 0.0f);
-        for (int64_t e = start[s]; e < start[s + 1]; ++e) {
-          const int64_t n = entries[e] / in.h;
-          float c[3];
-          in.Centre(n, s, c);
-          kernel.Query(n);
-          if (!Influences(c, in.p, false, &kernel)) continue;
-          for (int64_t k = 0; k < kn; ++k)
-            if (w[k] != 0.0f) Axpy(w[k], grad + (n * kn + k) * in.d, row, in.d);
-        }
-      }
-    });
   }
 };
 
