@@ -229,8 +229,15 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void Axpy(float a,
 __attribute__((target_clones("avx512f", "avx2", "default"))) float Dot(const float* __restrict x,
                                                                        const float* __restrict y,
                                                                        int64_t n) {
+  // Sixteen running sums, one per lane: a single float sum is a dependency chain the compiler may
+  // not reorder (no -ffast-math), so it would stay scalar.
+  float lanes[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += x[i + l] * y[i + l];
   float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
+  for (int l = 0; l < 16; ++l) s += lanes[l];
+  for (; i < n; ++i) s += x[i] * y[i];
   return s;
 }
 
