@@ -128,20 +128,27 @@ struct Inputs {
   }
 };
 
-// The kernel points of the current query in structure-of-arrays form, with per-neighbour scratch.
-// Rigid kernel points are loaded once; deformable ones by Query(n).
+// The kernel points of the current query in structure-of-arrays form, with per-neighbour scratch,
+// padded to a multiple of kLanes with far-away points so the arithmetic loops have no remainder
+// (padding is never listed as active). Rigid kernel points are loaded once; deformable ones by
+// Query(n).
+constexpr int64_t kLanes = 16;
+constexpr float kFarAway = 1e15f;  // its squared distance stays finite in float
+
 struct Kernel {
   const Inputs& in;
+  int64_t padded;
   std::vector<float> x, y, z, d2, w, dw;
   std::vector<int32_t> active;  // the kernel points with a non-zero influence (or gradient)
   explicit Kernel(const Inputs& inputs)
       : in(inputs),
-        x(in.p.k),
-        y(in.p.k),
-        z(in.p.k),
-        d2(in.p.k),
-        w(in.p.k),
-        dw(in.p.k),
+        padded((in.p.k + kLanes - 1) / kLanes * kLanes),
+        x(padded, kFarAway),
+        y(padded, kFarAway),
+        z(padded, kFarAway),
+        d2(padded),
+        w(padded),
+        dw(padded),
         active(in.p.k) {
     if (!in.p.deformable) Load(in.kp);
   }
@@ -151,13 +158,23 @@ struct Kernel {
 
  private:
   void Load(const float* kp) {
-    for (size_t k = 0; k < x.size(); ++k) {
+    for (int64_t k = 0; k < in.p.k; ++k) {
       x[k] = kp[3 * k];
       y[k] = kp[3 * k + 1];
       z[k] = kp[3 * k + 2];
     }
   }
 };
+
+inline void LinearInfluence(const float* __restrict d2, const Params& p, bool with_grad, int64_t from,
+                            int64_t to, float* __restrict w, float* __restrict dw) {
+  for (int64_t k = from; k < to; ++k) {
+    const float r = std::sqrt(std::max(d2[k], 1e-30f));
+    const float v = 1.0f - r / p.extent;
+    w[k] = std::max(v, 0.0f);
+    dw[k] = (with_grad && v >= 0.0f && d2[k] >= 1e-30f) ? -0.5f / (r * p.extent) : 0.0f;
+  }
+}
 
 // Influences w[k] of every kernel point on the centred neighbour c (and dw/d(d2) when
 // `with_grad`), matching kpconv_tf.ops.influence_weights. Returns how many kernel points have a
@@ -172,9 +189,12 @@ inline int64_t Influences(const float* c, const Params& p, bool with_grad, Kerne
   const float* __restrict x = kn->x.data();
   const float* __restrict y = kn->y.data();
   const float* __restrict z = kn->z.data();
-  for (int64_t k = 0; k < num; ++k) {
-    const float dx = c[0] - x[k], dy = c[1] - y[k], dz = c[2] - z[k];
-    d2[k] = dx * dx + dy * dy + dz * dz;
+  const int64_t padded = kn->padded;
+  for (int64_t b = 0; b < padded; b += kLanes) {
+    for (int64_t k = b; k < b + kLanes; ++k) {
+      const float dx = c[0] - x[k], dy = c[1] - y[k], dz = c[2] - z[k];
+      d2[k] = dx * dx + dy * dy + dz * dz;
+    }
   }
   if (p.deformable) {
     int in_range = 0;
@@ -187,24 +207,25 @@ inline int64_t Influences(const float* c, const Params& p, bool with_grad, Kerne
       if (d2[k] < d2[first]) first = k;
     last = first + 1;
   }
+  // The formulas run over whole lane blocks (or the one closest point); only [first, last) counts.
+  const int64_t from = p.closest ? first : 0, to = p.closest ? last : padded;
   switch (p.influence) {
     case Influence::kConstant:
-      for (int64_t k = first; k < last; ++k) {
+      for (int64_t k = from; k < to; ++k) {
         w[k] = p.deformable ? static_cast<float>(d2[k] < p.extent2) : 1.0f;
         dw[k] = 0.0f;
       }
       break;
     case Influence::kLinear:
       // Beyond the extent v < 0: no influence and no gradient.
-      for (int64_t k = first; k < last; ++k) {
-        const float r = std::sqrt(std::max(d2[k], 1e-30f));
-        const float v = 1.0f - r / p.extent;
-        w[k] = std::max(v, 0.0f);
-        dw[k] = (with_grad && v >= 0.0f && d2[k] >= 1e-30f) ? -0.5f / (r * p.extent) : 0.0f;
+      if (p.closest) {
+        LinearInfluence(d2, p, with_grad, from, to, w, dw);
+      } else {
+        for (int64_t b = 0; b < padded; b += kLanes) LinearInfluence(d2, p, with_grad, b, b + kLanes, w, dw);
       }
       break;
     case Influence::kGaussian:
-      for (int64_t k = first; k < last; ++k) {
+      for (int64_t k = from; k < to; ++k) {
         w[k] = std::exp(-d2[k] / p.gauss_denom);
         dw[k] = -w[k] / p.gauss_denom;
       }
@@ -219,16 +240,12 @@ inline int64_t Influences(const float* c, const Params& p, bool with_grad, Kerne
   return count;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void Axpy(float a,
-                                                                       const float* __restrict x,
-                                                                       float* __restrict y,
-                                                                       int64_t n) {
+// Row helpers, inlined into the per-thread loops below, which are compiled once per instruction set.
+inline void Axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) float Dot(const float* __restrict x,
-                                                                       const float* __restrict y,
-                                                                       int64_t n) {
+inline float Dot(const float* __restrict x, const float* __restrict y, int64_t n) {
   // Sixteen running sums, one per lane: a single float sum is a dependency chain the compiler may
   // not reorder (no -ffast-math), so it would stay scalar.
   float lanes[16] = {};
@@ -239,6 +256,75 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) float Dot(const flo
   for (int l = 0; l < 16; ++l) s += lanes[l];
   for (; i < n; ++i) s += x[i] * y[i];
   return s;
+}
+
+#define KPCONV_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// Forward sums of queries [begin, end) into out [Nq, K, Din].
+KPCONV_PER_ISA void SumQueries(const Inputs& in, int64_t begin, int64_t end, float* out) {
+  const int64_t kn = in.p.k;
+  Kernel kernel(in);
+  const float* w = kernel.w.data();
+  const int32_t* active = kernel.active.data();
+  for (int64_t n = begin; n < end; ++n) {
+    float* agg = out + n * kn * in.d;
+    std::fill(agg, agg + kn * in.d, 0.0f);
+    kernel.Query(n);
+    for (int64_t j = 0; j < in.h; ++j) {
+      const int64_t s = in.nb[n * in.h + j];
+      if (s == in.ns) continue;
+      float c[3];
+      in.Centre(n, s, c);
+      const int64_t count = Influences(c, in.p, false, &kernel);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t k = active[i];
+        Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
+      }
+    }
+  }
+}
+
+// Backward pass of queries [begin, end): feature gradients scattered into acc [Ns, Din]; with
+// `geometry`, centred-neighbour gradients into gc [Nq, H, 3] and kernel point gradients into gk
+// [Nq, K, 3] (deformable) or summed into gshared [K, 3] (rigid, double).
+KPCONV_PER_ISA void GradQueries(const Inputs& in, const float* grad, bool geometry, int64_t begin,
+                                int64_t end, float* acc, float* gk, float* gc, double* gshared) {
+  const int64_t kn = in.p.k;
+  Kernel kernel(in);
+  const float* w = kernel.w.data();
+  const float* dw = kernel.dw.data();
+  const int32_t* active = kernel.active.data();
+  for (int64_t n = begin; n < end; ++n) {
+    const float* kp = in.KernelPoints(n);
+    kernel.Query(n);
+    float* gkp = geometry && in.p.deformable ? gk + n * kn * 3 : nullptr;
+    if (gkp) std::fill(gkp, gkp + kn * 3, 0.0f);
+    for (int64_t j = 0; j < in.h; ++j) {
+      float* gy = geometry ? gc + (n * in.h + j) * 3 : nullptr;
+      if (gy) gy[0] = gy[1] = gy[2] = 0.0f;
+      const int64_t s = in.nb[n * in.h + j];
+      if (s == in.ns) continue;
+      float c[3];
+      in.Centre(n, s, c);
+      const int64_t count = Influences(c, in.p, geometry, &kernel);
+      const float* fs = in.f + s * in.d;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t k = active[i];
+        const float* g_row = grad + (n * kn + k) * in.d;
+        if (w[k] != 0.0f) Axpy(w[k], g_row, acc + s * in.d, in.d);
+        if (!geometry || dw[k] == 0.0f) continue;
+        const float g_d2 = Dot(g_row, fs, in.d) * dw[k];
+        for (int a = 0; a < 3; ++a) {
+          const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
+          gy[a] += g;
+          if (gkp)
+            gkp[3 * k + a] -= g;
+          else
+            gshared[3 * k + a] -= g;
+        }
+      }
+    }
+  }
 }
 
 class AggregateBase : public OpKernel {
@@ -341,27 +427,8 @@ class KernelAggregateOp : public AggregateBase {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({in.nq, kn, in.d}), &out_t));
     float* out = out_t->flat<float>().data();
     const int64_t cost = in.h * (kn * 12 + 2 * in.d) + kn * in.d;
-    ParallelFor(ctx, in.nq, cost, [&](int64_t begin, int64_t end) {
-      Kernel kernel(in);
-      const float* w = kernel.w.data();
-      const int32_t* active = kernel.active.data();
-      for (int64_t n = begin; n < end; ++n) {
-        float* agg = out + n * kn * in.d;
-        std::fill(agg, agg + kn * in.d, 0.0f);
-        kernel.Query(n);
-        for (int64_t j = 0; j < in.h; ++j) {
-          const int64_t s = in.nb[n * in.h + j];
-          if (s == in.ns) continue;
-          float c[3];
-          in.Centre(n, s, c);
-          const int64_t count = Influences(c, in.p, false, &kernel);
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t k = active[i];
-            Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
-          }
-        }
-      }
-    });
+    ParallelFor(ctx, in.nq, cost,
+                [&](int64_t begin, int64_t end) { SumQueries(in, begin, end, out); });
   }
 };
 
@@ -406,44 +473,10 @@ class KernelAggregateGradOp : public AggregateBase {
     std::vector<double> kp_partial(geometry && !in.p.deformable ? shards * kn * 3 : 0, 0.0);
     const int64_t cost = span * in.h * (kn * 16 + 4 * in.d);
     ParallelFor(ctx, shards, cost, [&](int64_t b0, int64_t b1) {
-      Kernel kernel(in);
-      const float* w = kernel.w.data();
-      const float* dw = kernel.dw.data();
-      const int32_t* active = kernel.active.data();
       for (int64_t b = b0; b < b1; ++b) {
         float* acc = b == 0 ? gf : extra.data() + (b - 1) * row_floats;
         double* gshared = kp_partial.empty() ? nullptr : kp_partial.data() + b * kn * 3;
-        for (int64_t n = b * span; n < std::min(in.nq, (b + 1) * span); ++n) {
-          const float* kp = in.KernelPoints(n);
-          kernel.Query(n);
-          float* gkp = geometry && in.p.deformable ? gk + n * kn * 3 : nullptr;
-          if (gkp) std::fill(gkp, gkp + kn * 3, 0.0f);
-          for (int64_t j = 0; j < in.h; ++j) {
-            float* gy = geometry ? gc + (n * in.h + j) * 3 : nullptr;
-            if (gy) gy[0] = gy[1] = gy[2] = 0.0f;
-            const int64_t s = in.nb[n * in.h + j];
-            if (s == in.ns) continue;
-            float c[3];
-            in.Centre(n, s, c);
-            const int64_t count = Influences(c, in.p, geometry, &kernel);
-            const float* fs = in.f + s * in.d;
-            for (int64_t i = 0; i < count; ++i) {
-              const int64_t k = active[i];
-              const float* g_row = grad + (n * kn + k) * in.d;
-              if (w[k] != 0.0f) Axpy(w[k], g_row, acc + s * in.d, in.d);
-              if (!geometry || dw[k] == 0.0f) continue;
-              const float g_d2 = Dot(g_row, fs, in.d) * dw[k];
-              for (int a = 0; a < 3; ++a) {
-                const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
-                gy[a] += g;
-                if (gkp)
-                  gkp[3 * k + a] -= g;
-                else
-                  gshared[3 * k + a] -= g;
-              }
-            }
-          }
-        }
+        GradQueries(in, grad, geometry, b * span, std::min(in.nq, (b + 1) * span), acc, gk, gc, gshared);
       }
     });
     if (shards > 1) {
