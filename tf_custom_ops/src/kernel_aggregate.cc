@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -107,7 +108,6 @@ struct Params {
   bool deformable;
   float extent;
   float extent2;      // extent^2, the deformable in-range test
-  float linear_cut;   // d2 above which a linear influence is surely zero (extent^2 + round-off)
   float gauss_denom;  // 2 sigma^2 + 1e-9 with sigma = 0.3 extent
   int64_t k;
 };
@@ -248,12 +248,12 @@ inline void Axpy(float a, const float* __restrict x, float* __restrict y, int64_
 inline float Dot(const float* __restrict x, const float* __restrict y, int64_t n) {
   // Sixteen running sums, one per lane: a single float sum is a dependency chain the compiler may
   // not reorder (no -ffast-math), so it would stay scalar.
-  float lanes[16] = {};
+  float lanes[kLanes] = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] += x[i + l] * y[i + l];
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * y[i + l];
   float s = 0.0f;
-  for (int l = 0; l < 16; ++l) s += lanes[l];
+  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
   for (; i < n; ++i) s += x[i] * y[i];
   return s;
 }
@@ -390,7 +390,6 @@ class AggregateBase : public OpKernel {
     in->p.deformable = deformable_;
     in->p.extent = e;
     in->p.extent2 = e * e;
-    in->p.linear_cut = e * e * 1.0001f;
     const float sigma = 0.3f * e;
     in->p.gauss_denom = 2.0f * (sigma * sigma) + 1e-9f;
     in->p.k = deformable_ ? kp.dim_size(1) : kp.dim_size(0);
@@ -467,14 +466,15 @@ class KernelAggregateGradOp : public AggregateBase {
         1, std::min({threads, in.nq * kn / std::max<int64_t>(in.ns, 1), (in.nq + 255) / 256}));
     const int64_t span = (in.nq + shards - 1) / shards;
     const int64_t row_floats = in.ns * in.d;
-    std::vector<float> extra((shards - 1) * row_floats, 0.0f);
-    std::fill(gf, gf + row_floats, 0.0f);
+    // Each shard zeroes its own buffer, in parallel.
+    std::unique_ptr<float[]> extra(new float[std::max<int64_t>(shards - 1, 0) * row_floats]);
     // Shared (rigid) kernel point gradients are summed per shard in double, then over shards.
     std::vector<double> kp_partial(geometry && !in.p.deformable ? shards * kn * 3 : 0, 0.0);
     const int64_t cost = span * in.h * (kn * 16 + 4 * in.d);
     ParallelFor(ctx, shards, cost, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        float* acc = b == 0 ? gf : extra.data() + (b - 1) * row_floats;
+        float* acc = b == 0 ? gf : extra.get() + (b - 1) * row_floats;
+        std::fill(acc, acc + row_floats, 0.0f);
         double* gshared = kp_partial.empty() ? nullptr : kp_partial.data() + b * kn * 3;
         GradQueries(in, grad, geometry, b * span, std::min(in.nq, (b + 1) * span), acc, gk, gc, gshared);
       }
@@ -482,7 +482,7 @@ class KernelAggregateGradOp : public AggregateBase {
     if (shards > 1) {
       ParallelFor(ctx, in.ns, shards * in.d, [&](int64_t s0, int64_t s1) {
         for (int64_t b = 1; b < shards; ++b) {
-          const float* part = extra.data() + (b - 1) * row_floats;
+          const float* part = extra.get() + (b - 1) * row_floats;
           for (int64_t i = s0 * in.d; i < s1 * in.d; ++i) gf[i] += part[i];
         }
       });
