@@ -99,11 +99,10 @@ class KernelAggregateTest(tf.test.TestCase):
                         msg=f"{name}: {infl}/{agg} deformable={deformable}",
                     )
 
-    def test_feature_gradient_alone_and_across_shards(self):
-        # 1200 queries: the backward pass splits them into shards (one per thread, >= 256 queries
-        # each) that scatter into buffers of their own; neighbours of nearby queries fall in
-        # different shards, so their sum is exercised. geometry_gradients=False must change
-        # nothing but drop the geometric gradients.
+    def test_feature_gradient_alone_and_across_blocks(self):
+        # 1200 queries: the backward pass splits them into many blocks of queries and of supports,
+        # whose neighbours fall in several blocks. geometry_gradients=False must change nothing
+        # but drop the geometric gradients.
         rng = np.random.default_rng(21)
         for deformable in (False, True):
             for infl, agg in MODES:

@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -284,36 +283,32 @@ KPCONV_PER_ISA void SumQueries(const Inputs& in, int64_t begin, int64_t end, flo
   }
 }
 
-// Backward pass of queries [begin, end): feature gradients scattered into acc [Ns, Din]; with
-// `geometry`, centred-neighbour gradients into gc [Nq, H, 3] and kernel point gradients into gk
-// [Nq, K, 3] (deformable) or summed into gshared [K, 3] (rigid, double).
-KPCONV_PER_ISA void GradQueries(const Inputs& in, const float* grad, bool geometry, int64_t begin,
-                                int64_t end, float* acc, float* gk, float* gc, double* gshared) {
+// Geometric gradients of queries [begin, end): centred-neighbour gradients into gc [Nq, H, 3]
+// and kernel point gradients into gk [Nq, K, 3] (deformable) or summed into gshared [K, 3]
+// (rigid, double).
+KPCONV_PER_ISA void GeometryGradients(const Inputs& in, const float* grad, int64_t begin,
+                                      int64_t end, float* gk, float* gc, double* gshared) {
   const int64_t kn = in.p.k;
   Kernel kernel(in);
-  const float* w = kernel.w.data();
   const float* dw = kernel.dw.data();
   const int32_t* active = kernel.active.data();
   for (int64_t n = begin; n < end; ++n) {
     const float* kp = in.KernelPoints(n);
     kernel.Query(n);
-    float* gkp = geometry && in.p.deformable ? gk + n * kn * 3 : nullptr;
+    float* gkp = in.p.deformable ? gk + n * kn * 3 : nullptr;
     if (gkp) std::fill(gkp, gkp + kn * 3, 0.0f);
     for (int64_t j = 0; j < in.h; ++j) {
-      float* gy = geometry ? gc + (n * in.h + j) * 3 : nullptr;
-      if (gy) gy[0] = gy[1] = gy[2] = 0.0f;
+      float* gy = gc + (n * in.h + j) * 3;
+      gy[0] = gy[1] = gy[2] = 0.0f;
       const int64_t s = in.nb[n * in.h + j];
       if (s == in.ns) continue;
       float c[3];
       in.Centre(n, s, c);
-      const int64_t count = Influences(c, in.p, geometry, &kernel);
-      const float* fs = in.f + s * in.d;
+      const int64_t count = Influences(c, in.p, true, &kernel);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t k = active[i];
-        const float* g_row = grad + (n * kn + k) * in.d;
-        if (w[k] != 0.0f) Axpy(w[k], g_row, acc + s * in.d, in.d);
-        if (!geometry || dw[k] == 0.0f) continue;
-        const float g_d2 = Dot(g_row, fs, in.d) * dw[k];
+        if (dw[k] == 0.0f) continue;
+        const float g_d2 = Dot(grad + (n * kn + k) * in.d, in.f + s * in.d, in.d) * dw[k];
         for (int a = 0; a < 3; ++a) {
           const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
           gy[a] += g;
@@ -322,6 +317,32 @@ KPCONV_PER_ISA void GradQueries(const Inputs& in, const float* grad, bool geomet
           else
             gshared[3 * k + a] -= g;
         }
+      }
+    }
+  }
+}
+
+// Feature gradients of supports [begin, end) into gf [Ns, Din], each summed over the (query,
+// column) entries that read it, in `neighbors` order: entries[start[s] .. start[s + 1]).
+KPCONV_PER_ISA void FeatureGradients(const Inputs& in, const float* grad, const int64_t* start,
+                                     const int64_t* entries, int64_t begin, int64_t end,
+                                     float* gf) {
+  const int64_t kn = in.p.k;
+  Kernel kernel(in);
+  const float* w = kernel.w.data();
+  const int32_t* active = kernel.active.data();
+  for (int64_t s = begin; s < end; ++s) {
+    float* row = gf + s * in.d;
+    std::fill(row, row + in.d, 0.0f);
+    for (int64_t e = start[s]; e < start[s + 1]; ++e) {
+      const int64_t n = entries[e] / in.h;
+      float c[3];
+      in.Centre(n, s, c);
+      kernel.Query(n);
+      const int64_t count = Influences(c, in.p, false, &kernel);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t k = active[i];
+        Axpy(w[k], grad + (n * kn + k) * in.d, row, in.d);
       }
     }
   }
@@ -457,43 +478,41 @@ class KernelAggregateGradOp : public AggregateBase {
     float* gk = gk_t->flat<float>().data();
     float* gc = gc_t->flat<float>().data();
 
-    // One pass over the queries, split into contiguous shards. Each shard scatters its feature
-    // gradients into a buffer of its own (shard 0 into the output), so no row is written by two
-    // threads and no support-major index is needed; the buffers are then added in shard order.
-    // Their number is capped by the threads and so that together they are no larger than `grad`.
-    const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
-    const int64_t shards = std::max<int64_t>(
-        1, std::min({threads, in.nq * kn / std::max<int64_t>(in.ns, 1), (in.nq + 255) / 256}));
-    const int64_t span = (in.nq + shards - 1) / shards;
-    const int64_t row_floats = in.ns * in.d;
-    // Each shard zeroes its own buffer, in parallel.
-    std::unique_ptr<float[]> extra(new float[std::max<int64_t>(shards - 1, 0) * row_floats]);
-    // Shared (rigid) kernel point gradients are summed per shard in double, then over shards.
-    std::vector<double> kp_partial(geometry && !in.p.deformable ? shards * kn * 3 : 0, 0.0);
-    const int64_t cost = span * in.h * (kn * 16 + 4 * in.d);
-    ParallelFor(ctx, shards, cost, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        float* acc = b == 0 ? gf : extra.get() + (b - 1) * row_floats;
-        std::fill(acc, acc + row_floats, 0.0f);
-        double* gshared = kp_partial.empty() ? nullptr : kp_partial.data() + b * kn * 3;
-        GradQueries(in, grad, geometry, b * span, std::min(in.nq, (b + 1) * span), acc, gk, gc, gshared);
-      }
-    });
-    if (shards > 1) {
-      ParallelFor(ctx, in.ns, shards * in.d, [&](int64_t s0, int64_t s1) {
-        for (int64_t b = 1; b < shards; ++b) {
-          const float* part = extra.get() + (b - 1) * row_floats;
-          for (int64_t i = s0 * in.d; i < s1 * in.d; ++i) gf[i] += part[i];
+    // 1. With geometry: per query, the gradients of the centred neighbours and kernel points.
+    // Shared (rigid) kernel points are summed per block of queries, in double, then over blocks.
+    if (geometry) {
+      const int64_t num_blocks = std::min<int64_t>(in.nq, 256);
+      const int64_t block = num_blocks ? (in.nq + num_blocks - 1) / num_blocks : 0;
+      std::vector<double> kp_partial(in.p.deformable ? 0 : num_blocks * kn * 3, 0.0);
+      ParallelFor(ctx, num_blocks, block * in.h * (kn * 16 + 2 * in.d), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          double* gshared = kp_partial.empty() ? nullptr : kp_partial.data() + b * kn * 3;
+          GeometryGradients(in, grad, b * block, std::min(in.nq, (b + 1) * block), gk, gc, gshared);
         }
       });
-    }
-    if (!kp_partial.empty()) {
-      for (int64_t i = 0; i < kn * 3; ++i) {
-        double total = 0.0;
-        for (int64_t b = 0; b < shards; ++b) total += kp_partial[b * kn * 3 + i];
-        gk[i] = static_cast<float>(total);
+      if (!in.p.deformable) {
+        for (int64_t i = 0; i < kn * 3; ++i) {
+          double total = 0.0;
+          for (int64_t b = 0; b < num_blocks; ++b) total += kp_partial[b * kn * 3 + i];
+          gk[i] = static_cast<float>(total);
+        }
       }
     }
+
+    // 2. Per support: its feature gradient, summed in `neighbors` order over the entries that
+    // read it (found through a support-major index), so no two threads write the same row and
+    // the sum does not depend on the thread count or on how clouds are batched together.
+    std::vector<int64_t> start(in.ns + 2, 0);
+    const int64_t total = in.nq * in.h;
+    for (int64_t i = 0; i < total; ++i) ++start[in.nb[i] + 1];
+    for (int64_t s = 0; s <= in.ns; ++s) start[s + 1] += start[s];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    std::vector<int64_t> entries(total);
+    for (int64_t i = 0; i < total; ++i) entries[fill[in.nb[i]]++] = i;
+    const int64_t per_support = in.ns ? total / in.ns + 1 : 1;
+    ParallelFor(ctx, in.ns, per_support * (kn * 12 + 2 * in.d), [&](int64_t s0, int64_t s1) {
+      FeatureGradients(in, grad, start.data(), entries.data(), s0, s1, gf);
+    });
   }
 };
 
