@@ -50,7 +50,7 @@ def _stats(values):
 class Replay:
     """A KP-CNN restored from init_ckpt with its train step; `run(t)` replays stored batch t."""
 
-    def __init__(self, semantics, learning_rate=None, perturbation=0.0):
+    def __init__(self, semantics, learning_rate=None, perturbation=0.0, seed=0):
         self.config = convert.config_from_original(FIXTURES / "parameters.txt")
         self.config.train.semantics = semantics
         self.batches = np.load(FIXTURES / "batches.npz")
@@ -60,7 +60,7 @@ class Replay:
         if learning_rate is not None:
             self.step.learning_rate.assign(learning_rate)
         if perturbation:
-            rng = np.random.default_rng(0)
+            rng = np.random.default_rng(seed)
             for v in self.step.variables:
                 v.assign(v.numpy() * (1 + perturbation * rng.standard_normal(v.shape)).astype(np.float32))
         self.initial = self.values()
@@ -232,35 +232,39 @@ def test_trajectory_sensitivity(run_1e3, run_1e3_perturbed):
 
 def test_learning_rate_005():
     """lr 0.05 (fresh slots, same batches): step 0 at 1e-4 (losses, gradients, slots, BN statistics,
-    var_l2); steps 1-4 (losses, var_l2 after every step) within the one-ulp spread of our own runs."""
+    var_l2); steps 1-4 (losses, var_l2 after every step) within the spread of our own runs under
+    1e-7 weight perturbations. At this rate some variables grow several-fold within four steps, so
+    one perturbed run is too small a sample of that spread: the largest over three is taken."""
     log = np.load(FIXTURES / "lr_0.05" / "log.npz")
     lr = float(log["learning_rate_config"])
-    runs = [Replay("original", learning_rate=lr), Replay("original", learning_rate=lr, perturbation=1e-7)]
-    for replay in runs:
+    replay = Replay("original", learning_rate=lr)
+    others = [Replay("original", learning_rate=lr, perturbation=1e-7, seed=seed) for seed in range(3)]
+    for run in [replay, *others]:
         for t in range(int(log["n_steps"])):
-            replay.run(t)
-    replay, other = runs
+            run.run(t)
     errors = _check_first_step(replay, log)
     print("lr 0.05, step 0 relative errors:", {k: f"{v:.1e}" for k, v in errors.items()})
     assert max(errors.values()) < TOLERANCE, errors
     names = [str(n) for n in log["checkpoint_variable_names"]]
+
+    def var_l2(run, t):
+        return np.array([run.history[t]["var_stats"][n][1] for n in names])
+
     to_reference, spread = {}, {}
     for t in range(1, 5):
-        ours = np.array([replay.history[t]["var_stats"][n][1] for n in names])
-        theirs = np.array([other.history[t]["var_stats"][n][1] for n in names])
-        to_reference[f"var_l2_{t}"] = float(np.max(np.abs(ours - log["var_l2"][t]) / log["var_l2"][t]))
-        spread[f"var_l2_{t}"] = float(np.max(np.abs(ours - theirs) / log["var_l2"][t]))
+        ours, reference = var_l2(replay, t), log["var_l2"][t]
+        to_reference[f"var_l2_{t}"] = float(np.max(np.abs(ours - reference) / reference))
+        spread[f"var_l2_{t}"] = max(float(np.max(np.abs(ours - var_l2(o, t)) / reference)) for o in others)
         for n in ("output_loss", "total_loss"):
-            to_reference[f"{n}_{t}"] = abs(float(replay.history[t][n]) - float(log[n][t])) / float(log[n][t])
-            spread[f"{n}_{t}"] = abs(float(replay.history[t][n]) - float(other.history[t][n])) / float(
-                log[n][t]
-            )
+            value, reference = float(replay.history[t][n]), float(log[n][t])
+            to_reference[f"{n}_{t}"] = abs(value - reference) / reference
+            spread[f"{n}_{t}"] = max(abs(value - float(o.history[t][n])) / reference for o in others)
     print(
         "lr 0.05, steps 1-4, relative error to the original:",
         {k: f"{v:.1e}" for k, v in to_reference.items()},
     )
     print(
-        "lr 0.05, steps 1-4, spread for a 1e-7 weight perturbation:",
+        "lr 0.05, steps 1-4, largest spread over three 1e-7 weight perturbations:",
         {k: f"{v:.1e}" for k, v in spread.items()},
     )
     worst_ref, worst_spread = max(to_reference.values()), max(spread.values())

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -129,7 +130,7 @@ struct Inputs {
 
 // The kernel points of the current query in structure-of-arrays form, with per-neighbour scratch,
 // padded to a multiple of kLanes with far-away points so the arithmetic loops have no remainder
-// (padding is never listed as active). Rigid kernel points are loaded once; deformable ones by
+// (padding never has an influence). Rigid kernel points are loaded once; deformable ones by
 // Query(n).
 constexpr int64_t kLanes = 16;
 constexpr float kFarAway = 1e15f;  // its squared distance stays finite in float
@@ -138,7 +139,9 @@ struct Kernel {
   const Inputs& in;
   int64_t padded;
   std::vector<float> x, y, z, d2, w, dw;
-  std::vector<int32_t> active;  // the kernel points with a non-zero influence (or gradient)
+  // Per lane block, bit l set when kernel point block * kLanes + l has a non-zero influence (or
+  // gradient) on the current neighbour.
+  std::vector<uint32_t> mask;
   explicit Kernel(const Inputs& inputs)
       : in(inputs),
         padded((in.p.k + kLanes - 1) / kLanes * kLanes),
@@ -148,7 +151,7 @@ struct Kernel {
         d2(padded),
         w(padded),
         dw(padded),
-        active(in.p.k) {
+        mask(padded / kLanes) {
     if (!in.p.deformable) Load(in.kp);
   }
   void Query(int64_t n) {
@@ -175,12 +178,35 @@ inline void LinearInfluence(const float* __restrict d2, const Params& p, bool wi
   }
 }
 
+// Bit l set when lane l has a non-zero influence or gradient. Written on unsigned lanes in GCC's
+// vector extension: a plain loop (or a float compare) here is unrolled and left scalar once
+// inlined into the per-neighbour loop, and this is the hottest spot of the sum.
+typedef uint32_t LanesU32 __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t HalfU32 __attribute__((vector_size(2 * kLanes)));
+typedef uint32_t QuarterU32 __attribute__((vector_size(kLanes)));
+static_assert(kLanes == 16, "LaneMask is written for 16 lanes");
+
+inline uint32_t LaneMask(const float* __restrict w, const float* __restrict dw) {
+  LanesU32 a, b;
+  std::memcpy(&a, w, sizeof a);
+  std::memcpy(&b, dw, sizeof b);
+  const LanesU32 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  // A non-zero magnitude (sign bit cleared) carries into bit 31 when 0x7fffffff is added.
+  const LanesU32 bits = ((((a | b) & 0x7fffffffu) + 0x7fffffffu) >> 31) << lane;
+  const HalfU32 half = __builtin_shufflevector(bits, bits, 0, 1, 2, 3, 4, 5, 6, 7) |
+                       __builtin_shufflevector(bits, bits, 8, 9, 10, 11, 12, 13, 14, 15);
+  const QuarterU32 quarter =
+      __builtin_shufflevector(half, half, 0, 1, 2, 3) | __builtin_shufflevector(half, half, 4, 5, 6, 7);
+  return (quarter[0] | quarter[1]) | (quarter[2] | quarter[3]);
+}
+
 // Influences w[k] of every kernel point on the centred neighbour c (and dw/d(d2) when
-// `with_grad`), matching kpconv_tf.ops.influence_weights. Returns how many kernel points have a
-// non-zero influence (or gradient), listed in kn->active; 0 also when the neighbour is unused
-// (deformable and outside every influence sphere). The loops have no data-dependent branch: a
-// linear influence reaches one or two of the K kernel points in an unpredictable pattern.
-inline int64_t Influences(const float* c, const Params& p, bool with_grad, Kernel* kn) {
+// `with_grad`), matching kpconv_tf.ops.influence_weights, with the kernel points that have a
+// non-zero influence (or gradient) marked in kn->mask. Returns false when none has (deformable:
+// the neighbour is outside every influence sphere). The loops have no data-dependent branch: a
+// linear influence reaches one or two of the K kernel points in an unpredictable pattern, and
+// the mask is a vector compare rather than a loop over the K points.
+inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* kn) {
   const int64_t num = p.k;
   float* __restrict d2 = kn->d2.data();
   float* __restrict w = kn->w.data();
@@ -188,6 +214,7 @@ inline int64_t Influences(const float* c, const Params& p, bool with_grad, Kerne
   const float* __restrict x = kn->x.data();
   const float* __restrict y = kn->y.data();
   const float* __restrict z = kn->z.data();
+  uint32_t* mask = kn->mask.data();
   const int64_t padded = kn->padded;
   for (int64_t b = 0; b < padded; b += kLanes) {
     for (int64_t k = b; k < b + kLanes; ++k) {
@@ -198,45 +225,61 @@ inline int64_t Influences(const float* c, const Params& p, bool with_grad, Kerne
   if (p.deformable) {
     int in_range = 0;
     for (int64_t k = 0; k < num; ++k) in_range |= d2[k] < p.extent2;
-    if (!in_range) return 0;
+    if (!in_range) return false;
   }
-  int64_t first = 0, last = num;
   if (p.closest) {  // only the nearest kernel point (first on ties) keeps its influence
+    int64_t first = 0;
     for (int64_t k = 1; k < num; ++k)
       if (d2[k] < d2[first]) first = k;
-    last = first + 1;
+    switch (p.influence) {
+      case Influence::kConstant:
+        w[first] = p.deformable ? static_cast<float>(d2[first] < p.extent2) : 1.0f;
+        dw[first] = 0.0f;
+        break;
+      case Influence::kLinear:
+        LinearInfluence(d2, p, with_grad, first, first + 1, w, dw);
+        break;
+      case Influence::kGaussian:
+        w[first] = std::exp(-d2[first] / p.gauss_denom);
+        dw[first] = -w[first] / p.gauss_denom;
+        break;
+    }
+    std::fill(mask, mask + padded / kLanes, 0u);
+    const bool on = (w[first] != 0.0f) | (dw[first] != 0.0f);
+    mask[first / kLanes] = static_cast<uint32_t>(on) << (first % kLanes);
+    return on;
   }
-  // The formulas run over whole lane blocks (or the one closest point); only [first, last) counts.
-  const int64_t from = p.closest ? first : 0, to = p.closest ? last : padded;
+  // Padding lanes are far beyond the extent: no influence, no gradient.
   switch (p.influence) {
     case Influence::kConstant:
-      for (int64_t k = from; k < to; ++k) {
-        w[k] = p.deformable ? static_cast<float>(d2[k] < p.extent2) : 1.0f;
+      for (int64_t k = 0; k < padded; ++k) {
+        w[k] = p.deformable ? static_cast<float>(d2[k] < p.extent2) : static_cast<float>(k < num);
         dw[k] = 0.0f;
       }
       break;
     case Influence::kLinear:
-      // Beyond the extent v < 0: no influence and no gradient.
-      if (p.closest) {
-        LinearInfluence(d2, p, with_grad, from, to, w, dw);
-      } else {
-        for (int64_t b = 0; b < padded; b += kLanes) LinearInfluence(d2, p, with_grad, b, b + kLanes, w, dw);
-      }
+      for (int64_t b = 0; b < padded; b += kLanes) LinearInfluence(d2, p, with_grad, b, b + kLanes, w, dw);
       break;
     case Influence::kGaussian:
-      for (int64_t k = from; k < to; ++k) {
-        w[k] = std::exp(-d2[k] / p.gauss_denom);
+      for (int64_t k = 0; k < padded; ++k) {
+        w[k] = k < num ? std::exp(-d2[k] / p.gauss_denom) : 0.0f;
         dw[k] = -w[k] / p.gauss_denom;
       }
       break;
   }
-  int32_t* active = kn->active.data();
-  int64_t count = 0;
-  for (int64_t k = first; k < last; ++k) {
-    active[count] = static_cast<int32_t>(k);
-    count += (w[k] != 0.0f) | (dw[k] != 0.0f);
+  uint32_t any = 0;
+  for (int64_t b = 0; b < padded; b += kLanes) {
+    mask[b / kLanes] = LaneMask(w + b, dw + b);
+    any |= mask[b / kLanes];
   }
-  return count;
+  return any != 0;
+}
+
+// The next marked kernel point of lane block `b`, clearing its bit; `m` must be non-zero.
+inline int64_t NextActive(int64_t b, uint32_t* m) {
+  const int64_t k = b * kLanes + __builtin_ctz(*m);
+  *m &= *m - 1;
+  return k;
 }
 
 // Row helpers, inlined into the per-thread loops below, which are compiled once per instruction set.
@@ -264,7 +307,7 @@ KPCONV_PER_ISA void SumQueries(const Inputs& in, int64_t begin, int64_t end, flo
   const int64_t kn = in.p.k;
   Kernel kernel(in);
   const float* w = kernel.w.data();
-  const int32_t* active = kernel.active.data();
+  const int64_t blocks = kernel.padded / kLanes;
   for (int64_t n = begin; n < end; ++n) {
     float* agg = out + n * kn * in.d;
     std::fill(agg, agg + kn * in.d, 0.0f);
@@ -274,10 +317,12 @@ KPCONV_PER_ISA void SumQueries(const Inputs& in, int64_t begin, int64_t end, flo
       if (s == in.ns) continue;
       float c[3];
       in.Centre(n, s, c);
-      const int64_t count = Influences(c, in.p, false, &kernel);
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t k = active[i];
-        Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
+      if (!Influences(c, in.p, false, &kernel)) continue;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (uint32_t m = kernel.mask[b]; m;) {
+          const int64_t k = NextActive(b, &m);
+          Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
+        }
       }
     }
   }
@@ -291,7 +336,7 @@ KPCONV_PER_ISA void GeometryGradients(const Inputs& in, const float* grad, int64
   const int64_t kn = in.p.k;
   Kernel kernel(in);
   const float* dw = kernel.dw.data();
-  const int32_t* active = kernel.active.data();
+  const int64_t blocks = kernel.padded / kLanes;
   for (int64_t n = begin; n < end; ++n) {
     const float* kp = in.KernelPoints(n);
     kernel.Query(n);
@@ -304,45 +349,55 @@ KPCONV_PER_ISA void GeometryGradients(const Inputs& in, const float* grad, int64
       if (s == in.ns) continue;
       float c[3];
       in.Centre(n, s, c);
-      const int64_t count = Influences(c, in.p, true, &kernel);
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t k = active[i];
-        if (dw[k] == 0.0f) continue;
-        const float g_d2 = Dot(grad + (n * kn + k) * in.d, in.f + s * in.d, in.d) * dw[k];
-        for (int a = 0; a < 3; ++a) {
-          const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
-          gy[a] += g;
-          if (gkp)
-            gkp[3 * k + a] -= g;
-          else
-            gshared[3 * k + a] -= g;
+      if (!Influences(c, in.p, true, &kernel)) continue;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (uint32_t m = kernel.mask[b]; m;) {
+          const int64_t k = NextActive(b, &m);
+          if (dw[k] == 0.0f) continue;
+          const float g_d2 = Dot(grad + (n * kn + k) * in.d, in.f + s * in.d, in.d) * dw[k];
+          for (int a = 0; a < 3; ++a) {
+            const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
+            gy[a] += g;
+            if (gkp)
+              gkp[3 * k + a] -= g;
+            else
+              gshared[3 * k + a] -= g;
+          }
         }
       }
     }
   }
 }
 
-// Feature gradients of supports [begin, end) into gf [Ns, Din], each summed over the (query,
-// column) entries that read it, in `neighbors` order: entries[start[s] .. start[s + 1]).
-KPCONV_PER_ISA void FeatureGradients(const Inputs& in, const float* grad, const int64_t* start,
-                                     const int64_t* entries, int64_t begin, int64_t end,
+// Feature gradients of supports [s_begin, s_end) into gf [Ns, Din]. Each support's row is summed
+// over the (query, column) entries that read it in `neighbors` order (queries ascending, then
+// columns), the order in which this query-major pass meets them: the sums do not depend on the
+// thread count or on how clouds are batched together, and grad is read query by query (its
+// [K, Din] rows are K times larger than a feature row). row_min / row_max [Nq]: the smallest and
+// largest support of each row, so that rows outside the range are skipped without reading them.
+KPCONV_PER_ISA void FeatureGradients(const Inputs& in, const float* grad, const int32_t* row_min,
+                                     const int32_t* row_max, int64_t s_begin, int64_t s_end,
                                      float* gf) {
   const int64_t kn = in.p.k;
   Kernel kernel(in);
   const float* w = kernel.w.data();
-  const int32_t* active = kernel.active.data();
-  for (int64_t s = begin; s < end; ++s) {
-    float* row = gf + s * in.d;
-    std::fill(row, row + in.d, 0.0f);
-    for (int64_t e = start[s]; e < start[s + 1]; ++e) {
-      const int64_t n = entries[e] / in.h;
+  const int64_t blocks = kernel.padded / kLanes;
+  std::fill(gf + s_begin * in.d, gf + s_end * in.d, 0.0f);
+  for (int64_t n = 0; n < in.nq; ++n) {
+    if (row_max[n] < s_begin || row_min[n] >= s_end) continue;
+    kernel.Query(n);
+    for (int64_t j = 0; j < in.h; ++j) {
+      const int64_t s = in.nb[n * in.h + j];
+      if (s < s_begin || s >= s_end) continue;  // the shadow index Ns is never in range
       float c[3];
       in.Centre(n, s, c);
-      kernel.Query(n);
-      const int64_t count = Influences(c, in.p, false, &kernel);
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t k = active[i];
-        Axpy(w[k], grad + (n * kn + k) * in.d, row, in.d);
+      if (!Influences(c, in.p, false, &kernel)) continue;
+      float* row = gf + s * in.d;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (uint32_t m = kernel.mask[b]; m;) {
+          const int64_t k = NextActive(b, &m);
+          Axpy(w[k], grad + (n * kn + k) * in.d, row, in.d);
+        }
       }
     }
   }
@@ -499,19 +554,30 @@ class KernelAggregateGradOp : public AggregateBase {
       }
     }
 
-    // 2. Per support: its feature gradient, summed in `neighbors` order over the entries that
-    // read it (found through a support-major index), so no two threads write the same row and
-    // the sum does not depend on the thread count or on how clouds are batched together.
-    std::vector<int64_t> start(in.ns + 2, 0);
-    const int64_t total = in.nq * in.h;
-    for (int64_t i = 0; i < total; ++i) ++start[in.nb[i] + 1];
-    for (int64_t s = 0; s <= in.ns; ++s) start[s + 1] += start[s];
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    std::vector<int64_t> entries(total);
-    for (int64_t i = 0; i < total; ++i) entries[fill[in.nb[i]]++] = i;
-    const int64_t per_support = in.ns ? total / in.ns + 1 : 1;
-    ParallelFor(ctx, in.ns, per_support * (kn * 12 + 2 * in.d), [&](int64_t s0, int64_t s1) {
-      FeatureGradients(in, grad, start.data(), entries.data(), s0, s1, gf);
+    // 2. The feature gradient, per range of supports (see FeatureGradients). The ranges are
+    // large enough that the scan over the row bounds stays small against the sums.
+    std::vector<int32_t> row_min(in.nq), row_max(in.nq);
+    ParallelFor(ctx, in.nq, 2 * in.h, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        int32_t lo = static_cast<int32_t>(in.ns), hi = -1;
+        for (int64_t j = 0; j < in.h; ++j) {
+          const int32_t s = in.nb[n * in.h + j];
+          const bool real = s != in.ns;
+          lo = std::min(lo, real ? s : lo);
+          hi = std::max(hi, real ? s : hi);
+        }
+        row_min[n] = lo;
+        row_max[n] = hi;
+      }
+    });
+    const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+    const int64_t num_ranges = std::max<int64_t>(1, std::min<int64_t>((in.ns + 1023) / 1024, 4 * threads));
+    const int64_t range = (in.ns + num_ranges - 1) / num_ranges;
+    const int64_t per_range = in.nq * 2 + in.nq * in.h / num_ranges * (kn * 12 + 2 * in.d);
+    ParallelFor(ctx, num_ranges, per_range, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        FeatureGradients(in, grad, row_min.data(), row_max.data(), std::min(in.ns, r * range),
+                         std::min(in.ns, (r + 1) * range), gf);
     });
   }
 };
