@@ -170,17 +170,25 @@ class KernelAggregateTest(tf.test.TestCase):
         twice = tf_custom_ops.kernel_aggregate(p, p, [[0, 0]], f4[:1], kp, 0.5, "gaussian")
         self.assertAllClose(twice, 2 * once.numpy())
         self.assertAllClose(once, reference_sums(p, p, np.array([[0]]), f4[:1], kp, 0.5, "gaussian", "sum"))
-        # A huge extent reaches every kernel point; a tiny one none (linear).
-        q, s, n, f, kp15 = _problem(4, False)
-        self.assertAllClose(
-            tf_custom_ops.kernel_aggregate(q, s, n, f, kp15, 1e6),
-            reference_sums(q, s, n, f, kp15, 1e6, "linear", "sum"),
-            rtol=1e-5,
-            atol=1e-4,
-        )
-        self.assertAllEqual(
-            tf_custom_ops.kernel_aggregate(q, s, n, f, kp15, 1e-12), np.zeros((q.shape[0], 15, f.shape[1]))
-        )
+        # A huge extent reaches every kernel point, even one whose square overflows float (and
+        # then reaches the op's internal padding too, which must stay out of the sums); a tiny
+        # one, even with a subnormal square, reaches none (linear).
+        for deformable in (False, True):
+            q, s, n, f, kp15 = _problem(4, deformable)
+            for extent in (1e6, 1e17, 1e20):
+                for infl in ops.INFLUENCES:
+                    self.assertAllClose(
+                        tf_custom_ops.kernel_aggregate(q, s, n, f, kp15, extent, infl),
+                        reference_sums(q, s, n, f, kp15, extent, infl, "sum"),
+                        rtol=1e-5,
+                        atol=1e-4,
+                        msg=f"{infl} extent={extent} deformable={deformable}",
+                    )
+            for extent in (1e-12, 1e-20):
+                self.assertAllEqual(
+                    tf_custom_ops.kernel_aggregate(q, s, n, f, kp15, extent),
+                    np.zeros((q.shape[0], 15, f.shape[1])),
+                )
 
     def test_dynamic_shapes_in_tf_function(self):
         spec = [

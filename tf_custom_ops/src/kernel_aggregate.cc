@@ -140,8 +140,8 @@ struct Kernel {
   int64_t padded;
   std::vector<float> x, y, z, d2, w, dw;
   // Per lane block, bit l set when kernel point block * kLanes + l has a non-zero influence (or
-  // gradient) on the current neighbour.
-  std::vector<uint32_t> mask;
+  // gradient) on the current neighbour; `real` has the bits of the kernel points that exist.
+  std::vector<uint32_t> mask, real;
   explicit Kernel(const Inputs& inputs)
       : in(inputs),
         padded((in.p.k + kLanes - 1) / kLanes * kLanes),
@@ -151,7 +151,9 @@ struct Kernel {
         d2(padded),
         w(padded),
         dw(padded),
-        mask(padded / kLanes) {
+        mask(padded / kLanes),
+        real(padded / kLanes) {
+    for (int64_t k = 0; k < in.p.k; ++k) real[k / kLanes] |= 1u << (k % kLanes);
     if (!in.p.deformable) Load(in.kp);
   }
   void Query(int64_t n) {
@@ -168,7 +170,11 @@ struct Kernel {
   }
 };
 
-inline void LinearInfluence(const float* __restrict d2, const Params& p, bool with_grad, int64_t from,
+// The helpers below are forced inline into the per-thread loops, which are compiled once per
+// instruction set (KPCONV_PER_ISA): a helper left out of line runs with the baseline (SSE2) code.
+#define KPCONV_INLINE inline __attribute__((always_inline))
+
+KPCONV_INLINE void LinearInfluence(const float* __restrict d2, const Params& p, bool with_grad, int64_t from,
                             int64_t to, float* __restrict w, float* __restrict dw) {
   for (int64_t k = from; k < to; ++k) {
     const float r = std::sqrt(std::max(d2[k], 1e-30f));
@@ -178,21 +184,21 @@ inline void LinearInfluence(const float* __restrict d2, const Params& p, bool wi
   }
 }
 
-// Bit l set when lane l has a non-zero influence or gradient. Written on unsigned lanes in GCC's
-// vector extension: a plain loop (or a float compare) here is unrolled and left scalar once
-// inlined into the per-neighbour loop, and this is the hottest spot of the sum.
+// Lane masks (bit l for lane l of a 16-lane block), written in GCC's vector extension: plain loops
+// (or scalar float compares) here are unrolled and left scalar once inlined into the
+// per-neighbour loop, and this is the hottest spot of the sum.
 typedef uint32_t LanesU32 __attribute__((vector_size(4 * kLanes)));
+typedef float LanesF32 __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t HalfU32 __attribute__((vector_size(2 * kLanes)));
 typedef uint32_t QuarterU32 __attribute__((vector_size(kLanes)));
-static_assert(kLanes == 16, "LaneMask is written for 16 lanes");
+typedef float HalfF32 __attribute__((vector_size(2 * kLanes)));
+typedef float QuarterF32 __attribute__((vector_size(kLanes)));
+static_assert(kLanes == 16, "the lane masks are written for 16 lanes");
 
-inline uint32_t LaneMask(const float* __restrict w, const float* __restrict dw) {
-  LanesU32 a, b;
-  std::memcpy(&a, w, sizeof a);
-  std::memcpy(&b, dw, sizeof b);
+// Lane l's 0/1 value moved to bit l, OR-ed together.
+KPCONV_INLINE uint32_t PackLanes(LanesU32 ones) {
   const LanesU32 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  // A non-zero magnitude (sign bit cleared) carries into bit 31 when 0x7fffffff is added.
-  const LanesU32 bits = ((((a | b) & 0x7fffffffu) + 0x7fffffffu) >> 31) << lane;
+  const LanesU32 bits = ones << lane;
   const HalfU32 half = __builtin_shufflevector(bits, bits, 0, 1, 2, 3, 4, 5, 6, 7) |
                        __builtin_shufflevector(bits, bits, 8, 9, 10, 11, 12, 13, 14, 15);
   const QuarterU32 quarter =
@@ -200,13 +206,37 @@ inline uint32_t LaneMask(const float* __restrict w, const float* __restrict dw) 
   return (quarter[0] | quarter[1]) | (quarter[2] | quarter[3]);
 }
 
-// Influences w[k] of every kernel point on the centred neighbour c (and dw/d(d2) when
-// `with_grad`), matching kpconv_tf.ops.influence_weights, with the kernel points that have a
-// non-zero influence (or gradient) marked in kn->mask. Returns false when none has (deformable:
-// the neighbour is outside every influence sphere). The loops have no data-dependent branch: a
-// linear influence reaches one or two of the K kernel points in an unpredictable pattern, and
-// the mask is a vector compare rather than a loop over the K points.
-inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* kn) {
+// Lanes where w or dw is non-zero.
+KPCONV_INLINE uint32_t NonZeroMask(const float* __restrict w, const float* __restrict dw) {
+  LanesU32 a, b;
+  std::memcpy(&a, w, sizeof a);
+  std::memcpy(&b, dw, sizeof b);
+  // A non-zero magnitude (sign bit cleared) carries into bit 31 when 0x7fffffff is added.
+  return PackLanes((((a | b) & 0x7fffffffu) + 0x7fffffffu) >> 31);
+}
+
+// Lanes where d2 < limit.
+KPCONV_INLINE uint32_t BelowMask(const float* __restrict d2, float limit) {
+  LanesF32 v;
+  std::memcpy(&v, d2, sizeof v);
+  return PackLanes(reinterpret_cast<LanesU32>(v < LanesF32{} + limit) >> 31);
+}
+
+// The next marked kernel point of lane block `b`, clearing its bit; `m` must be non-zero.
+KPCONV_INLINE int64_t NextActive(int64_t b, uint32_t* m) {
+  const int64_t k = b * kLanes + __builtin_ctz(*m);
+  *m &= *m - 1;
+  return k;
+}
+
+// Influences w[k] of the kernel points on the centred neighbour c (and dw/d(d2) when `with_grad`),
+// matching kpconv_tf.ops.influence_weights, with the kernel points that have a non-zero influence
+// (or gradient) marked in kn->mask; w and dw are only meaningful where marked. Returns false when
+// none is (deformable: also when the neighbour is outside every influence sphere). The loops
+// have no data-dependent branch: a linear influence reaches one or two of the K kernel points in
+// an unpredictable pattern, so all lanes are computed and the mask is a vector compare (a scalar
+// square root for the few candidates alone measured slower, by its mispredicted branches).
+KPCONV_INLINE bool Influences(const float* c, const Params& p, bool with_grad, Kernel* kn) {
   const int64_t num = p.k;
   float* __restrict d2 = kn->d2.data();
   float* __restrict w = kn->w.data();
@@ -215,6 +245,7 @@ inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* 
   const float* __restrict y = kn->y.data();
   const float* __restrict z = kn->z.data();
   uint32_t* mask = kn->mask.data();
+  const uint32_t* real = kn->real.data();
   const int64_t padded = kn->padded;
   for (int64_t b = 0; b < padded; b += kLanes) {
     for (int64_t k = b; k < b + kLanes; ++k) {
@@ -223,8 +254,9 @@ inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* 
     }
   }
   if (p.deformable) {
-    int in_range = 0;
-    for (int64_t k = 0; k < num; ++k) in_range |= d2[k] < p.extent2;
+    uint32_t in_range = 0;
+    for (int64_t b = 0; b < padded; b += kLanes)
+      in_range |= BelowMask(d2 + b, p.extent2) & real[b / kLanes];
     if (!in_range) return false;
   }
   if (p.closest) {  // only the nearest kernel point (first on ties) keeps its influence
@@ -249,7 +281,6 @@ inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* 
     mask[first / kLanes] = static_cast<uint32_t>(on) << (first % kLanes);
     return on;
   }
-  // Padding lanes are far beyond the extent: no influence, no gradient.
   switch (p.influence) {
     case Influence::kConstant:
       for (int64_t k = 0; k < padded; ++k) {
@@ -267,37 +298,54 @@ inline bool Influences(const float* c, const Params& p, bool with_grad, Kernel* 
       }
       break;
   }
+  // Padding lanes are far away, but a huge extent can still reach them.
   uint32_t any = 0;
   for (int64_t b = 0; b < padded; b += kLanes) {
-    mask[b / kLanes] = LaneMask(w + b, dw + b);
+    mask[b / kLanes] = NonZeroMask(w + b, dw + b) & real[b / kLanes];
     any |= mask[b / kLanes];
   }
   return any != 0;
 }
 
-// The next marked kernel point of lane block `b`, clearing its bit; `m` must be non-zero.
-inline int64_t NextActive(int64_t b, uint32_t* m) {
-  const int64_t k = b * kLanes + __builtin_ctz(*m);
-  *m &= *m - 1;
-  return k;
-}
-
-// Row helpers, inlined into the per-thread loops below, which are compiled once per instruction set.
-inline void Axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+// Row helpers.
+KPCONV_INLINE void Axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-inline float Dot(const float* __restrict x, const float* __restrict y, int64_t n) {
-  // Sixteen running sums, one per lane: a single float sum is a dependency chain the compiler may
-  // not reorder (no -ffast-math), so it would stay scalar.
-  float lanes[kLanes] = {};
+KPCONV_INLINE float Dot(const float* __restrict x, const float* __restrict y, int64_t n) {
+  // Sixteen running sums, one per lane, added up as a tree: a single float sum (or a sequential
+  // sum of the lanes) is a dependency chain the compiler may not reorder without -ffast-math.
+  LanesF32 acc = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * y[i + l];
-  float s = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
+  for (; i + kLanes <= n; i += kLanes) {
+    LanesF32 a, b;
+    std::memcpy(&a, x + i, sizeof a);
+    std::memcpy(&b, y + i, sizeof b);
+    acc += a * b;
+  }
+  const HalfF32 half = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+                       __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+  const QuarterF32 quarter =
+      __builtin_shufflevector(half, half, 0, 1, 2, 3) + __builtin_shufflevector(half, half, 4, 5, 6, 7);
+  float s = (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
   for (; i < n; ++i) s += x[i] * y[i];
   return s;
+}
+
+// Asks for query n's [K, Din] block of the output gradient: the backward loops read it in
+// neighbour order, not sequentially, so the hardware prefetcher misses most of it.
+KPCONV_INLINE void PrefetchGradientBlock(const Inputs& in, const float* grad, int64_t n) {
+  const char* block = reinterpret_cast<const char*>(grad + n * in.p.k * in.d);
+  const int64_t bytes = in.p.k * in.d * static_cast<int64_t>(sizeof(float));
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(block + byte);
+}
+
+// Asks for support s's feature row (s may be the shadow index: nothing is read then).
+KPCONV_INLINE void PrefetchFeatureRow(const Inputs& in, int64_t s) {
+  if (s == in.ns) return;
+  const char* row = reinterpret_cast<const char*>(in.f + s * in.d);
+  for (int64_t byte = 0; byte < in.d * static_cast<int64_t>(sizeof(float)); byte += 64)
+    __builtin_prefetch(row + byte);
 }
 
 #define KPCONV_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -314,6 +362,7 @@ KPCONV_PER_ISA void SumQueries(const Inputs& in, int64_t begin, int64_t end, flo
     kernel.Query(n);
     for (int64_t j = 0; j < in.h; ++j) {
       const int64_t s = in.nb[n * in.h + j];
+      if (j + 4 < in.h) PrefetchFeatureRow(in, in.nb[n * in.h + j + 4]);
       if (s == in.ns) continue;
       float c[3];
       in.Centre(n, s, c);
@@ -338,6 +387,7 @@ KPCONV_PER_ISA void GeometryGradients(const Inputs& in, const float* grad, int64
   const float* dw = kernel.dw.data();
   const int64_t blocks = kernel.padded / kLanes;
   for (int64_t n = begin; n < end; ++n) {
+    if (n + 1 < end) PrefetchGradientBlock(in, grad, n + 1);
     const float* kp = in.KernelPoints(n);
     kernel.Query(n);
     float* gkp = in.p.deformable ? gk + n * kn * 3 : nullptr;
@@ -383,8 +433,10 @@ KPCONV_PER_ISA void FeatureGradients(const Inputs& in, const float* grad, const 
   const float* w = kernel.w.data();
   const int64_t blocks = kernel.padded / kLanes;
   std::fill(gf + s_begin * in.d, gf + s_end * in.d, 0.0f);
+  const auto touches = [&](int64_t n) { return row_max[n] >= s_begin && row_min[n] < s_end; };
   for (int64_t n = 0; n < in.nq; ++n) {
-    if (row_max[n] < s_begin || row_min[n] >= s_end) continue;
+    if (!touches(n)) continue;
+    if (n + 1 < in.nq && touches(n + 1)) PrefetchGradientBlock(in, grad, n + 1);
     kernel.Query(n);
     for (int64_t j = 0; j < in.h; ++j) {
       const int64_t s = in.nb[n * in.h + j];
