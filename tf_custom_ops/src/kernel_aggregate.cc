@@ -130,7 +130,7 @@ struct Inputs {
 
 // The kernel points of the current query in structure-of-arrays form, with per-neighbour scratch,
 // padded to a multiple of kLanes with far-away points so the arithmetic loops have no remainder
-// (padding never has an influence). Rigid kernel points are loaded once; deformable ones by
+// (a huge extent can still reach them: `real` masks them out). Rigid kernel points are loaded once; deformable ones by
 // Query(n).
 constexpr int64_t kLanes = 16;
 constexpr float kFarAway = 1e15f;  // its squared distance stays finite in float
@@ -173,6 +173,7 @@ struct Kernel {
 // The helpers below are forced inline into the per-thread loops, which are compiled once per
 // instruction set (KPCONV_PER_ISA): a helper left out of line runs with the baseline (SSE2) code.
 #define KPCONV_INLINE inline __attribute__((always_inline))
+#define KPCONV_LAMBDA_INLINE __attribute__((always_inline))
 
 KPCONV_INLINE void LinearInfluence(const float* __restrict d2, const Params& p, bool with_grad, int64_t from,
                             int64_t to, float* __restrict w, float* __restrict dw) {
@@ -220,13 +221,6 @@ KPCONV_INLINE uint32_t BelowMask(const float* __restrict d2, float limit) {
   LanesF32 v;
   std::memcpy(&v, d2, sizeof v);
   return PackLanes(reinterpret_cast<LanesU32>(v < LanesF32{} + limit) >> 31);
-}
-
-// The next marked kernel point of lane block `b`, clearing its bit; `m` must be non-zero.
-KPCONV_INLINE int64_t NextActive(int64_t b, uint32_t* m) {
-  const int64_t k = b * kLanes + __builtin_ctz(*m);
-  *m &= *m - 1;
-  return k;
 }
 
 // Influences w[k] of the kernel points on the centred neighbour c (and dw/d(d2) when `with_grad`),
@@ -284,7 +278,7 @@ KPCONV_INLINE bool Influences(const float* c, const Params& p, bool with_grad, K
   switch (p.influence) {
     case Influence::kConstant:
       for (int64_t k = 0; k < padded; ++k) {
-        w[k] = p.deformable ? static_cast<float>(d2[k] < p.extent2) : static_cast<float>(k < num);
+        w[k] = p.deformable ? static_cast<float>(d2[k] < p.extent2) : 1.0f;
         dw[k] = 0.0f;
       }
       break;
@@ -293,18 +287,25 @@ KPCONV_INLINE bool Influences(const float* c, const Params& p, bool with_grad, K
       break;
     case Influence::kGaussian:
       for (int64_t k = 0; k < padded; ++k) {
-        w[k] = k < num ? std::exp(-d2[k] / p.gauss_denom) : 0.0f;
+        w[k] = std::exp(-d2[k] / p.gauss_denom);
         dw[k] = -w[k] / p.gauss_denom;
       }
       break;
   }
-  // Padding lanes are far away, but a huge extent can still reach them.
   uint32_t any = 0;
   for (int64_t b = 0; b < padded; b += kLanes) {
     mask[b / kLanes] = NonZeroMask(w + b, dw + b) & real[b / kLanes];
     any |= mask[b / kLanes];
   }
   return any != 0;
+}
+
+// Calls visit(k) for every kernel point marked in kn.mask, in increasing k. `visit` should be an
+// always_inline lambda, for the reason given above KPCONV_INLINE.
+template <typename Visit>
+KPCONV_INLINE void ForEachMarked(const Kernel& kn, Visit visit) {
+  for (int64_t b = 0; b < kn.padded / kLanes; ++b)
+    for (uint32_t m = kn.mask[b]; m; m &= m - 1) visit(b * kLanes + __builtin_ctz(m));
 }
 
 // Row helpers.
@@ -332,20 +333,12 @@ KPCONV_INLINE float Dot(const float* __restrict x, const float* __restrict y, in
   return s;
 }
 
-// Asks for query n's [K, Din] block of the output gradient: the backward loops read it in
-// neighbour order, not sequentially, so the hardware prefetcher misses most of it.
-KPCONV_INLINE void PrefetchGradientBlock(const Inputs& in, const float* grad, int64_t n) {
-  const char* block = reinterpret_cast<const char*>(grad + n * in.p.k * in.d);
-  const int64_t bytes = in.p.k * in.d * static_cast<int64_t>(sizeof(float));
-  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(block + byte);
-}
-
-// Asks for support s's feature row (s may be the shadow index: nothing is read then).
-KPCONV_INLINE void PrefetchFeatureRow(const Inputs& in, int64_t s) {
-  if (s == in.ns) return;
-  const char* row = reinterpret_cast<const char*>(in.f + s * in.d);
-  for (int64_t byte = 0; byte < in.d * static_cast<int64_t>(sizeof(float)); byte += 64)
-    __builtin_prefetch(row + byte);
+// Asks for the cache lines of x[0 .. n). Used where the loops below read memory in an order the
+// hardware prefetcher does not follow: a query's [K, Din] block of the output gradient (read in
+// neighbour order) and the feature rows of the next neighbours.
+KPCONV_INLINE void Prefetch(const float* x, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(x);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(float)); b += 64) __builtin_prefetch(bytes + b);
 }
 
 #define KPCONV_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -355,24 +348,23 @@ KPCONV_PER_ISA void SumQueries(const Inputs& in, int64_t begin, int64_t end, flo
   const int64_t kn = in.p.k;
   Kernel kernel(in);
   const float* w = kernel.w.data();
-  const int64_t blocks = kernel.padded / kLanes;
   for (int64_t n = begin; n < end; ++n) {
     float* agg = out + n * kn * in.d;
     std::fill(agg, agg + kn * in.d, 0.0f);
     kernel.Query(n);
     for (int64_t j = 0; j < in.h; ++j) {
       const int64_t s = in.nb[n * in.h + j];
-      if (j + 4 < in.h) PrefetchFeatureRow(in, in.nb[n * in.h + j + 4]);
+      if (j + 4 < in.h) {
+        const int64_t ahead = in.nb[n * in.h + j + 4];
+        if (ahead != in.ns) Prefetch(in.f + ahead * in.d, in.d);
+      }
       if (s == in.ns) continue;
       float c[3];
       in.Centre(n, s, c);
       if (!Influences(c, in.p, false, &kernel)) continue;
-      for (int64_t b = 0; b < blocks; ++b) {
-        for (uint32_t m = kernel.mask[b]; m;) {
-          const int64_t k = NextActive(b, &m);
-          Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
-        }
-      }
+      ForEachMarked(kernel, [&](int64_t k) KPCONV_LAMBDA_INLINE {
+        Axpy(w[k], in.f + s * in.d, agg + k * in.d, in.d);
+      });
     }
   }
 }
@@ -385,9 +377,8 @@ KPCONV_PER_ISA void GeometryGradients(const Inputs& in, const float* grad, int64
   const int64_t kn = in.p.k;
   Kernel kernel(in);
   const float* dw = kernel.dw.data();
-  const int64_t blocks = kernel.padded / kLanes;
   for (int64_t n = begin; n < end; ++n) {
-    if (n + 1 < end) PrefetchGradientBlock(in, grad, n + 1);
+    if (n + 1 < end) Prefetch(grad + (n + 1) * kn * in.d, kn * in.d);
     const float* kp = in.KernelPoints(n);
     kernel.Query(n);
     float* gkp = in.p.deformable ? gk + n * kn * 3 : nullptr;
@@ -400,21 +391,18 @@ KPCONV_PER_ISA void GeometryGradients(const Inputs& in, const float* grad, int64
       float c[3];
       in.Centre(n, s, c);
       if (!Influences(c, in.p, true, &kernel)) continue;
-      for (int64_t b = 0; b < blocks; ++b) {
-        for (uint32_t m = kernel.mask[b]; m;) {
-          const int64_t k = NextActive(b, &m);
-          if (dw[k] == 0.0f) continue;
-          const float g_d2 = Dot(grad + (n * kn + k) * in.d, in.f + s * in.d, in.d) * dw[k];
-          for (int a = 0; a < 3; ++a) {
-            const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
-            gy[a] += g;
-            if (gkp)
-              gkp[3 * k + a] -= g;
-            else
-              gshared[3 * k + a] -= g;
-          }
+      ForEachMarked(kernel, [&](int64_t k) KPCONV_LAMBDA_INLINE {
+        if (dw[k] == 0.0f) return;
+        const float g_d2 = Dot(grad + (n * kn + k) * in.d, in.f + s * in.d, in.d) * dw[k];
+        for (int a = 0; a < 3; ++a) {
+          const float g = 2.0f * g_d2 * (c[a] - kp[3 * k + a]);
+          gy[a] += g;
+          if (gkp)
+            gkp[3 * k + a] -= g;
+          else
+            gshared[3 * k + a] -= g;
         }
-      }
+      });
     }
   }
 }
@@ -431,12 +419,11 @@ KPCONV_PER_ISA void FeatureGradients(const Inputs& in, const float* grad, const 
   const int64_t kn = in.p.k;
   Kernel kernel(in);
   const float* w = kernel.w.data();
-  const int64_t blocks = kernel.padded / kLanes;
   std::fill(gf + s_begin * in.d, gf + s_end * in.d, 0.0f);
   const auto touches = [&](int64_t n) { return row_max[n] >= s_begin && row_min[n] < s_end; };
   for (int64_t n = 0; n < in.nq; ++n) {
     if (!touches(n)) continue;
-    if (n + 1 < in.nq && touches(n + 1)) PrefetchGradientBlock(in, grad, n + 1);
+    if (n + 1 < in.nq && touches(n + 1)) Prefetch(grad + (n + 1) * kn * in.d, kn * in.d);
     kernel.Query(n);
     for (int64_t j = 0; j < in.h; ++j) {
       const int64_t s = in.nb[n * in.h + j];
@@ -445,12 +432,9 @@ KPCONV_PER_ISA void FeatureGradients(const Inputs& in, const float* grad, const 
       in.Centre(n, s, c);
       if (!Influences(c, in.p, false, &kernel)) continue;
       float* row = gf + s * in.d;
-      for (int64_t b = 0; b < blocks; ++b) {
-        for (uint32_t m = kernel.mask[b]; m;) {
-          const int64_t k = NextActive(b, &m);
-          Axpy(w[k], grad + (n * kn + k) * in.d, row, in.d);
-        }
-      }
+      ForEachMarked(kernel, [&](int64_t k) KPCONV_LAMBDA_INLINE {
+        Axpy(w[k], grad + (n * kn + k) * in.d, row, in.d);
+      });
     }
   }
 }
