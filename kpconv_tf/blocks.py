@@ -21,11 +21,13 @@ import keras
 import tensorflow as tf
 
 from kpconv_tf.architecture import BlockSpec
+from kpconv_tf.batch_norm import BatchNorm
 from kpconv_tf.config import Config
 from kpconv_tf.initializers import OriginalTruncatedNormal
 from kpconv_tf.inputs import layer_keys
 from kpconv_tf.layers import KPConv
 from kpconv_tf.losses import offset_loss_variant
+from kpconv_tf.pooling import closest_pool, max_pool
 
 
 def leaky_relu(x):
@@ -63,12 +65,17 @@ class BiasOffset(keras.layers.Layer):
         return features + self.offset
 
 
-def normalization(use_batch_norm, momentum, name, synchronized=False):
-    """Batch norm (epsilon 1e-6; ``synchronized``: statistics over every replica of a
-    ``tf.distribute`` strategy), or ``BiasOffset`` when ``use_batch_norm`` is off."""
+def normalization(use_batch_norm, momentum, name, synchronized=False, implementation="auto"):
+    """Batch norm (``kpconv_tf.batch_norm.BatchNorm``, epsilon 1e-6; ``synchronized``: statistics
+    over every replica of a ``tf.distribute`` strategy), or ``BiasOffset`` when ``use_batch_norm``
+    is off."""
     if use_batch_norm:
-        return keras.layers.BatchNormalization(
-            momentum=momentum, epsilon=1e-6, synchronized=synchronized, name=name
+        return BatchNorm(
+            implementation=implementation,
+            momentum=momentum,
+            epsilon=1e-6,
+            synchronized=synchronized,
+            name=name,
         )
     return BiasOffset(name=name)
 
@@ -105,18 +112,6 @@ def unit_variables(prefix, conv, norm=None):
     return out
 
 
-def max_pool(features, pools):
-    """Max over pooling neighbours; the shadow row is the per-channel minimum (as the original)."""
-    padded = tf.concat([features, tf.reduce_min(features, axis=0, keepdims=True)], axis=0)
-    return tf.reduce_max(tf.gather(padded, pools), axis=1)
-
-
-def closest_pool(features, upsamples):
-    """Features of each row's first neighbour; a shadow gives a zero row."""
-    padded = tf.concat([features, tf.zeros_like(features[:1])], axis=0)
-    return tf.gather(padded, upsamples[:, 0])
-
-
 class Block(keras.layers.Layer):
     """What every block takes: its place and geometry (``layer_index``, ``radius``, ``extent``, ``fdim``
     of ``kpconv_tf.architecture.BlockSpec``) and the KPConv and normalisation settings; subclasses
@@ -133,6 +128,8 @@ class Block(keras.layers.Layer):
       use_batch_norm, batch_norm_momentum: batch norm (epsilon 1e-6), or a learned offset when off.
       sync_batch_norm: batch statistics over all replicas of a ``tf.distribute`` strategy.
       offset_loss, offset_loss_weight, repulse_extent: passed to the deformable KPConvs.
+      implementation: how KPConvs, max pooling and batch norm run (``kpconv_tf.ops``: 'auto',
+        'fused' or 'standard'); ``use_standard_ops`` switches a built block to 'standard'.
     """
 
     def __init__(
@@ -155,6 +152,7 @@ class Block(keras.layers.Layer):
         offset_loss=None,
         offset_loss_weight=1.0,
         repulse_extent=1.2,
+        implementation="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -176,6 +174,7 @@ class Block(keras.layers.Layer):
         self.offset_loss = offset_loss
         self.offset_loss_weight = float(offset_loss_weight)
         self.repulse_extent = float(repulse_extent)
+        self.implementation = implementation
 
     def get_config(self):
         return {
@@ -198,10 +197,20 @@ class Block(keras.layers.Layer):
             "offset_loss": self.offset_loss,
             "offset_loss_weight": self.offset_loss_weight,
             "repulse_extent": self.repulse_extent,
+            "implementation": self.implementation,
         }
 
     def norm(self, name):
-        return normalization(self.use_batch_norm, self.batch_norm_momentum, name, self.sync_batch_norm)
+        return normalization(
+            self.use_batch_norm, self.batch_norm_momentum, name, self.sync_batch_norm, self.implementation
+        )
+
+    def use_standard_ops(self):
+        """Runs the block, its KPConvs and its batch norms on standard TF ops only."""
+        self.implementation = "standard"
+        for layer in vars(self).values():
+            if isinstance(layer, KPConv | BatchNorm):
+                layer.implementation = "standard"
 
     def kpconv(self, filters, deformable=False, name="conv", offset_mode="kpconv"):
         seed = (
@@ -225,6 +234,7 @@ class Block(keras.layers.Layer):
             offset_loss=self.offset_loss if deformable else None,
             offset_loss_weight=self.offset_loss_weight,
             repulse_extent=self.repulse_extent,
+            implementation=self.implementation,
             name=name,
         )
 
@@ -379,7 +389,7 @@ class ResnetBottleneckBlock(Block):
         x = self.norm3(self.conv3(x), training=training)
         shortcut = features
         if self.strided:
-            shortcut = max_pool(features, inputs[layer_keys(self.layer_index).pools])
+            shortcut = max_pool(features, inputs[layer_keys(self.layer_index).pools], self.implementation)
         elif self.upsample:
             shortcut = closest_pool(features, inputs[layer_keys(self.layer_index - 1).upsamples])
         if self.shortcut is not None:
@@ -445,7 +455,9 @@ class InceptionDeformableBlock(Block):
         x = leaky_relu(self.concat_norm(tf.concat([x1, x2], axis=1), training=training))
         x = self.unary_norm(self.unary(x), training=training)
         shortcut = (
-            max_pool(features, inputs[layer_keys(self.layer_index).pools]) if self.strided else features
+            max_pool(features, inputs[layer_keys(self.layer_index).pools], self.implementation)
+            if self.strided
+            else features
         )
         if self.shortcut is not None:
             shortcut = self.shortcut_norm(self.shortcut(shortcut), training=training)
@@ -472,7 +484,7 @@ class MaxPoolBlock(Block):
     """'max_pool' / 'max_pool_wide': max over pools_l (features of points_{l+1})."""
 
     def call(self, features, inputs, training=False):
-        return max_pool(features, inputs[layer_keys(self.layer_index).pools])
+        return max_pool(features, inputs[layer_keys(self.layer_index).pools], self.implementation)
 
 
 @keras.saving.register_keras_serializable(package="kpconv_tf")

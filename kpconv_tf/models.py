@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from kpconv_tf.architecture import LAYER_ENDING_KINDS, block_specs, layer_specs
+from kpconv_tf.batch_norm import BatchNorm
 from kpconv_tf.blocks import UnaryConv, leaky_relu, make_block, normalization, unit_variables
 from kpconv_tf.config import NETWORK_MODELS, Config
 from kpconv_tf.initializers import OriginalTruncatedNormal
@@ -56,6 +57,14 @@ class _ConfiguredNetwork(keras.Model):
         specs = block_specs(self.config)
         self.encoder = [make_block(s, self.config, network) for s in specs if not s.decoder]
         self.decoder = [make_block(s, self.config, network) for s in specs if s.decoder]
+
+    def use_standard_ops(self):
+        """Runs every block and norm on standard TF ops only (no ``Kpconv*`` op in the graph)."""
+        for _, block in self.blocks_with_specs():
+            block.use_standard_ops()
+        for layer in vars(self).values():
+            if isinstance(layer, BatchNorm):
+                layer.implementation = "standard"
 
     def blocks_with_specs(self):
         """[(BlockSpec, block)] of every block in call order, the encoder's first."""

@@ -409,3 +409,40 @@ def test_inputs_from_original_segmentation_order():
     for key, value in ours.items():
         np.testing.assert_array_equal(inputs[key], value)
     np.testing.assert_array_equal(inputs["object_labels"], [1, 0])
+
+
+@pytest.mark.parametrize("name", ["max_pool", "inception"])
+def test_fused_and_standard_ops_train_alike(name):
+    """A training forward and its gradients with the compiled ops (KPConv, max pool, batch norm) and
+    after ``use_standard_ops()``, on the same weights; then no layer is left on the compiled ops."""
+    config = _config(SMALL_ARCHS[name], first_features_dim=8, first_subsampling_dl=0.05)
+    model = KPCNN(config)
+    inputs = _batch(_two_clouds(), config)
+    model(inputs, training=False)
+    dropout_uniform = tf.random.stateless_uniform([2, 1024], seed=[0, 1])
+
+    def step():
+        with tf.GradientTape() as tape:
+            logits = model(inputs, training=True, dropout_uniform=dropout_uniform)
+            loss = tf.reduce_sum(tf.square(logits))
+        return [logits, *tape.gradient(loss, model.trainable_variables)], model.non_trainable_variables
+
+    initial = [v.numpy() for v in model.non_trainable_variables]
+    fused, fused_stats = step()
+    fused_stats = [v.numpy() for v in fused_stats]
+    for v, value in zip(model.non_trainable_variables, initial):
+        v.assign(value)
+    model.use_standard_ops()
+    standard, standard_stats = step()
+    # norm-wise: the fc batch norm over two clouds amplifies single entries' rounding
+    for a, b in zip(fused + fused_stats, standard + [v.numpy() for v in standard_stats]):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-6, (a.shape, np.abs(a - b).max())
+    implementations = {
+        layer.implementation
+        for _, block in model.blocks_with_specs()
+        for layer in [block, *vars(block).values()]
+        if hasattr(layer, "implementation")
+    }
+    assert implementations == {"standard"}
+    assert model.fc_norm.implementation == "standard"

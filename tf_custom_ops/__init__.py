@@ -1,11 +1,12 @@
 """Compiled CPU ops: radius neighbours and grid subsampling for input pyramids, and the fused
-neighbour sum of a kernel point convolution (``kernel_aggregate``, differentiable).
+neighbour sum of a kernel point convolution (``kernel_aggregate``), the max over pooling neighbours
+(``max_pool``) and training-mode batch normalisation (``batch_norm``), all three differentiable.
 
 Importing this package compiles the ops on first use (see ``tf_custom_ops.build``) and loads them.
 Points are float32 ``[N, 3]`` (float64 input is converted to float32); a batch is a stack of
 clouds described by int32 per-cloud lengths ``[B]``. The ops are not differentiable and run
-eagerly, inside ``tf.function`` and inside ``tf.data`` maps; ``kernel_aggregate`` has a registered
-gradient.
+eagerly, inside ``tf.function`` and inside ``tf.data`` maps; ``kernel_aggregate``, ``max_pool`` and
+``batch_norm`` have registered gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ __all__ = [
     "neighbors",
     "grid_subsampling",
     "kernel_aggregate",
+    "max_pool",
+    "batch_norm",
     "BuildError",
 ]
 
@@ -232,3 +235,64 @@ def _kernel_aggregate_grad(op, grad):
     grad_supports = tf.math.unsorted_segment_sum(grad_centred, neighbors, num_supports + 1)[:num_supports]
     grad_queries = -tf.reduce_sum(grad_centred, axis=1)
     return [grad_queries, grad_supports, None, grad_features, grad_kernel_points, None]
+
+
+def max_pool(features, shadow, pools):
+    """Channel-wise max over pooling neighbours (CPU), with a registered gradient.
+
+    Equals ``reduce_max(gather(concat([features, shadow[None]]), pools), axis=1)`` and its gradient
+    (ties share the gradient equally, as ``reduce_max``'s does) without the [M, H, C] gather.
+
+    Args:
+      features: float32 [Ns, C]. shadow: float32 [C], the row that index Ns reads.
+      pools: int32 [M, H], indices in [0, Ns].
+    Returns:
+      float32 [M, C]; a row with H = 0 is -inf.
+    """
+    features = tf.convert_to_tensor(features)
+    if features.dtype != tf.float32:
+        raise TypeError(f"features must be float32, got {features.dtype.name}")
+    pools = tf.convert_to_tensor(pools)
+    if pools.dtype != tf.int32:
+        raise TypeError(f"pools must be int32, got {pools.dtype.name}")
+    return _ops.kpconv_max_pool(features, tf.convert_to_tensor(shadow, tf.float32), pools)
+
+
+@tf.RegisterGradient("KpconvMaxPool")
+def _max_pool_grad(op, grad):
+    grad_features, grad_shadow = _ops.kpconv_max_pool_grad(*op.inputs, op.outputs[0], grad)
+    return [grad_features, grad_shadow, None]
+
+
+def batch_norm(x, gamma, beta, epsilon):
+    """Training-mode batch normalisation over the rows of ``x`` (CPU), with a registered gradient.
+
+    ``y = (x - mean) * gamma / sqrt(variance + epsilon) + beta`` with the batch mean and the biased
+    batch variance, accumulated in float64 (more accurate than float32 reductions; independent of
+    the number of threads).
+
+    Args:
+      x: float32 [N, C]. gamma, beta: float32 [C]. epsilon: float >= 0.
+    Returns:
+      (y float32 [N, C], mean [C], variance [C]); the gradient flows from ``y`` to ``x``, ``gamma``
+      and ``beta`` (``mean`` and ``variance`` are statistics, not differentiated). N = 0 gives NaN
+      statistics, as a mean over no rows does.
+    """
+    x = tf.convert_to_tensor(x)
+    if x.dtype != tf.float32:
+        raise TypeError(f"x must be float32, got {x.dtype.name}")
+    if not (isinstance(epsilon, numbers.Real) and 0 <= epsilon < float("inf")):
+        raise ValueError(f"epsilon must be a finite float >= 0, got {epsilon!r}")
+    return _ops.kpconv_batch_norm(
+        x, tf.convert_to_tensor(gamma, tf.float32), tf.convert_to_tensor(beta, tf.float32), epsilon=epsilon
+    )
+
+
+@tf.RegisterGradient("KpconvBatchNorm")
+def _batch_norm_grad(op, grad, unused_grad_mean, unused_grad_variance):
+    x, gamma, _ = op.inputs
+    _, mean, variance = op.outputs
+    grad_x, grad_gamma, grad_beta = _ops.kpconv_batch_norm_grad(
+        x, gamma, mean, variance, grad, epsilon=op.get_attr("epsilon")
+    )
+    return [grad_x, grad_gamma, grad_beta]

@@ -61,13 +61,6 @@ def grid_subsampling(points, lengths, dl: float, features, implementation: str):
     return ops.batch_grid_subsampling(points, lengths, dl, features=features)
 
 
-def use_standard_convolutions(network) -> None:
-    """Switches every KPConv of ``network`` to standard TF ops (no ``KpconvKernelAggregate``)."""
-    for _, block in network.blocks_with_specs():
-        for conv in block.kpconvs():
-            conv.implementation = "standard"
-
-
 class ExportModule(tf.Module):
     """The exported object: the network's variables, the metadata and the three endpoints."""
 
@@ -155,7 +148,7 @@ def export_network(
     path = Path(path)
     implementation = "standard" if portable else "compiled"
     if portable:
-        use_standard_convolutions(network)
+        network.use_standard_ops()
     module = ExportModule(network, config, class_names, task, neighbor_limits, implementation)
     partial = path.with_name(f".{path.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)

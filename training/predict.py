@@ -89,13 +89,12 @@ class RunModel(Model):
     def __init__(self, run_dir, checkpoint="best", implementation="compiled"):
         from kpconv_tf.pyramid import build_pyramid
         from training.datasets.base import SceneDataset
-        from training.export import use_standard_convolutions
         from training.test import load_run
 
         run_dir = Path(run_dir)
         self.config, dataset, network = load_run(run_dir, (), checkpoint)
         if implementation == "standard":
-            use_standard_convolutions(network)
+            network.use_standard_ops()
         self.class_names = [str(n) for n in dataset.label_names]
         self.task = _task(self.config.model.network_model, isinstance(dataset, SceneDataset))
         self.neighbor_limits = run_neighbor_limits(run_dir, self.config, dataset)

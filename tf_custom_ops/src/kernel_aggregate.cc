@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cloud_checks.h"
+#include "cpu_loops.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -170,10 +171,7 @@ struct Kernel {
   }
 };
 
-// The helpers below are forced inline into the per-thread loops, which are compiled once per
-// instruction set (KPCONV_PER_ISA): a helper left out of line runs with the baseline (SSE2) code.
-#define KPCONV_INLINE inline __attribute__((always_inline))
-#define KPCONV_LAMBDA_INLINE __attribute__((always_inline))
+// The helpers below are forced inline into the per-thread loops (see cpu_loops.h).
 
 KPCONV_INLINE void LinearInfluence(const float* __restrict d2, const Params& p, bool with_grad, int64_t from,
                             int64_t to, float* __restrict w, float* __restrict dw) {
@@ -340,8 +338,6 @@ KPCONV_INLINE void Prefetch(const float* x, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(x);
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(float)); b += 64) __builtin_prefetch(bytes + b);
 }
-
-#define KPCONV_PER_ISA __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // Forward sums of queries [begin, end) into out [Nq, K, Din].
 KPCONV_PER_ISA void SumQueries(const Inputs& in, int64_t begin, int64_t end, float* out) {
@@ -513,11 +509,6 @@ class AggregateBase : public OpKernel {
                                             "] (Ns is the shadow index)"));
     }
     return true;
-  }
-
-  void ParallelFor(OpKernelContext* ctx, int64_t n, int64_t cost,
-                   const std::function<void(int64_t, int64_t)>& fn) {
-    ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(n, cost, fn);
   }
 
   Influence influence_;
