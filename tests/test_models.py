@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -415,11 +416,13 @@ def test_inputs_from_original_segmentation_order():
 def test_fused_and_standard_ops_train_alike(name):
     """A training forward and its gradients with the compiled ops (KPConv, max pool, batch norm) and
     after ``use_standard_ops()``, on the same weights; then no layer is left on the compiled ops."""
+    keras.utils.set_random_seed(0)
     config = _config(SMALL_ARCHS[name], first_features_dim=8, first_subsampling_dl=0.05)
     model = KPCNN(config)
-    inputs = _batch(_two_clouds(), config)
+    # six clouds: the fc batch norm's statistics over B clouds amplify rounding less than over two
+    inputs = _batch(_two_clouds(seed=3, sizes=(300, 420, 250, 380, 330, 270)), config)
     model(inputs, training=False)
-    dropout_uniform = tf.random.stateless_uniform([2, 1024], seed=[0, 1])
+    dropout_uniform = tf.random.stateless_uniform([6, 1024], seed=[0, 1])
 
     def step():
         with tf.GradientTape() as tape:
@@ -434,7 +437,7 @@ def test_fused_and_standard_ops_train_alike(name):
         v.assign(value)
     model.use_standard_ops()
     standard, standard_stats = step()
-    # norm-wise: the fc batch norm over two clouds amplifies single entries' rounding
+    # norm-wise (up to 4e-5 over seeds 0-5): the fc batch norm amplifies single entries' rounding
     for a, b in zip(fused + fused_stats, standard + [v.numpy() for v in standard_stats]):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-6, (a.shape, np.abs(a - b).max())
