@@ -67,6 +67,14 @@ def _positive_scalar(value, name):
     return tf.cast(t, tf.float32)
 
 
+def _typed(value, name, dtype):
+    """``value`` as a tensor that must already be of ``dtype`` (no silent conversion)."""
+    t = tf.convert_to_tensor(value)
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype.name}, got {t.dtype.name}")
+    return t
+
+
 def _optional(value, name, kind, rank, dtype):
     """Checks an optional per-point input (floating features [N, D] or integer labels [N])."""
     t = tf.convert_to_tensor(value)
@@ -197,14 +205,10 @@ def kernel_aggregate(
     kernel_points = tf.convert_to_tensor(kernel_points, tf.float32)
     if kernel_points.shape.rank not in (2, 3):
         raise ValueError(f"kernel_points must have shape [K, 3] or [Nq, K, 3], got {kernel_points.shape}")
-    features = tf.convert_to_tensor(features)
-    if features.dtype != tf.float32:
-        raise TypeError(f"features must be float32, got {features.dtype.name}")
+    features = _typed(features, "features", tf.float32)
     if features.shape.rank is not None and features.shape.rank != 2:
         raise ValueError(f"features must have shape [Ns, Din], got {features.shape}")
-    neighbors = tf.convert_to_tensor(neighbors)
-    if neighbors.dtype != tf.int32:
-        raise TypeError(f"neighbors must be int32, got {neighbors.dtype.name}")
+    neighbors = _typed(neighbors, "neighbors", tf.int32)
     return _ops.kpconv_kernel_aggregate(
         _points(query_points, "query_points"),
         _points(support_points, "support_points"),
@@ -249,13 +253,11 @@ def max_pool(features, shadow, pools):
     Returns:
       float32 [M, C]; a row with H = 0 is -inf.
     """
-    features = tf.convert_to_tensor(features)
-    if features.dtype != tf.float32:
-        raise TypeError(f"features must be float32, got {features.dtype.name}")
-    pools = tf.convert_to_tensor(pools)
-    if pools.dtype != tf.int32:
-        raise TypeError(f"pools must be int32, got {pools.dtype.name}")
-    return _ops.kpconv_max_pool(features, tf.convert_to_tensor(shadow, tf.float32), pools)
+    return _ops.kpconv_max_pool(
+        _typed(features, "features", tf.float32),
+        tf.convert_to_tensor(shadow, tf.float32),
+        _typed(pools, "pools", tf.int32),
+    )
 
 
 @tf.RegisterGradient("KpconvMaxPool")
@@ -278,9 +280,7 @@ def batch_norm(x, gamma, beta, epsilon):
       and ``beta`` (``mean`` and ``variance`` are statistics, not differentiated). N = 0 gives NaN
       statistics, as a mean over no rows does.
     """
-    x = tf.convert_to_tensor(x)
-    if x.dtype != tf.float32:
-        raise TypeError(f"x must be float32, got {x.dtype.name}")
+    x = _typed(x, "x", tf.float32)
     if not (isinstance(epsilon, numbers.Real) and 0 <= epsilon < float("inf")):
         raise ValueError(f"epsilon must be a finite float >= 0, got {epsilon!r}")
     return _ops.kpconv_batch_norm(

@@ -254,7 +254,8 @@ class BatchNormGradOp : public BatchNormBase {
     std::vector<double> shift(mean, mean + c), sums[3];
     ChannelSums(ctx, x, dy, shift.data(), n, c, sums);
     std::vector<float> scale(c), offset(c), k(c), mean_low(c);
-    std::vector<double> sum_dy = sums[0], sum_dy_centred(c);
+    const std::vector<double>& sum_dy = sums[0];
+    std::vector<double> sum_dy_centred(c);
     for (int64_t j = 0; j < c; ++j) {
       const double delta = sums[2][j] / static_cast<double>(n);
       sum_dy_centred[j] = sums[1][j] - delta * sum_dy[j];

@@ -597,15 +597,10 @@ class KernelAggregateGradOp : public AggregateBase {
         row_max[n] = hi;
       }
     });
-    const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
-    const int64_t num_ranges = std::max<int64_t>(1, std::min<int64_t>((in.ns + 1023) / 1024, 4 * threads));
-    const int64_t range = (in.ns + num_ranges - 1) / num_ranges;
-    const int64_t per_range = in.nq * 2 + in.nq * in.h / num_ranges * (kn * 12 + 2 * in.d);
-    ParallelFor(ctx, num_ranges, per_range, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        FeatureGradients(in, grad, row_min.data(), row_max.data(), std::min(in.ns, r * range),
-                         std::min(in.ns, (r + 1) * range), gf);
-    });
+    ForEachTargetRange(ctx, in.ns, in.nq * 2, in.nq * in.h * (kn * 12 + 2 * in.d),
+                       [&](int64_t lo, int64_t hi) {
+                         FeatureGradients(in, grad, row_min.data(), row_max.data(), lo, hi, gf);
+                       });
   }
 };
 

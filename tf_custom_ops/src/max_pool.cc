@@ -204,17 +204,15 @@ class MaxPoolGradOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     PoolInputs in;
     if (!ValidatePool(ctx, &in)) return;
-    const Tensor& pooled_t = ctx->input(3);
-    const Tensor& grad_t = ctx->input(4);
     const TensorShape expected({in.m, in.c});
-    OP_REQUIRES(ctx, pooled_t.shape() == expected,
-                errors::InvalidArgument("pooled must have shape ", expected.DebugString(),
-                                        ", got ", pooled_t.shape().DebugString()));
-    OP_REQUIRES(ctx, grad_t.shape() == expected,
-                errors::InvalidArgument("grad must have shape ", expected.DebugString(), ", got ",
-                                        grad_t.shape().DebugString()));
-    const float* pooled = pooled_t.flat<float>().data();
-    const float* grad = grad_t.flat<float>().data();
+    for (const int i : {3, 4}) {
+      const char* name = i == 3 ? "pooled" : "grad";
+      OP_REQUIRES(ctx, ctx->input(i).shape() == expected,
+                  errors::InvalidArgument(name, " must have shape ", expected.DebugString(),
+                                          ", got ", ctx->input(i).shape().DebugString()));
+    }
+    const float* pooled = ctx->input(3).flat<float>().data();
+    const float* grad = ctx->input(4).flat<float>().data();
     Tensor *gf_t = nullptr, *gs_t = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &gf_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(1).shape(), &gs_t));
@@ -229,18 +227,10 @@ class MaxPoolGradOp : public OpKernel {
       Shares(in, pooled, grad, m0, m1, share, row_min.data(), row_max.data());
     });
 
-    const int64_t targets = in.ns + 1;
-    const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
-    const int64_t num_ranges =
-        std::max<int64_t>(1, std::min<int64_t>((targets + 1023) / 1024, 4 * threads));
-    const int64_t range = (targets + num_ranges - 1) / num_ranges;
-    const int64_t per_range = in.m * 2 + in.m * in.h / num_ranges * 2 * in.c;
-    ParallelFor(ctx, num_ranges, per_range, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int32_t lo = static_cast<int32_t>(std::min(targets, r * range));
-        const int32_t hi = static_cast<int32_t>(std::min(targets, (r + 1) * range));
-        if (lo < hi) SumShares(in, pooled, share, row_min.data(), row_max.data(), lo, hi, gf, gs);
-      }
+    // The shadow row is target Ns.
+    ForEachTargetRange(ctx, in.ns + 1, in.m * 2, in.m * in.h * 2 * in.c, [&](int64_t lo, int64_t hi) {
+      SumShares(in, pooled, share, row_min.data(), row_max.data(), static_cast<int32_t>(lo),
+                static_cast<int32_t>(hi), gf, gs);
     });
   }
 };
